@@ -1,0 +1,215 @@
+"""Extraction settings: one frozen, validated ExtractionConfig and the named presets users pick from.
+
+Pure Python: no TensorFlow, no Beam. Every value of the official DELG presets comes from the official
+configs (`r50delg_gldv2clean_config.pbtxt` and siblings in tensorflow/models research/delf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+# The seven pyramid scales of every official DELG config (0.25 ... 2.0, powers of sqrt(2)).
+OFFICIAL_SCALES: Tuple[float, ...] = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+KAGGLE_SCALES: Tuple[float, ...] = (0.70710677, 1.0, 1.4142135)
+
+# Largest decoded image accepted before any pixel is decoded (width * height). 100 MP covers every
+# camera photo; a decompression bomb (e.g. a 50000x50000 PNG header) is refused from its header.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+EMBEDDED_MODEL_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class PcaConfig:
+    """PCA / whitening applied after per-row L2 normalisation, as the official extractor does.
+
+    Files are DatumProto files as written by the official code (`*.datum`) or `.npy` arrays.
+    """
+
+    mean_path: str
+    projection_matrix_path: str
+    pca_dim: int
+    use_whitening: bool = False
+    variances_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.pca_dim <= 0:
+            raise ValueError(f"pca_dim must be positive, got {self.pca_dim}")
+        if self.use_whitening and not self.variances_path:
+            raise ValueError("use_whitening=True needs variances_path (the PCA variances file)")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that decides which features come out of an image.
+
+    Attributes mirror the official `DelfConfig` fields where one exists:
+      image_scales        pyramid scales fed as `input_scales`.
+      global_scales_ind   indices into image_scales whose global rows are pooled (`input_global_scales_ind`).
+      max_feature_num     at most this many local features (`input_max_feature_num`).
+      score_threshold     attention threshold (`input_abs_thres`); model specific.
+      max_image_size      the longest side is shrunk to this before the pyramid (-1: off).
+      min_image_size      the longest side is grown to this (-1: off).
+      use_square_images   resize to a square (reference `use_square_images`).
+      use_resized_coordinates  keep locations in resized-image pixels instead of original pixels.
+    Our additions (not in the official config):
+      model               model URI: local dir, gs:// dir, .tar.gz (local/gs:///http(s)://), or
+                          "embedded:<arch>" for our built-in untrained model. None: must be given at run time.
+      architecture        backbone of our own Keras DELG ("r50", "r101", "tiny"); used by exporter/embedded.
+      apply_exif_orientation  rotate by the EXIF orientation tag (the reference does not).
+      max_image_pixels    decompression-bomb guard, checked on the header before decoding.
+      untrained           the model has random weights: features are meaningless for retrieval.
+    """
+
+    name: str
+    description: str = ""
+    model: Optional[str] = None
+    official_model_url: Optional[str] = None
+    architecture: str = "r50"
+    image_scales: Tuple[float, ...] = OFFICIAL_SCALES
+    global_scales_ind: Tuple[int, ...] = (3, 4, 5)
+    max_feature_num: int = 1000
+    score_threshold: float = 100.0
+    max_image_size: int = 1024
+    min_image_size: int = -1
+    use_square_images: bool = False
+    use_local_features: bool = True
+    use_global_features: bool = True
+    use_resized_coordinates: bool = False
+    apply_exif_orientation: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    global_pca: Optional[PcaConfig] = None
+    local_pca: Optional[PcaConfig] = None
+    untrained: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise sequences so configs built from lists compare and hash like preset ones.
+        object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
+        object.__setattr__(self, "global_scales_ind", tuple(int(i) for i in self.global_scales_ind))
+        if not self.image_scales:
+            raise ValueError("image_scales is empty: give at least one pyramid scale, e.g. 1.0")
+        if any(s <= 0 for s in self.image_scales):
+            raise ValueError(f"image_scales must all be > 0, got {list(self.image_scales)}")
+        if not (self.use_local_features or self.use_global_features):
+            raise ValueError("use_local_features and use_global_features are both off: nothing to extract")
+        if self.use_global_features:
+            if not self.global_scales_ind:
+                raise ValueError("global_scales_ind is empty while global features are on")
+            bad = [i for i in self.global_scales_ind if not 0 <= i < len(self.image_scales)]
+            if bad:
+                raise ValueError(
+                    f"global_scales_ind {list(bad)} out of range for {len(self.image_scales)} image_scales"
+                )
+        if self.max_feature_num <= 0:
+            raise ValueError(f"max_feature_num must be > 0, got {self.max_feature_num}")
+        for name in ("max_image_size", "min_image_size"):
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise ValueError(f"{name} must be -1 (off) or a positive size, got {value}")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        if self.architecture not in ("r50", "r101", "tiny"):
+            raise ValueError(f"architecture must be r50, r101 or tiny, got {self.architecture!r}")
+
+    @property
+    def is_embedded_model(self) -> bool:
+        return bool(self.model) and self.model.startswith(EMBEDDED_MODEL_PREFIX)
+
+    def replace(self, **overrides: Any) -> "ExtractionConfig":
+        """A copy with some fields changed (validated again). Unknown names raise ValueError."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ExtractionConfig":
+        data = dict(data)
+        for key in ("global_pca", "local_pca"):
+            if data.get(key) is not None:
+                data[key] = PcaConfig(**data[key])
+        return cls(**data)
+
+
+_OFFICIAL_URL = "https://storage.googleapis.com/delf/{}.tar.gz"
+
+
+def _official(name: str, tarball: str, architecture: str, threshold: float, training: str) -> ExtractionConfig:
+    return ExtractionConfig(
+        name=name,
+        description=f"Official DELG {architecture.upper()} trained on {training} ({tarball}); "
+        f"7 scales, global at 0.707/1/1.414, threshold {threshold}.",
+        model=None,
+        official_model_url=_OFFICIAL_URL.format(tarball),
+        architecture=architecture,
+        image_scales=OFFICIAL_SCALES,
+        global_scales_ind=(3, 4, 5),
+        max_feature_num=1000,
+        score_threshold=threshold,
+        max_image_size=1024,
+    )
+
+
+PRESETS: Dict[str, ExtractionConfig] = {
+    "r50_gldv2clean": _official("r50_gldv2clean", "r50delg_gldv2clean_20200914", "r50", 454.6, "GLDv2-clean"),
+    "r101_gldv2clean": _official("r101_gldv2clean", "r101delg_gldv2clean_20200914", "r101", 357.48, "GLDv2-clean"),
+    "r50_gld": _official("r50_gld", "r50delg_gld_20200814", "r50", 175.0, "GLDv1"),
+    "r101_gld": _official("r101_gld", "r101delg_gld_20200814", "r101", 166.1, "GLDv1"),
+    "kaggle2020": ExtractionConfig(
+        name="kaggle2020",
+        description="Kaggle Landmark Recognition 2020 baseline setting: 3 scales (0.707/1/1.414), all global, "
+        "threshold 175, 1000 features, no pre-resize. Use with the Kaggle-hosted DELG SavedModel.",
+        model=None,
+        architecture="r50",
+        image_scales=KAGGLE_SCALES,
+        global_scales_ind=(0, 1, 2),
+        max_feature_num=1000,
+        score_threshold=175.0,
+        max_image_size=-1,
+    ),
+    "embedded": ExtractionConfig(
+        name="embedded",
+        description="Our Keras DELG R50 with FIXED-SEED RANDOM weights, exported on first use. Runs with nothing "
+        "downloaded; its features are UNTRAINED and MEANINGLESS for retrieval. Official schedule of scales; "
+        "threshold 0 so local features are produced.",
+        model=EMBEDDED_MODEL_PREFIX + "r50",
+        architecture="r50",
+        image_scales=OFFICIAL_SCALES,
+        global_scales_ind=(3, 4, 5),
+        max_feature_num=1000,
+        score_threshold=0.0,
+        max_image_size=1024,
+        untrained=True,
+    ),
+    "tiny": ExtractionConfig(
+        name="tiny",
+        description="Test configuration: a tiny untrained DELG (few channels, one unit per stage), images "
+        "capped at 96 px, 2 scales. For tests and smoke runs only.",
+        model=EMBEDDED_MODEL_PREFIX + "tiny",
+        architecture="tiny",
+        image_scales=(0.70710677, 1.0),
+        global_scales_ind=(0, 1),
+        max_feature_num=64,
+        score_threshold=0.0,
+        max_image_size=96,
+        untrained=True,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ExtractionConfig:
+    """The named preset, with optional field overrides (validated)."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    return base.replace(**overrides) if overrides else base

@@ -1,0 +1,13 @@
+"""Versioned Parquet schemas of the job's outputs (see schemas/README.md for the column reference)."""
+
+from schemas.delg_v1 import (  # noqa: F401
+    COORDINATE_CONVENTION,
+    FAILURE_STAGES,
+    FAILURES_SCHEMA,
+    GLOBAL_DIM,
+    LOCAL_DIM,
+    SCHEMA_VERSION,
+    features_schema,
+    file_metadata,
+    with_metadata,
+)
