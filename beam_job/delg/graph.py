@@ -1,0 +1,238 @@
+"""In-graph multi-scale DELG extraction: a tf.Module whose `ExtractFeatures` has the official signature.
+
+Algorithm (the official export's `ExtractLocalAndGlobalFeatures`, re-implemented):
+  1. image uint8 [H,W,3] -> float32 (x - 128) / 128 BEFORE any resize, batch of 1.
+  2. For each scale s = input_scales[k], in the given order: size = int32(round([H,W] * s)) (half to even),
+     tf.image.resize bilinear (no antialias), even at s = 1.0; trunk to block3.
+  3. Local: attention prob (softplus) and 128-d autoencoder descriptors on the block3 grid [h,w].
+     Cell (i, j) (row-major, i outer) has the receptive box
+     [32i - 145, 32j - 145, 32i + 145, 32j + 145] / s   (ymin, xmin, ymax, xmax; model-input pixels),
+     i.e. centre (32i / s, 32j / s). Cells with prob >= input_abs_thres are kept, with scale 1 / s.
+     All scales are concatenated in order, then `tf.image.non_max_suppression(iou=1.0)` keeps the top
+     min(max_feature_num, N) by score, highest first (nothing is actually suppressed at IoU 1).
+  4. Global: block4 -> GeM(p=3) -> Dense 2048 (raw), one row per scale index listed in
+     input_global_scales_ind, in increasing scale-index order, duplicates once, out-of-range ignored.
+
+Our departure: block4 + GeM + embedding run ONLY at the requested global scales (a tf.cond per scale), and a
+global-only module runs the trunk only at those scales. `global_at_all_scales=True` runs the global head at
+every scale and discards rows, as the official graph does; the outputs are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
+LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
+GLOBAL_OUTPUT = "global_descriptors"
+
+_SPECS = {
+    "input_image": tf.TensorSpec([None, None, 3], tf.uint8, name="input_image"),
+    "input_scales": tf.TensorSpec([None], tf.float32, name="input_scales"),
+    "input_max_feature_num": tf.TensorSpec([], tf.int32, name="input_max_feature_num"),
+    "input_abs_thres": tf.TensorSpec([], tf.float32, name="input_abs_thres"),
+    "input_global_scales_ind": tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
+}
+
+
+def receptive_boxes(height, width, scale=None):
+    """Receptive boxes of a [height, width] stride-32 grid: float32 [height*width, 4] (ymin, xmin, ymax, xmax).
+
+    Row-major (i outer). Computed as stride * [i, j, i, j] + [-145, -145, 145, 145] in float32, then divided
+    by `scale` when given (back to the coordinates of the image fed to the model).
+    """
+    cols, rows = tf.meshgrid(tf.range(width), tf.range(height))  # both [height, width]
+    coords = tf.reshape(tf.stack([rows, cols], axis=2), [-1, 2])
+    points = tf.cast(tf.concat([coords, coords], axis=1), tf.float32)
+    bias = tf.constant(
+        [-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0,
+         -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0],
+        tf.float32,
+    )
+    boxes = FEATURE_STRIDE * points + bias
+    if scale is not None:
+        boxes = tf.divide(boxes, scale)
+    return boxes
+
+
+class DelgExtractionModule(tf.Module):
+    """Wraps a DelgKerasModel into one `ExtractFeatures` tf.function with the official input signature.
+
+    local / global_:       build a local-only or global-only module (the official DELF-local and
+                           global-only exports); at least one must be on.
+    global_scales_input:   False gives the Kaggle-2020-style model: no input_global_scales_ind and one global
+                           row per input scale.
+    global_at_all_scales:  run block4 + GeM + embedding at every scale and keep the requested rows (the
+                           official computation); default False computes them only where requested.
+    iou_threshold:         NMS IoU (1.0, the official export default, suppresses nothing).
+
+    Inputs (in this positional order, only those that apply): input_image uint8 [H,W,3], input_scales
+    float32 [S], input_max_feature_num int32 [], input_abs_thres float32 [], input_global_scales_ind int32 [G].
+    Outputs (float32): boxes [N,4], features [N,128], scales [N], scores [N,1], global_descriptors [G',2048].
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        local: bool = True,
+        global_: bool = True,
+        global_scales_input: bool = True,
+        global_at_all_scales: bool = False,
+        iou_threshold: float = 1.0,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        if not (local or global_):
+            raise ValueError("DelgExtractionModule needs local=True or global_=True (both off extracts nothing)")
+        self.model = model
+        self.local = bool(local)
+        self.global_ = bool(global_)
+        self.global_scales_input = bool(global_scales_input) and self.global_
+        self.global_at_all_scales = bool(global_at_all_scales)
+        self.iou_threshold = float(iou_threshold)
+        self.input_names: List[str] = ["input_image", "input_scales"]
+        if self.local:
+            self.input_names += ["input_max_feature_num", "input_abs_thres"]
+        if self.global_scales_input:
+            self.input_names.append("input_global_scales_ind")
+        self.output_names: List[str] = (list(LOCAL_OUTPUTS) if self.local else []) + (
+            [GLOBAL_OUTPUT] if self.global_ else []
+        )
+        self.ExtractFeatures = tf.function(
+            self._signature_function(), input_signature=[_SPECS[n] for n in self.input_names]
+        )
+
+    @staticmethod
+    def input_spec(name: str) -> tf.TensorSpec:
+        """The official TensorSpec of an input name (dtype and shape)."""
+        return _SPECS[name]
+
+    def _signature_function(self):
+        """A Python function whose argument names are exactly the official input names of this variant."""
+        extract = self._extract
+        if self.local and self.global_scales_input:
+            def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres,
+                                input_global_scales_ind):
+                return extract(input_image, input_scales, input_max_feature_num, input_abs_thres,
+                               input_global_scales_ind)
+        elif self.local:
+            def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres):
+                return extract(input_image, input_scales, input_max_feature_num, input_abs_thres, None)
+        elif self.global_scales_input:
+            def ExtractFeatures(input_image, input_scales, input_global_scales_ind):
+                return extract(input_image, input_scales, None, None, input_global_scales_ind)
+        else:
+            def ExtractFeatures(input_image, input_scales):
+                return extract(input_image, input_scales, None, None, None)
+        return ExtractFeatures
+
+    # ------------------------------------------------------------------------------------------------------
+    def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> Dict[str, tf.Tensor]:
+        model = self.model
+        local_dim = int(model.arch.local_dim)
+        embedding_dim = int(model.arch.embedding_dim)
+        normalized = (tf.cast(image, tf.float32) - 128.0) / 128.0
+        normalized = tf.expand_dims(normalized, 0)
+        hw = tf.cast(tf.shape(image)[0:2], tf.float32)
+        num_scales = tf.shape(scales)[0]
+
+        if not self.global_:
+            wanted = tf.zeros([num_scales], tf.bool)
+        elif global_ind is None:
+            wanted = tf.ones([num_scales], tf.bool)
+        else:
+            wanted = tf.reduce_any(
+                tf.equal(tf.range(num_scales)[:, None], tf.reshape(global_ind, [1, -1])), axis=1
+            )
+
+        def resize(k):
+            size = tf.cast(tf.round(hw * scales[k]), tf.int32)
+            return tf.image.resize(normalized, size)
+
+        def global_row(block3):
+            return tf.reshape(model.forward_global(block3), [-1, embedding_dim])
+
+        def empty_row():
+            return tf.zeros([0, embedding_dim], tf.float32)
+
+        def body(k, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta):
+            scale = scales[k]
+            if self.local:
+                block3 = model.block3(resize(k))
+                prob, desc = model.local_heads(block3)
+                height, width = tf.shape(prob)[1], tf.shape(prob)[2]
+                boxes = receptive_boxes(height, width, scale)
+                scores = tf.reshape(prob, [-1])
+                feats = tf.reshape(desc, [-1, local_dim])
+                keep = tf.reshape(tf.where(scores >= abs_thres), [-1])
+                kept_scores = tf.gather(scores, keep)
+                boxes_ta = boxes_ta.write(k, tf.gather(boxes, keep))
+                feats_ta = feats_ta.write(k, tf.gather(feats, keep))
+                scores_ta = scores_ta.write(k, kept_scores)
+                scales_ta = scales_ta.write(k, tf.ones_like(kept_scores) / scale)
+                if self.global_:
+                    if self.global_at_all_scales:
+                        row = global_row(block3)
+                    else:
+                        row = tf.cond(wanted[k], lambda: global_row(block3), empty_row)
+                    global_ta = global_ta.write(k, row)
+            else:
+                if self.global_at_all_scales:
+                    row = global_row(model.block3(resize(k)))
+                else:
+                    row = tf.cond(wanted[k], lambda: global_row(model.block3(resize(k))), empty_row)
+                global_ta = global_ta.write(k, row)
+            return k + 1, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta
+
+        def array(shape):
+            return tf.TensorArray(tf.float32, size=num_scales, element_shape=tf.TensorShape(shape),
+                                  infer_shape=False)
+
+        loop_vars = (tf.constant(0), array([None, 4]), array([None, local_dim]), array([None]), array([None]),
+                     array([None, embedding_dim]))
+        _, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta = tf.while_loop(
+            lambda k, *_: k < num_scales, body, loop_vars, parallel_iterations=1
+        )
+
+        outputs: Dict[str, tf.Tensor] = {}
+        if self.local:
+            boxes = boxes_ta.concat()
+            scores = scores_ta.concat()
+            max_out = tf.minimum(max_feature_num, tf.shape(scores)[0])
+            selected = tf.image.non_max_suppression(boxes, scores, max_out, iou_threshold=self.iou_threshold)
+            outputs["boxes"] = tf.identity(tf.reshape(tf.gather(boxes, selected), [-1, 4]), name="boxes")
+            outputs["features"] = tf.identity(
+                tf.reshape(tf.gather(feats_ta.concat(), selected), [-1, local_dim]), name="features"
+            )
+            outputs["scales"] = tf.identity(tf.reshape(tf.gather(scales_ta.concat(), selected), [-1]), name="scales")
+            outputs["scores"] = tf.identity(tf.reshape(tf.gather(scores, selected), [-1, 1]), name="scores")
+        if self.global_:
+            rows = global_ta.concat()
+            if self.global_at_all_scales:
+                rows = tf.gather(rows, tf.reshape(tf.where(wanted), [-1]))
+            # The official export's static shape is [None, None]; relax ours to match.
+            rows = tf.compat.v1.placeholder_with_default(rows, shape=[None, None])
+            outputs[GLOBAL_OUTPUT] = tf.identity(rows, name=GLOBAL_OUTPUT)
+        return outputs
+
+    def __call__(self, image, scales, max_feature_num=1000, abs_thres=0.0, global_scales_ind=None):
+        """Eager convenience: numpy/tensor inputs -> dict of numpy arrays (only the inputs this variant takes)."""
+        values = {
+            "input_image": tf.convert_to_tensor(image, tf.uint8),
+            "input_scales": tf.convert_to_tensor(scales, tf.float32),
+            "input_max_feature_num": tf.convert_to_tensor(max_feature_num, tf.int32),
+            "input_abs_thres": tf.convert_to_tensor(abs_thres, tf.float32),
+            "input_global_scales_ind": tf.convert_to_tensor(
+                list(range(len(scales))) if global_scales_ind is None else global_scales_ind, tf.int32
+            ),
+        }
+        result = self.ExtractFeatures(*[values[n] for n in self.input_names])
+        return {k: v.numpy() for k, v in result.items()}
