@@ -1,0 +1,565 @@
+"""Load any DELG SavedModel (TF2 `serving_default` or TF1 graph via `.prune`) from a dir, gs://, .tar.gz or embedded.
+
+`load_delg_model(uri)` resolves the URI to a local SavedModel directory (downloading / unpacking once
+into a cache shared safely by concurrent worker processes), detects the export format, checks that the
+model has the inputs and outputs the official DELG extractor uses, and returns a `LoadedDelgModel` whose
+`run()` computes local and global features of one image in ONE model call.
+
+Supported URIs:
+  * a local SavedModel directory;
+  * `gs://bucket/dir` (objects copied into the cache; google-cloud-storage honours STORAGE_EMULATOR_HOST);
+  * a `.tar.gz` / `.tgz` archive, local, `gs://` or `http(s)://` (the official pretrained tarballs);
+  * `embedded:<arch>` (our fixed-seed, UNTRAINED DELG, exported on first use; see embedded.py).
+
+Model formats:
+  * "tf2": `signatures['serving_default']` with the official keyword inputs input_image (uint8 [H,W,3]),
+    input_scales (float32 [S]), input_max_feature_num (int32 []), input_abs_thres (float32 []),
+    input_global_scales_ind (int32 [G]); outputs boxes, features, scales, scores, global_descriptors.
+    A local-only export lacks input_global_scales_ind and global_descriptors.
+  * "tf1": a graph SavedModel (the official pretrained tarballs), driven through
+    `.prune(feeds, fetches)` on tensor names 'input_image:0', ... 'global_descriptors:0'. The graph is
+    inspected to find which of them exist and which placeholders each output depends on, which covers
+    local-only, global-only and the Kaggle 2020 model (global_descriptors depends only on the image and
+    scales and returns one row per input scale; `run()` then keeps the requested rows itself).
+
+TensorFlow is imported lazily so that the cache helpers can be used (and tested) without it. No Beam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+SAVED_MODEL_FILE = "saved_model.pb"
+_TARBALL_SUFFIXES = (".tar.gz", ".tgz")
+
+# Official tensor / signature names.
+IN_IMAGE = "input_image"
+IN_SCALES = "input_scales"
+IN_MAX_FEATURES = "input_max_feature_num"
+IN_THRESHOLD = "input_abs_thres"
+IN_GLOBAL_IND = "input_global_scales_ind"
+LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
+GLOBAL_OUTPUT = "global_descriptors"
+OFFICIAL_INPUTS = (IN_IMAGE, IN_SCALES, IN_MAX_FEATURES, IN_THRESHOLD, IN_GLOBAL_IND)
+OFFICIAL_OUTPUTS = LOCAL_OUTPUTS + (GLOBAL_OUTPUT,)
+
+_HINT = "pass the unpacked model directory or the official .tar.gz (see docs/delg-core.md)"
+
+
+class ModelLoadError(ValueError):
+    """The model URI cannot be resolved, or the SavedModel lacks an input/output DELG extraction needs."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache directory and build-once helper (safe across processes)
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> str:
+    """$DELG_CACHE_DIR, else ~/.cache/delg-beam."""
+    return os.environ.get("DELG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "delg-beam")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def build_once(target: str, build: Callable[[str], None], *, is_complete: Optional[Callable[[str], bool]] = None) -> str:
+    """Create directory `target` exactly once, even when several processes race for it.
+
+    `build(tmp_dir)` fills a fresh temporary directory next to `target`; it is then renamed onto
+    `target` atomically. An exclusive file lock (`<target>.lock`) serialises builders, so the losers of
+    a race find the finished directory and reuse it. A failed build leaves nothing behind.
+    """
+    complete = is_complete or os.path.isdir
+    if complete(target):
+        return target
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    with _file_lock(target + ".lock"):
+        if complete(target):
+            return target
+        if os.path.exists(target):  # a half-finished leftover from a crashed, pre-rename builder
+            shutil.rmtree(target, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=parent)
+        try:
+            build(tmp)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _safe_name(uri: str) -> str:
+    base = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
+    for suffix in _TARBALL_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[:60] or "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# gs:// access (google-cloud-storage; honours STORAGE_EMULATOR_HOST)
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_gs(uri: str) -> Tuple[str, str]:
+    rest = uri[len("gs://") :]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise ModelLoadError(f"{uri}: not a valid gs:// URI (expected gs://bucket/path)")
+    return bucket, name
+
+
+def _gcs_client():
+    from google.cloud import storage
+
+    try:
+        return storage.Client()
+    except Exception as err:  # no default credentials / project: public objects still readable
+        logger.info("google-cloud-storage default client unavailable (%s); using an anonymous client", err)
+        return storage.Client.create_anonymous_client()
+
+
+def read_gcs_bytes(uri: str) -> bytes:
+    """The whole content of one gs:// object."""
+    bucket, name = _split_gs(uri)
+    from google.api_core import exceptions as gexc
+
+    try:
+        return _gcs_client().bucket(bucket).blob(name).download_as_bytes()
+    except gexc.NotFound:
+        raise ModelLoadError(f"{uri} does not exist") from None
+
+
+def _gcs_download_file(uri: str, dest: str) -> Tuple[str, int]:
+    """Download one object to `dest`; returns (generation or etag, size)."""
+    bucket, name = _split_gs(uri)
+    from google.api_core import exceptions as gexc
+
+    try:
+        blob = _gcs_client().bucket(bucket).blob(name)
+        blob.download_to_filename(dest)
+    except gexc.NotFound:
+        raise ModelLoadError(f"{uri} does not exist") from None
+    return str(blob.generation or blob.etag), int(blob.size or 0)
+
+
+def _gcs_list(uri: str) -> List[Any]:
+    bucket, prefix = _split_gs(uri.rstrip("/"))
+    prefix = prefix + "/" if prefix else ""
+    return [b for b in _gcs_client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+
+
+def _gcs_stat(uri: str) -> Optional[str]:
+    bucket, name = _split_gs(uri)
+    blob = _gcs_client().bucket(bucket).get_blob(name)
+    return None if blob is None else f"{blob.generation}:{blob.size}"
+
+
+# --------------------------------------------------------------------------------------------------
+# URI resolution
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_tarball(uri: str) -> bool:
+    path = urllib.parse.urlparse(uri).path if "://" in uri else uri
+    return path.lower().endswith(_TARBALL_SUFFIXES)
+
+
+def _find_saved_model_dir(root: str, origin: str) -> str:
+    found = sorted(dirpath for dirpath, _, files in os.walk(root) if SAVED_MODEL_FILE in files)
+    if not found:
+        raise ModelLoadError(f"{origin} contains no {SAVED_MODEL_FILE}: it is not a SavedModel archive; {_HINT}")
+    if len(found) > 1:
+        rel = [os.path.relpath(f, root) for f in found]
+        raise ModelLoadError(f"{origin} contains several SavedModels ({', '.join(rel)}): unpack it and pass one directory")
+    return found[0]
+
+
+def _unpack_tarball(archive: str, dest: str, origin: str) -> None:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(dest, filter="data")  # refuses absolute paths, '..', devices, unsafe links
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ModelLoadError(f"{origin} is not a readable .tar.gz archive ({err}); download it again") from None
+
+
+def _resolve_tarball(uri: str, cache_dir: str) -> str:
+    if uri.startswith("gs://"):
+        stamp = _gcs_stat(uri)
+        if stamp is None:
+            raise ModelLoadError(f"{uri} does not exist")
+    elif uri.startswith(("http://", "https://")):
+        stamp = "url"
+    else:
+        path = os.path.abspath(os.path.expanduser(uri))
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"{uri} does not exist: give the path of the downloaded .tar.gz or a model directory")
+        st = os.stat(path)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        uri = path
+    target = os.path.join(cache_dir, "models", f"{_safe_name(uri)}-{_key(uri, stamp)}")
+
+    def build(tmp: str) -> None:
+        archive = uri
+        if uri.startswith("gs://") or uri.startswith(("http://", "https://")):
+            archive = os.path.join(tmp, ".download.tar.gz")
+            logger.info("Downloading %s", uri)
+            if uri.startswith("gs://"):
+                _gcs_download_file(uri, archive)
+            else:
+                try:
+                    with urllib.request.urlopen(uri, timeout=60) as resp, open(archive, "wb") as out:
+                        shutil.copyfileobj(resp, out, length=1 << 20)
+                except OSError as err:
+                    raise ModelLoadError(f"cannot download {uri} ({err}); download it by hand and pass the file") from None
+        logger.info("Unpacking %s into %s", uri, target)
+        unpacked = os.path.join(tmp, "unpacked")
+        _unpack_tarball(archive, unpacked, uri)
+        if archive != uri:
+            os.remove(archive)
+        _find_saved_model_dir(unpacked, uri)  # validate before publishing
+
+    build_once(target, build)
+    return _find_saved_model_dir(os.path.join(target, "unpacked"), uri)
+
+
+def _resolve_gcs_dir(uri: str, cache_dir: str) -> str:
+    blobs = _gcs_list(uri)
+    if not blobs:
+        raise ModelLoadError(f"{uri} is empty or does not exist; {_HINT}")
+    prefix = _split_gs(uri.rstrip("/"))[1]
+    prefix = prefix + "/" if prefix else ""
+    listing = sorted((b.name, b.generation, b.size) for b in blobs)
+    if not any(name[len(prefix) :] == SAVED_MODEL_FILE for name, _, _ in listing):
+        raise ModelLoadError(f"{uri} is not a SavedModel (no {SAVED_MODEL_FILE}): {_HINT}")
+    target = os.path.join(cache_dir, "models", f"{_safe_name(uri)}-{_key(uri, listing)}")
+
+    def build(tmp: str) -> None:
+        logger.info("Copying %d objects of %s into %s", len(blobs), uri, target)
+        for blob in blobs:
+            rel = blob.name[len(prefix) :]
+            if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                continue
+            dest = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            blob.download_to_filename(dest)
+
+    build_once(target, build)
+    return target
+
+
+def resolve_model_path(uri: str, *, cache_dir: Optional[str] = None) -> str:
+    """The local SavedModel directory for a model URI (downloading / unpacking into the cache once)."""
+    if not uri or not isinstance(uri, str):
+        raise ModelLoadError("no model given: pass --model with a SavedModel directory, .tar.gz, gs:// URI or embedded:<arch>")
+    cache = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    if uri.startswith(EMBEDDED_PREFIX):
+        from beam_job.delg.embedded import embedded_model_path
+
+        arch = uri[len(EMBEDDED_PREFIX) :] or "r50"
+        try:
+            return embedded_model_path(arch, cache_dir=cache)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
+    if _is_tarball(uri):
+        return _resolve_tarball(uri, cache)
+    if uri.startswith("gs://"):
+        return _resolve_gcs_dir(uri, cache)
+    if uri.startswith(("http://", "https://")):
+        raise ModelLoadError(f"{uri}: only .tar.gz / .tgz archives can be loaded over http(s)")
+    path = os.path.abspath(os.path.expanduser(uri))
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{uri} does not exist: {_HINT}")
+    if os.path.isfile(path):
+        raise ModelLoadError(f"{uri} is a file, not a SavedModel directory: {_HINT}")
+    if not os.path.isfile(os.path.join(path, SAVED_MODEL_FILE)):
+        raise ModelLoadError(f"{uri} is not a SavedModel (no {SAVED_MODEL_FILE}): {_HINT}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedDelgModel:
+    """A DELG SavedModel ready to run, whatever its export format.
+
+    uri:          the URI it was loaded from.
+    local_path:   the local SavedModel directory.
+    format:       "tf2" (serving_default signature) or "tf1" (graph driven through .prune).
+    has_local:    the model outputs boxes, features, scales, scores.
+    has_global:   the model outputs global_descriptors.
+    takes_global_scales_ind: the model selects global rows itself (input_global_scales_ind). When False
+                  (Kaggle 2020 model) it returns one row per input scale and run() keeps the requested ones.
+    identity:     "<uri>@sha256:<first 12 hex of saved_model.pb>", for output metadata.
+    """
+
+    uri: str
+    local_path: str
+    format: str
+    has_local: bool
+    has_global: bool
+    takes_global_scales_ind: bool
+    identity: str
+    _call: Callable[..., Dict[str, np.ndarray]] = dataclasses.field(repr=False)
+    _keep: Any = dataclasses.field(default=None, repr=False)  # keeps the loaded TF object alive
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.uri.startswith(EMBEDDED_PREFIX)
+
+    def run(
+        self,
+        image: np.ndarray,
+        scales: Sequence[float],
+        max_feature_num: int,
+        abs_thres: float,
+        global_scales_ind: Sequence[int],
+    ) -> Dict[str, np.ndarray]:
+        """Run the model once on one image; raw outputs as numpy arrays.
+
+        image: uint8 [H, W, 3] RGB (already resized by the caller). scales: pyramid scales.
+        Returns the keys present among:
+          boxes [N, 4] float32 (ymin, xmin, ymax, xmax) receptive boxes in input-image pixels,
+          features [N, D] float32 raw local descriptors, scales [N] float32 (1/scale), scores [N, 1] float32,
+          global_descriptors [G, 2048] float32 raw (un-normalised) rows for the scales in
+          global_scales_ind, in increasing scale-index order (as the official graph returns them).
+        """
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+        return self._call(
+            image,
+            np.asarray(scales, dtype=np.float32).reshape(-1),
+            int(max_feature_num),
+            float(abs_thres),
+            np.asarray(global_scales_ind, dtype=np.int32).reshape(-1),
+        )
+
+
+def _select_global_rows(rows: np.ndarray, global_scales_ind: np.ndarray) -> np.ndarray:
+    """Rows of a per-scale [S, D] array at the requested indices, in increasing order, no duplicates."""
+    keep = sorted({int(i) for i in global_scales_ind})
+    bad = [i for i in keep if not 0 <= i < rows.shape[0]]
+    if bad:
+        raise ValueError(f"global_scales_ind {bad} out of range for {rows.shape[0]} scales")
+    return rows[keep]
+
+
+def _sha12(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _missing_local(names) -> List[str]:
+    return [n for n in LOCAL_OUTPUTS if n not in names]
+
+
+def _build_tf2(obj, where: str):
+    """Wrap a TF2 serving_default signature; returns (call, has_local, has_global, takes_gsi)."""
+    import tensorflow as tf
+
+    signatures = getattr(obj, "signatures", None)
+    if signatures is None or "serving_default" not in signatures:
+        keys = sorted(signatures.keys()) if signatures is not None else []
+        raise ModelLoadError(
+            f"{where} has no 'serving_default' signature (signatures: {keys or 'none'}): "
+            "export it with the official export_local_and_global_model.py or beam_job.delg.export"
+        )
+    sig = signatures["serving_default"]
+    _, kwargs = sig.structured_input_signature
+    inputs = dict(kwargs)
+    outputs = dict(sig.structured_outputs)
+    extra = sorted(set(inputs) - set(OFFICIAL_INPUTS))
+    if extra:
+        raise ModelLoadError(
+            f"{where} serving_default has unexpected input(s) {extra} (inputs: {sorted(inputs)}); "
+            f"a DELG export takes {', '.join(OFFICIAL_INPUTS)}"
+        )
+    for name in (IN_IMAGE, IN_SCALES):
+        if name not in inputs:
+            raise ModelLoadError(
+                f"{where} serving_default lacks input '{name}' (inputs: {sorted(inputs)}); "
+                "fixed-scale global-only exports (Kaggle format, --input_scales_list) are not supported: "
+                "export without --input_scales_list"
+            )
+    has_global = GLOBAL_OUTPUT in outputs
+    present_local = [n for n in LOCAL_OUTPUTS if n in outputs]
+    if present_local and _missing_local(outputs):
+        raise ModelLoadError(f"{where} serving_default lacks output(s) {_missing_local(outputs)} (outputs: {sorted(outputs)})")
+    has_local = bool(present_local)
+    if not (has_local or has_global):
+        raise ModelLoadError(
+            f"{where} serving_default has neither local (boxes, features, scales, scores) nor "
+            f"global_descriptors outputs (outputs: {sorted(outputs)})"
+        )
+    if has_local:
+        for name in (IN_MAX_FEATURES, IN_THRESHOLD):
+            if name not in inputs:
+                raise ModelLoadError(f"{where} serving_default lacks input '{name}' needed by its local outputs")
+    takes_gsi = IN_GLOBAL_IND in inputs
+    dtypes = {name: spec.dtype for name, spec in inputs.items()}
+    names = [n for n in OFFICIAL_OUTPUTS if n in outputs]
+
+    def call(image, scales, max_feature_num, abs_thres, gsi):
+        feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres, IN_GLOBAL_IND: gsi}
+        kwargs = {name: tf.constant(feeds[name], dtype=dtypes[name]) for name in inputs}
+        result = sig(**kwargs)
+        out = {name: result[name].numpy() for name in names}
+        if has_global and not takes_gsi:
+            out[GLOBAL_OUTPUT] = _select_global_rows(out[GLOBAL_OUTPUT], gsi)
+        return out
+
+    return call, has_local, has_global, takes_gsi
+
+
+def _placeholder_deps(graph, tensor_name: str) -> set:
+    """Names of the Placeholder ops that `tensor_name` depends on (data and control edges)."""
+    start = graph.get_tensor_by_name(tensor_name).op
+    seen = set()
+    stack = [start]
+    found = set()
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type in ("Placeholder", "PlaceholderV2") or (op.type == "PlaceholderWithDefault" and op.name in OFFICIAL_INPUTS):
+            found.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return found
+
+
+def _build_tf1(obj, where: str):
+    """Prune a TF1 graph SavedModel once, with every available feed and fetch."""
+    import tensorflow as tf
+
+    graph = obj.graph
+
+    def exists(tensor_name: str) -> bool:
+        try:
+            graph.get_tensor_by_name(tensor_name)
+            return True
+        except (KeyError, ValueError):
+            return False
+
+    for name in (IN_IMAGE, IN_SCALES):
+        if not exists(name + ":0"):
+            raise ModelLoadError(f"{where} graph has no '{name}:0' tensor: not a DELG export ({_HINT})")
+    present_local = [n for n in LOCAL_OUTPUTS if exists(n + ":0")]
+    if present_local and _missing_local(present_local):
+        raise ModelLoadError(
+            f"{where} graph lacks output tensor(s) {[n + ':0' for n in _missing_local(present_local)]} "
+            f"(has {[n + ':0' for n in present_local]})"
+        )
+    has_local = bool(present_local)
+    has_global = exists(GLOBAL_OUTPUT + ":0")
+    if not (has_local or has_global):
+        raise ModelLoadError(
+            f"{where} graph has neither local (boxes:0, features:0, scales:0, scores:0) nor global_descriptors:0 outputs"
+        )
+    fetch_names = [n for n in OFFICIAL_OUTPUTS if exists(n + ":0")]
+    feedable = set(OFFICIAL_INPUTS)
+    needed: set = set()
+    for name in fetch_names:
+        deps = _placeholder_deps(graph, name + ":0")
+        unknown = sorted(deps - feedable)
+        if unknown:
+            raise ModelLoadError(f"{where}: output '{name}:0' depends on placeholder(s) {unknown} that DELG extraction cannot feed")
+        needed |= deps
+    if has_local:
+        for name in (IN_MAX_FEATURES, IN_THRESHOLD):
+            if name not in needed:
+                raise ModelLoadError(f"{where} graph's local outputs do not take '{name}:0': not a DELG export")
+    takes_gsi = has_global and IN_GLOBAL_IND in _placeholder_deps(graph, GLOBAL_OUTPUT + ":0")
+    feed_names = [n for n in OFFICIAL_INPUTS if n in needed or n in (IN_IMAGE, IN_SCALES)]
+    dtypes = {n: graph.get_tensor_by_name(n + ":0").dtype for n in feed_names}
+    try:
+        pruned = obj.prune([n + ":0" for n in feed_names], [n + ":0" for n in fetch_names])
+    except Exception as err:  # pragma: no cover - TF-internal failures are reported on one line
+        raise ModelLoadError(f"{where}: cannot prune the graph to DELG inputs/outputs ({err})") from None
+
+    def call(image, scales, max_feature_num, abs_thres, gsi):
+        feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres, IN_GLOBAL_IND: gsi}
+        args = [tf.constant(feeds[n], dtype=dtypes[n]) for n in feed_names]
+        result = pruned(*args)
+        out = {name: tensor.numpy() for name, tensor in zip(fetch_names, result)}
+        if has_global and not takes_gsi:
+            out[GLOBAL_OUTPUT] = _select_global_rows(out[GLOBAL_OUTPUT], gsi)
+        return out
+
+    return call, has_local, has_global, takes_gsi, pruned
+
+
+def load_delg_model(uri: str, *, cache_dir: Optional[str] = None) -> LoadedDelgModel:
+    """Resolve, load and validate a DELG SavedModel; raises ModelLoadError (one line) when it cannot be used."""
+    local_path = resolve_model_path(uri, cache_dir=cache_dir)
+    import tensorflow as tf
+
+    try:
+        obj = tf.saved_model.load(local_path)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{uri}: TensorFlow cannot load this SavedModel ({first}); {_HINT}") from None
+    where = uri
+    keep: Any = obj
+    if hasattr(obj, "prune") and hasattr(obj, "graph"):
+        fmt = "tf1"
+        call, has_local, has_global, takes_gsi, pruned = _build_tf1(obj, where)
+        keep = (obj, pruned)
+    else:
+        fmt = "tf2"
+        call, has_local, has_global, takes_gsi = _build_tf2(obj, where)
+    identity = f"{uri}@sha256:{_sha12(os.path.join(local_path, SAVED_MODEL_FILE))}"
+    model = LoadedDelgModel(
+        uri=uri,
+        local_path=local_path,
+        format=fmt,
+        has_local=has_local,
+        has_global=has_global,
+        takes_global_scales_ind=takes_gsi,
+        identity=identity,
+        _call=call,
+        _keep=keep,
+    )
+    logger.info(
+        "Loaded DELG model %s (%s; local=%s, global=%s, global_scales_ind input=%s) from %s",
+        identity, fmt, has_local, has_global, takes_gsi, local_path,
+    )
+    return model
