@@ -171,13 +171,12 @@ class DelgExtractionModule(tf.Module):
                 height, width = tf.shape(prob)[1], tf.shape(prob)[2]
                 boxes = receptive_boxes(height, width, scale)
                 scores = tf.reshape(prob, [-1])
-                feats = tf.reshape(desc, [-1, local_dim])
-                keep = tf.reshape(tf.where(scores >= abs_thres), [-1])
-                kept_scores = tf.gather(scores, keep)
-                boxes_ta = boxes_ta.write(k, tf.gather(boxes, keep))
-                feats_ta = feats_ta.write(k, tf.gather(feats, keep))
-                scores_ta = scores_ta.write(k, kept_scores)
-                scales_ta = scales_ta.write(k, tf.ones_like(kept_scores) / scale)
+                # Every cell is collected here and thresholded after the loop (same rows, same order), so the
+                # loop -- and a global output computed in it -- does not depend on input_abs_thres.
+                boxes_ta = boxes_ta.write(k, boxes)
+                feats_ta = feats_ta.write(k, tf.reshape(desc, [-1, local_dim]))
+                scores_ta = scores_ta.write(k, scores)
+                scales_ta = scales_ta.write(k, tf.ones_like(scores) / scale)
                 if self.global_:
                     if self.global_at_all_scales:
                         row = global_row(block3)
@@ -204,15 +203,19 @@ class DelgExtractionModule(tf.Module):
 
         outputs: Dict[str, tf.Tensor] = {}
         if self.local:
-            boxes = boxes_ta.concat()
             scores = scores_ta.concat()
+            keep = tf.reshape(tf.where(scores >= abs_thres), [-1])
+            boxes = tf.gather(boxes_ta.concat(), keep)
+            feats = tf.gather(feats_ta.concat(), keep)
+            cell_scales = tf.gather(scales_ta.concat(), keep)
+            scores = tf.gather(scores, keep)
             max_out = tf.minimum(max_feature_num, tf.shape(scores)[0])
             selected = tf.image.non_max_suppression(boxes, scores, max_out, iou_threshold=self.iou_threshold)
             outputs["boxes"] = tf.identity(tf.reshape(tf.gather(boxes, selected), [-1, 4]), name="boxes")
             outputs["features"] = tf.identity(
-                tf.reshape(tf.gather(feats_ta.concat(), selected), [-1, local_dim]), name="features"
+                tf.reshape(tf.gather(feats, selected), [-1, local_dim]), name="features"
             )
-            outputs["scales"] = tf.identity(tf.reshape(tf.gather(scales_ta.concat(), selected), [-1]), name="scales")
+            outputs["scales"] = tf.identity(tf.reshape(tf.gather(cell_scales, selected), [-1]), name="scales")
             outputs["scores"] = tf.identity(tf.reshape(tf.gather(scores, selected), [-1, 1]), name="scores")
         if self.global_:
             rows = global_ta.concat()
