@@ -210,7 +210,8 @@ def _unpack_tarball(archive: str, dest: str, origin: str) -> None:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(dest, filter="data")  # refuses absolute paths, '..', devices, unsafe links
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ModelLoadError(f"{origin} is not a readable .tar.gz archive ({err}); download it again") from None
+        reason = " ".join(str(err).split())[:200]
+        raise ModelLoadError(f"{origin} is not a readable .tar.gz archive ({reason}); download it again") from None
 
 
 def _resolve_tarball(uri: str, cache_dir: str) -> str:
@@ -241,7 +242,8 @@ def _resolve_tarball(uri: str, cache_dir: str) -> str:
                     with urllib.request.urlopen(uri, timeout=60) as resp, open(archive, "wb") as out:
                         shutil.copyfileobj(resp, out, length=1 << 20)
                 except OSError as err:
-                    raise ModelLoadError(f"cannot download {uri} ({err}); download it by hand and pass the file") from None
+                    reason = " ".join(str(err).split())[:200]
+                    raise ModelLoadError(f"cannot download {uri} ({reason}); download it by hand and pass the file") from None
         logger.info("Unpacking %s into %s", uri, target)
         unpacked = os.path.join(tmp, "unpacked")
         _unpack_tarball(archive, unpacked, uri)
@@ -503,10 +505,6 @@ def _build_tf1(obj, where: str):
         if unknown:
             raise ModelLoadError(f"{where}: output '{name}:0' depends on placeholder(s) {unknown} that DELG extraction cannot feed")
         needed |= deps
-    if has_local:
-        for name in (IN_MAX_FEATURES, IN_THRESHOLD):
-            if name not in needed:
-                raise ModelLoadError(f"{where} graph's local outputs do not take '{name}:0': not a DELG export")
     takes_gsi = has_global and IN_GLOBAL_IND in _placeholder_deps(graph, GLOBAL_OUTPUT + ":0")
     feed_names = [n for n in OFFICIAL_INPUTS if n in needed or n in (IN_IMAGE, IN_SCALES)]
     dtypes = {n: graph.get_tensor_by_name(n + ":0").dtype for n in feed_names}
