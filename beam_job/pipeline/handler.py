@@ -1,0 +1,112 @@
+"""DelgModelHandler: our RunInference ModelHandler (Beam's TF handlers cannot drive DELG, see docs/pipeline.md).
+
+One image per call (max_batch_size=1: images differ in size). The model is loaded by Beam once per worker
+process through `Shared` and used by all threads of that process; with share_across_processes=True
+(`--share_model_across_processes`) Beam keeps one copy per machine in a separate process
+(MultiProcessShared), which only forwards method calls, so the loaded object is wrapped in a small
+service class with methods only. TensorFlow is imported inside load_model, never at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from beam_job.config import ExtractionConfig
+from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
+
+_LOGGER = logging.getLogger(__name__)
+NAMESPACE = "delg"
+
+# Model loads in this process not yet reported as a Beam counter. load_model runs in DoFn.setup(), where
+# metric updates are not attributed to a bundle, so the count is carried into the next run_inference call.
+_LOAD_LOCK = threading.Lock()
+_PENDING_LOADS = 0
+
+
+def _note_load() -> None:
+    global _PENDING_LOADS
+    with _LOAD_LOCK:
+        _PENDING_LOADS += 1
+
+
+def _take_pending_loads() -> int:
+    global _PENDING_LOADS
+    with _LOAD_LOCK:
+        n, _PENDING_LOADS = _PENDING_LOADS, 0
+    return n
+
+
+class DelgModelService:
+    """The loaded model behind a methods-only interface (works directly and through a cross-process proxy)."""
+
+    def __init__(self, config: ExtractionConfig):
+        from beam_job.delg.extractor import DelgExtractor
+
+        self._extractor = DelgExtractor(config)
+
+    def extract(self, prepared):
+        """PreparedImage -> DelgFeatures (see beam_job.features for shapes and conventions)."""
+        return self._extractor.extract_prepared(prepared)
+
+    def identity(self) -> str:
+        return self._extractor.identity
+
+
+class DelgModelHandler(ModelHandler):
+    """ModelHandler[PreparedImage, (DelgFeatures, inference_ms), DelgModelService] for RunInference.
+
+    Wrap it in KeyedModelHandler to carry keys. Each prediction's `inference` is a tuple
+    (DelgFeatures, model identity, milliseconds spent in the model call).
+    """
+
+    def __init__(self, config: ExtractionConfig, *, share_across_processes: bool = False):
+        super().__init__(max_batch_size=1, min_batch_size=1, large_model=share_across_processes)
+        self._config = config
+        self._share = share_across_processes
+
+    def load_model(self) -> DelgModelService:
+        use_anonymous_credentials_if_emulated()
+        t0 = time.perf_counter()
+        service = DelgModelService(self._config)
+        _note_load()
+        _LOGGER.info("loaded DELG model %s in %.1f s", service.identity(), time.perf_counter() - t0)
+        return service
+
+    def run_inference(
+        self,
+        batch: Sequence[Any],
+        model: DelgModelService,
+        inference_args: Optional[Dict[str, Any]] = None,
+    ) -> Iterable[PredictionResult]:
+        loads = _take_pending_loads()
+        if loads:
+            Metrics.counter(NAMESPACE, "model_loads").inc(loads)
+        infer_ms = Metrics.distribution(NAMESPACE, "inference_ms")
+        identity = model.identity()
+        out = []
+        for task in batch:
+            t0 = time.perf_counter()
+            features = model.extract(task.prepared)
+            ms = (time.perf_counter() - t0) * 1000.0
+            infer_ms.update(int(round(ms)))
+            out.append(PredictionResult(task, (features, identity, ms)))
+        return out
+
+    def batch_elements_kwargs(self) -> Dict[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": 1}
+
+    def share_model_across_processes(self) -> bool:
+        return self._share
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        # The default pickles the whole batch just to measure it; the image bytes are what matters.
+        return sum(int(getattr(t.prepared, "image").nbytes) for t in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "RunInference"

@@ -1,0 +1,163 @@
+"""Pipeline wiring: `build_pipeline(p, job)` (pure wiring) and `run_pipeline(job, beam_args)` (options, run, metrics).
+
+Step labels (as in the Dataflow UI):
+  ListInputs -> [ExistingFeatureIds] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
+  ExtractFeatures/{ReadBytes, DecodeAndResize, RunInference, ToRows, InferenceFailures, MergeFailures} ->
+  WriteFeatures, WriteFailures -> CollectShards -> FinalizeRun
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_job.pipeline.inputs import ListInputs
+from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.resume import shard_glob
+from beam_job.pipeline.summary import FinalizeRunFn
+from beam_job.pipeline.transforms import (
+    DUPLICATE,
+    FAILED,
+    SKIPPED,
+    ExpandShardsFn,
+    ExtractFeatures,
+    ReadShardIdsFn,
+    ResolveInputsFn,
+)
+from beam_job.pipeline.writer import FAILURES, FEATURES, WriteShardsFn
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+LOCAL_RUNNERS = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner"}
+
+
+class ExistingFeatureIds(beam.PTransform):
+    """(image_id, True) for every row of the feature shards already under the output (reads one column)."""
+
+    def __init__(self, features_dir: str):
+        super().__init__()
+        self._glob = shard_glob(features_dir)
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ShardPattern" >> beam.Create([self._glob], reshuffle=False)
+            | "ListShards" >> beam.ParDo(ExpandShardsFn())
+            | "SpreadShards" >> beam.Reshuffle()
+            | "ReadIds" >> beam.ParDo(ReadShardIdsFn())
+        )
+
+
+def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollection]:
+    """Wire the whole job into `p`. Returns the main PCollections (for tests and extensions):
+    "inputs" (image_id, path), "features" and "failures" (record, timings), "shards" (ShardInfo dicts),
+    "summary" (one summary dict, after all shards are final).
+    """
+    listed = p | "ListInputs" >> ListInputs(job.inputs, job.manifests)
+    if job.skip_existing and job.existing_features:
+        done = p | "ExistingFeatureIds" >> ExistingFeatureIds(job.features_dir)
+    else:
+        done = p | "NoExistingFeatures" >> beam.Create([])
+    resolved = (
+        {"input": listed, "done": done}
+        | "GroupById" >> beam.CoGroupByKey()
+        | "ResolveInputs" >> beam.ParDo(ResolveInputsFn(job)).with_outputs(FAILED, SKIPPED, DUPLICATE, main="todo")
+    )
+    work = resolved.todo | "SpreadWork" >> beam.Reshuffle()
+    extracted = work | "ExtractFeatures" >> ExtractFeatures(job)
+    failures = (extracted["failures"], resolved[FAILED]) | "AllFailures" >> beam.Flatten()
+    feature_shards = extracted["features"] | "WriteFeatures" >> beam.ParDo(WriteShardsFn(FEATURES, job))
+    failure_shards = failures | "WriteFailures" >> beam.ParDo(WriteShardsFn(FAILURES, job))
+    shards = (feature_shards, failure_shards) | "AllShards" >> beam.Flatten()
+    counts = {
+        "listed": listed | "CountListed" >> beam.combiners.Count.Globally(),
+        "skipped": resolved[SKIPPED] | "CountSkipped" >> beam.combiners.Count.Globally(),
+        "duplicates": resolved[DUPLICATE] | "CountDuplicates" >> beam.combiners.Count.Globally(),
+    }
+    summary = (
+        shards
+        | "CollectShards" >> beam.combiners.ToList()
+        | "FinalizeRun" >> beam.ParDo(
+            FinalizeRunFn(job),
+            listed=beam.pvalue.AsSingleton(counts["listed"]),
+            skipped=beam.pvalue.AsSingleton(counts["skipped"]),
+            duplicates=beam.pvalue.AsSingleton(counts["duplicates"]),
+        )
+    )
+    return {"inputs": listed, "features": extracted["features"], "failures": failures, "shards": shards,
+            "summary": summary}
+
+
+def with_default_runner(beam_args: Sequence[str]) -> List[str]:
+    """Beam args with --runner=FnApiRunner added when no runner is given (DirectRunner would try to
+    download the Prism binary first, which stalls or fails offline)."""
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append(f"--runner={DEFAULT_LOCAL_RUNNER}")
+    return args
+
+
+def runner_name(options: PipelineOptions) -> str:
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:
+        return DEFAULT_LOCAL_RUNNER
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    return runner_name(options).lower() in LOCAL_RUNNERS
+
+
+def metrics_report(result) -> List[str]:
+    """Human-readable lines of the job's counters and distributions (namespaces delg and RunInference)."""
+    lines: List[str] = []
+    try:
+        metrics = result.metrics().query()
+    except Exception:  # some runners have no metrics API
+        return ["(metrics unavailable on this runner)"]
+    counters: Dict[str, int] = {}
+    for c in metrics.get("counters", []):
+        if c.key.metric.namespace in ("delg", "RunInference"):
+            name = f"{c.key.metric.namespace}/{c.key.metric.name}"
+            counters[name] = counters.get(name, 0) + int(c.committed or 0)
+    for name in sorted(counters):
+        lines.append(f"counter {name} = {counters[name]}")
+    dists: Dict[str, List[float]] = {}
+    for d in metrics.get("distributions", []):
+        if d.key.metric.namespace in ("delg", "RunInference") and d.committed is not None:
+            name = f"{d.key.metric.namespace}/{d.key.metric.name}"
+            v = d.committed
+            cur = dists.setdefault(name, [0, 0, None, None])
+            cur[0] += v.count
+            cur[1] += v.sum
+            cur[2] = v.min if cur[2] is None else min(cur[2], v.min)
+            cur[3] = v.max if cur[3] is None else max(cur[3], v.max)
+    for name in sorted(dists):
+        count, total, lo, hi = dists[name]
+        mean = total / count if count else 0.0
+        lines.append(f"distribution {name}: count={count} mean={mean:.1f} min={lo} max={hi}")
+    return lines
+
+
+def counter_value(result, name: str, namespace: str = "delg") -> int:
+    """Sum of a committed counter over all steps (0 when absent)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_namespace(namespace).with_name(name))["counters"]
+    return int(sum(c.committed or 0 for c in found))
+
+
+def run_pipeline(job: JobConfig, beam_args: Sequence[str], test_pipeline: Optional[beam.Pipeline] = None):
+    """Build and run the job; blocks until it finishes and returns the PipelineResult."""
+    if test_pipeline is not None:
+        p = test_pipeline
+    else:
+        p = beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    build_pipeline(p, job)
+    result = p.run()
+    result.wait_until_finish()
+    return result

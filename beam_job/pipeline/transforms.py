@@ -1,0 +1,292 @@
+"""The job's steps as DoFns and composite PTransforms: resolve inputs, read, decode + resize, infer, rows.
+
+Every per-image step sends a failure record (stage, error type, message) to a tagged dead-letter output
+instead of raising, so that every listed path ends as exactly one row: a feature row or a failure row.
+Elements between steps are (image_id, ImageTask); failure and feature outputs are (record, timings_ms).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from beam_job.pipeline import progress
+from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
+from beam_job.pipeline.handler import DelgModelHandler
+from beam_job.pipeline.inputs import match_paths
+from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.rows import failure_record, feature_record
+
+_LOGGER = logging.getLogger(__name__)
+NAMESPACE = "delg"
+FAILED = "failed"
+SKIPPED = "skipped"
+DUPLICATE = "duplicate"
+
+
+class ImageTask:
+    """One image on its way through the job.
+
+    data:     encoded file bytes (after read; dropped after decode).
+    prepared: imaging.PreparedImage (after decode + resize).
+    timings:  milliseconds per stage so far ("read", "decode", "inference", "postprocess").
+    """
+
+    __slots__ = ("image_id", "path", "data", "prepared", "timings")
+
+    def __init__(self, image_id: str, path: str):
+        self.image_id = image_id
+        self.path = path
+        self.data: Optional[bytes] = None
+        self.prepared = None
+        self.timings: Dict[str, float] = {}
+
+    def __getstate__(self):
+        return (self.image_id, self.path, self.data, self.prepared, self.timings)
+
+    def __setstate__(self, state):
+        self.image_id, self.path, self.data, self.prepared, self.timings = state
+
+
+class FileTooLargeError(OSError):
+    """The file is larger than --max_file_bytes."""
+
+
+class DuplicateImageIdError(ValueError):
+    """Two different paths were listed with the same image_id."""
+
+
+def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
+    Metrics.counter(NAMESPACE, f"failures_{stage}").inc()
+    record = failure_record(image_id, path, stage, type(exc).__name__, str(exc) or repr(exc),
+                            model=job.model_identity, preset=job.extraction.name)
+    return beam.pvalue.TaggedOutput(FAILED, (record, dict(timings)))
+
+
+def _message_from_repr(type_name: str, text: str) -> str:
+    """'ValueError("bad input")' -> 'bad input' (Beam's dead letters carry repr(exception))."""
+    prefix = type_name + "("
+    if text.startswith(prefix) and text.endswith(")"):
+        inner = text[len(prefix):-1]
+        try:
+            value = ast.literal_eval(inner)
+            if isinstance(value, str):
+                return value
+        except (ValueError, SyntaxError):
+            pass
+        return inner
+    return text
+
+
+class ResolveInputsFn(beam.DoFn):
+    """(image_id, {"input": [paths], "done": [...]}) -> (image_id, path) to process.
+
+    Leaves out ids already in <output>/features (resume), collapses identical duplicates, and turns a
+    second, different path listed under the same image_id into a failure row (each listed path keeps
+    exactly one outcome row).
+    """
+
+    def __init__(self, job: JobConfig):
+        self._job = job
+
+    def setup(self):
+        self._progress = progress.ProgressReporter(self._job.progress_dir)
+        self._skipped = Metrics.counter(NAMESPACE, "skipped_existing")
+        self._dups = Metrics.counter(NAMESPACE, "duplicate_inputs")
+
+    def process(self, element):
+        image_id, groups = element
+        paths = list(groups["input"])
+        if not paths:
+            return
+        if list(groups["done"]):
+            self._skipped.inc(len(paths))
+            self._progress.add("skipped", len(paths))
+            for _ in paths:
+                yield beam.pvalue.TaggedOutput(SKIPPED, image_id)
+            return
+        distinct = sorted(set(paths))
+        for _ in range(len(paths) - len(set(paths))):
+            self._dups.inc()
+            yield beam.pvalue.TaggedOutput(DUPLICATE, image_id)
+        yield image_id, distinct[0]
+        for other in distinct[1:]:
+            exc = DuplicateImageIdError(f"image_id {image_id} is also listed for {distinct[0]}: give each path its own id")
+            yield _failure(self._job, image_id, other, "read", exc, {})
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+
+class ReadShardIdsFn(beam.DoFn):
+    """Parquet shard path -> (image_id, True) for each row, reading only the image_id column."""
+
+    def setup(self):
+        use_anonymous_credentials_if_emulated()
+
+    def process(self, path: str):
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            table = pq.read_table(fh, columns=["image_id"])
+        for image_id in table.column(0).to_pylist():
+            yield image_id, True
+
+
+class ExpandShardsFn(beam.DoFn):
+    def setup(self):
+        use_anonymous_credentials_if_emulated()
+
+    def process(self, pattern: str):
+        yield from match_paths(pattern)
+
+
+class ReadBytesFn(beam.DoFn):
+    """(image_id, path) -> (image_id, ImageTask with .data); failures at stage "read"."""
+
+    def __init__(self, job: JobConfig):
+        self._job = job
+
+    def setup(self):
+        use_anonymous_credentials_if_emulated()
+        self._read_ms = Metrics.distribution(NAMESPACE, "read_ms")
+        self._bytes = Metrics.distribution(NAMESPACE, "image_file_bytes")
+        self._count = Metrics.counter(NAMESPACE, "images_read")
+
+    def process(self, element):
+        image_id, path = element
+        task = ImageTask(image_id, path)
+        t0 = time.perf_counter()
+        try:
+            limit = self._job.max_file_bytes
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+                data = fh.read(limit + 1)
+            if len(data) > limit:
+                raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+            task.timings["read"] = (time.perf_counter() - t0) * 1000.0
+            yield _failure(self._job, image_id, path, "read", exc, task.timings)
+            return
+        ms = (time.perf_counter() - t0) * 1000.0
+        task.timings["read"] = ms
+        task.data = data
+        self._read_ms.update(int(round(ms)))
+        self._bytes.update(len(data))
+        self._count.inc()
+        yield image_id, task
+
+
+class DecodeAndResizeFn(beam.DoFn):
+    """(image_id, ImageTask) -> same with .prepared (imaging.PreparedImage); failures at "decode"/"preprocess"."""
+
+    def __init__(self, job: JobConfig):
+        self._job = job
+
+    def setup(self):
+        self._decode_ms = Metrics.distribution(NAMESPACE, "decode_ms")
+        self._count = Metrics.counter(NAMESPACE, "images_decoded")
+
+    def process(self, element):
+        from beam_job.imaging import decode_image, prepare_image
+
+        image_id, task = element
+        cfg = self._job.extraction
+        t0 = time.perf_counter()
+        stage = "decode"
+        try:
+            image = decode_image(task.data, apply_exif_orientation=cfg.apply_exif_orientation,
+                                 max_pixels=cfg.max_image_pixels)
+            stage = "preprocess"
+            task.prepared = prepare_image(image, cfg)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+            task.timings["decode"] = (time.perf_counter() - t0) * 1000.0
+            stage = getattr(exc, "stage", stage) if stage == "decode" else stage
+            yield _failure(self._job, image_id, task.path, stage, exc, task.timings)
+            return
+        task.data = None
+        ms = (time.perf_counter() - t0) * 1000.0
+        task.timings["decode"] = ms
+        self._decode_ms.update(int(round(ms)))
+        self._count.inc()
+        yield image_id, task
+
+
+class ToRowsFn(beam.DoFn):
+    """(image_id, PredictionResult) -> (feature record, timings); failures at stage "postprocess"."""
+
+    def __init__(self, job: JobConfig):
+        self._job = job
+
+    def setup(self):
+        self._keypoints = Metrics.distribution(NAMESPACE, "keypoints_per_image")
+        self._count = Metrics.counter(NAMESPACE, "images_extracted")
+
+    def process(self, element):
+        image_id, result = element
+        task = result.example
+        features, identity, infer_ms = result.inference
+        task.timings["inference"] = infer_ms
+        t0 = time.perf_counter()
+        try:
+            record = feature_record(image_id, task.path, features, model=identity, preset=self._job.extraction.name,
+                                    descriptor_dtype=self._job.descriptor_dtype)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+            yield _failure(self._job, image_id, task.path, "postprocess", exc, task.timings)
+            return
+        task.timings["postprocess"] = (time.perf_counter() - t0) * 1000.0
+        self._keypoints.update(int(record["num_features"]))
+        self._count.inc()
+        yield record, dict(task.timings)
+
+
+class InferenceFailuresFn(beam.DoFn):
+    """RunInference dead letters (batch, (exc_type, repr, traceback)) -> failure records at "inference"."""
+
+    def __init__(self, job: JobConfig):
+        self._job = job
+
+    def process(self, element):
+        batch, (exc_type, exc_repr, _tb) = element
+        name = getattr(exc_type, "__name__", str(exc_type))
+        message = _message_from_repr(name, exc_repr)
+        Metrics.counter(NAMESPACE, "failures_inference").inc(len(batch))
+        for image_id, task in batch:
+            record = failure_record(image_id, task.path, "inference", name, message,
+                                    model=self._job.model_identity, preset=self._job.extraction.name)
+            yield record, dict(task.timings)
+
+
+class ExtractFeatures(beam.PTransform):
+    """(image_id, path) -> {"features": (record, timings), "failures": (record, timings)}.
+
+    Steps (labels as shown in the Dataflow UI): ReadBytes, DecodeAndResize, RunInference, ToRows,
+    InferenceFailures.
+    """
+
+    def __init__(self, job: JobConfig):
+        super().__init__()
+        self._job = job
+
+    def expand(self, pairs):
+        job = self._job
+        read = pairs | "ReadBytes" >> beam.ParDo(ReadBytesFn(job)).with_outputs(FAILED, main="ok")
+        decoded = read.ok | "DecodeAndResize" >> beam.ParDo(DecodeAndResizeFn(job)).with_outputs(FAILED, main="ok")
+        handler = KeyedModelHandler(
+            DelgModelHandler(job.extraction, share_across_processes=job.share_model_across_processes))
+        predictions, dlq = (decoded.ok
+                            | "RunInference" >> RunInference(handler).with_exception_handling())
+        rows = predictions | "ToRows" >> beam.ParDo(ToRowsFn(job)).with_outputs(FAILED, main="ok")
+        inference_failures = dlq.failed_inferences | "InferenceFailures" >> beam.ParDo(InferenceFailuresFn(job))
+        failures = (
+            (read[FAILED], decoded[FAILED], inference_failures, rows[FAILED])
+            | "MergeFailures" >> beam.Flatten()
+        )
+        return {"features": rows.ok, "failures": failures}
