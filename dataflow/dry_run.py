@@ -3,10 +3,9 @@
 Used by `DRY_RUN=1 ./run_dataflow.sh` (never imported by the job). It runs the job's own entry point,
 `beam_job.cli.run(argv)`, with Beam's `--dry_run=True`: DataflowRunner builds the whole pipeline, builds
 the `setup.py` sdist, translates to the portable proto and resolves options, then returns without any
-GCP contact. Beam keeps that result inside the runner, so this script wraps
-`DataflowRunner.run_pipeline` to capture it and derives from it the Dataflow `Environment` request
-(worker pool: machine type, container image, harness threads, service options such as the GPU) exactly
-as Beam's API client would build it, with no staged packages.
+GCP contact. From the PipelineResult (`result.job`: options + portable pipeline) this script derives the
+Dataflow `Environment` request (worker pool: machine type, container image, harness threads, service
+options such as the GPU) exactly as Beam's API client would build it, with no staged packages.
 
 Output: a summary on stderr and, when DRY_RUN_REPORT=path is set, the report as JSON:
   job_name, options (non-default resolved pipeline options), environment (Dataflow Environment proto as
@@ -25,20 +24,6 @@ import tarfile
 from typing import Any, Dict, List
 
 _LOGGER = logging.getLogger("dataflow.dry_run")
-_CAPTURED: List[Any] = []
-
-
-def _install_capture() -> None:
-    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
-
-    original = DataflowRunner.run_pipeline
-
-    def run_pipeline(self, pipeline, options):
-        result = original(self, pipeline, options)
-        _CAPTURED.append(result)
-        return result
-
-    DataflowRunner.run_pipeline = run_pipeline
 
 
 def build_report(result) -> Dict[str, Any]:
@@ -93,13 +78,20 @@ def main(argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--dry_run=True" not in argv:
         raise SystemExit("dataflow/dry_run.py only runs Beam dry runs: pass --dry_run=True (run_dataflow.sh does)")
-    _install_capture()
-    from beam_job.cli import run
+    from beam_job.cli import PROG, JobConfigError, JobFailedError, run
 
-    run(argv)
-    if not _CAPTURED or getattr(_CAPTURED[-1], "job", None) is None:
+    try:
+        outcome = run(argv)
+    except JobConfigError as exc:  # the job's own one-line configuration errors, as `delg-extract` prints them
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except JobFailedError as exc:
+        print(f"{PROG}: job failed: {exc}", file=sys.stderr)
+        return 1
+    result = getattr(outcome, "result", None)
+    if getattr(result, "job", None) is None:
         raise SystemExit("dry run: the job never reached DataflowRunner (is --runner=DataflowRunner passed?)")
-    report = build_report(_CAPTURED[-1])
+    report = build_report(result)
     pool = (report["environment"].get("workerPools") or [{}])[0]
     _LOGGER.info(
         "dry run OK: job %s, %d transforms, machine %s, image %s, harness threads %s, service options %s, "

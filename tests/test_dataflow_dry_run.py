@@ -1,0 +1,167 @@
+"""run_dataflow.sh: Beam's offline Dataflow dry run builds the full job (CPU and GPU) and bad settings fail clearly."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run_dataflow.sh"
+IMAGE = "us-central1-docker.pkg.dev/test-project/delg/worker:test"
+
+
+def _offline_env(tmp_path, **overrides):
+    """A minimal environment: no credentials, GCS pointed at a closed loopback port, no metadata server.
+
+    Any attempt of the launcher to reach GCS therefore fails at once on 127.0.0.1 instead of leaving the
+    machine; a dry run must not need it.
+    """
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "home"),
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHON": sys.executable,
+        "PROJECT": "test-project",
+        "REGION": "us-central1",
+        "TEMP_LOCATION": "gs://test-bucket/dataflow/tmp",
+        "INPUT": "gs://test-bucket/images/*.jpg",
+        "OUTPUT": "gs://test-bucket/delg/run-1",
+        "PRESET": "tiny",
+        "CONTAINER_IMAGE": IMAGE,
+    }
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    for k in [k for k, v in overrides.items() if v is None]:
+        env.pop(k, None)
+    return env
+
+
+def _run(env, *args, timeout=240):
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def _dry_run(tmp_path, **overrides):
+    report_path = tmp_path / "report.json"
+    env = _offline_env(tmp_path, DRY_RUN="1", DRY_RUN_REPORT=str(report_path), **overrides)
+    proc = _run(env)
+    assert proc.returncode == 0, f"dry run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(report_path.read_text()), proc
+
+
+def test_script_syntax():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    assert os.access(SCRIPT, os.X_OK), "run_dataflow.sh must be executable"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_shellcheck_clean():
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_cpu_dry_run_builds_the_job_offline(tmp_path):
+    report, proc = _dry_run(tmp_path, MACHINE_TYPE="n2-highmem-4", MAX_NUM_WORKERS="7")
+    opts = report["options"]
+    assert opts["runner"] == "DataflowRunner" and opts["dry_run"] in (True, "True")
+    assert opts["project"] == "test-project" and opts["region"] == "us-central1"
+    assert opts["sdk_container_image"] == IMAGE and opts["sdk_location"] == "container"
+    assert opts["setup_file"] == str(ROOT / "setup.py")
+    assert opts["job_name"].startswith("delg-extract-cpu-") and opts["job_name"] == report["job_name"]
+    # The Dataflow request Beam would send: one worker pool on the machine type, running our image.
+    (pool,) = report["environment"]["workerPools"]
+    assert pool["machineType"] == "n2-highmem-4"
+    assert pool["autoscalingSettings"]["maxNumWorkers"] == 7
+    assert pool["numThreadsPerWorker"] == 1
+    assert [i["containerImage"] for i in pool["sdkHarnessContainerImages"]] == [IMAGE]
+    assert report["container_images"] == [IMAGE]
+    assert not report["environment"].get("serviceOptions"), "CPU jobs must not ask for accelerators"
+    assert "no_use_multiple_sdk_containers" not in report["environment"]["experiments"]
+    # The setup.py sdist was really built and staged as the workflow package, with the job inside it.
+    assert report["staged_artifacts"]["workflow.tar.gz"].endswith(".tar.gz")
+    members = report["setup_package_members"]
+    for needed in ("setup.py", "requirements.txt", "beam_job/cli.py", "beam_job/pipeline/__init__.py", "schemas/delg_v1.py"):
+        assert needed in members
+    # The job graph is the real one (reading, inference, writing), not a stub.
+    assert report["transforms"] > 10
+    assert "dry run OK" in proc.stderr
+
+
+def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
+    report, _ = _dry_run(tmp_path, MODE="gpu", GPU_TYPE="nvidia-tesla-t4", GPU_COUNT="2", MACHINE_TYPE="n1-highmem-8",
+                         JOB_NAME="delg-gpu-test")
+    env = report["environment"]
+    assert env["serviceOptions"] == ["worker_accelerator=type:nvidia-tesla-t4;count:2;install-nvidia-driver"]
+    assert "no_use_multiple_sdk_containers" in env["experiments"]
+    (pool,) = env["workerPools"]
+    assert pool["machineType"] == "n1-highmem-8"
+    assert pool["numThreadsPerWorker"] == 1
+    (image,) = pool["sdkHarnessContainerImages"]
+    assert image["containerImage"] == IMAGE and image["useSingleCorePerContainer"] is True
+    assert report["job_name"] == "delg-gpu-test"
+
+
+def test_extra_arguments_pass_through_to_the_job(tmp_path):
+    report_path = tmp_path / "report.json"
+    env = _offline_env(tmp_path, DRY_RUN="1", DRY_RUN_REPORT=str(report_path))
+    proc = _run(env, "--labels=team=vision", "--disk_size_gb=77")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["environment"]["workerPools"][0]["diskSizeGb"] == 77
+    assert report["options"]["labels"] == ["team=vision"]
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("PROJECT", "missing required variable PROJECT"),
+        ("REGION", "missing required variable REGION"),
+        ("TEMP_LOCATION", "missing required variable TEMP_LOCATION"),
+        ("OUTPUT", "missing required variable OUTPUT"),
+        ("CONTAINER_IMAGE", "missing required variable CONTAINER_IMAGE"),
+        ("INPUT", "missing required variable INPUT or MANIFEST"),
+    ],
+)
+def test_missing_variable_is_one_clear_line(tmp_path, missing, message):
+    env = _offline_env(tmp_path, DRY_RUN="1", **{missing: None})
+    proc = _run(env, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run_dataflow.sh: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"TEMP_LOCATION": "/tmp/local"}, "TEMP_LOCATION must be a gs:// path"),
+        ({"OUTPUT": "out/"}, "OUTPUT must be a gs:// path"),
+        ({"INPUT": "images/*.jpg"}, "INPUT must be on gs://"),
+        ({"MODE": "tpu"}, "MODE must be cpu or gpu"),
+        ({"MODE": "gpu", "MACHINE_TYPE": "n1-standard-8"}, "nvidia-l4 needs a G2 MACHINE_TYPE"),
+        ({"MAX_NUM_WORKERS": "ten"}, "MAX_NUM_WORKERS must be a positive integer"),
+        ({"JOB_NAME": "My_Job"}, "JOB_NAME must be lowercase"),
+        ({"CONTAINER_PYTHON": "3.10"}, "launcher has Python/Beam"),
+    ],
+)
+def test_invalid_setting_is_one_clear_line(tmp_path, overrides, message):
+    proc = _run(_offline_env(tmp_path, DRY_RUN="1", **overrides), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_env_file_is_read(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text("MODE=gpu\nMACHINE_TYPE=n2-standard-8\n")
+    proc = _run(_offline_env(tmp_path, DRY_RUN="1", ENV_FILE=str(env_file)), timeout=60)
+    # Read from the file: the GPU/machine mismatch it contains is reported.
+    assert proc.returncode == 2 and "needs a G2 MACHINE_TYPE (e.g. g2-standard-8), got 'n2-standard-8'" in proc.stderr
