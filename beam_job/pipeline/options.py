@@ -95,8 +95,11 @@ class JobConfig:
             raise JobConfigError("--skip_existing and --overwrite contradict each other: pick one")
         if self.max_file_bytes < 1:
             raise JobConfigError(f"--max_file_bytes must be >= 1, got {self.max_file_bytes}")
-        if not self.extraction.use_local_features and not self.extraction.use_global_features:
-            raise JobConfigError("nothing to extract: local and global features are both off")
+        if not self.extraction.use_global_features:
+            raise JobConfigError(
+                "use_global_features=False is not supported by the delg_v1 output: every row stores a global "
+                "descriptor (pyarrow cannot read back null fixed-size lists, apache/arrow#35692)"
+            )
 
     def replace(self, **changes: Any) -> "JobConfig":
         return dataclasses.replace(self, **changes)
@@ -223,7 +226,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--max_image_pixels", type=int, help="refuse images with more pixels (decompression bombs)")
     model_group.add_argument("--no_exif", action="store_true", help="do not rotate images by their EXIF orientation")
     model_group.add_argument("--no_local_features", action="store_true", help="global descriptors only")
-    model_group.add_argument("--no_global_features", action="store_true", help="local features only")
     model_group.add_argument("--skip_model_check", action="store_true",
                              help="do not load the model on the launcher before launch")
     model_group.add_argument("--share_model_across_processes", action="store_true",
@@ -251,8 +253,6 @@ def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
         overrides["apply_exif_orientation"] = False
     if args.no_local_features:
         overrides["use_local_features"] = False
-    if args.no_global_features:
-        overrides["use_global_features"] = False
     try:
         return get_preset(args.preset, **overrides)
     except ValueError as exc:

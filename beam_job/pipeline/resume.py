@@ -65,7 +65,7 @@ def read_ids(path: str) -> List[str]:
 
 def _write_table(table, path: str) -> None:
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        pq.write_table(table, fh, compression="zstd", use_compliant_nested_type=True)
+        pq.write_table(table, fh, compression="zstd", use_compliant_nested_type=False)
 
 
 def settle_failures(job: JobConfig, run_feature_shards: List[str], run_failure_shards: List[str]) -> Dict[str, int]:

@@ -21,6 +21,14 @@ FailureRecord = Dict[str, str]
 MAX_MESSAGE_CHARS = 2000
 
 
+class MissingGlobalDescriptorError(ValueError):
+    """The image has no global descriptor (under 10 px after resize, or a model without a global head).
+
+    delg_v1 declares global_descriptor nullable, but pyarrow <= 25 cannot read back a Parquet file with a
+    null fixed-size list (apache/arrow#35692), so such images become failure rows instead.
+    """
+
+
 def feature_record(
     image_id: str,
     path: str,
@@ -32,7 +40,7 @@ def feature_record(
 ) -> FeatureRecord:
     """One features row (numpy arrays, shapes checked against the schema).
 
-    global_descriptor: (2048,) float32 or None (no global head / image under 10 px).
+    global_descriptor: (2048,) float32; a missing one raises MissingGlobalDescriptorError (see there).
     locations (N, 2) float32 (y, x); scales, attention (N,) float32; descriptors (N, 128) in
     descriptor_dtype. Raises ValueError when the features do not fit delg_v1 (e.g. PCA-reduced dims).
     """
@@ -40,8 +48,12 @@ def feature_record(
     n = features.num_features
     gd = features.global_descriptor
     if gd.size == 0:
-        global_descriptor = None
-    elif gd.shape != (delg_v1.GLOBAL_DIM,):
+        raise MissingGlobalDescriptorError(
+            f"no global descriptor: the image is {features.processed_hw[0]}x{features.processed_hw[1]} px after resize "
+            "(under the 10 px minimum) or the model has no global head; a null global descriptor would make the "
+            "shard unreadable in pyarrow (apache/arrow#35692)"
+        )
+    if gd.shape != (delg_v1.GLOBAL_DIM,):
         raise ValueError(
             f"global descriptor has shape {gd.shape}, schema {delg_v1.SCHEMA_VERSION} stores ({delg_v1.GLOBAL_DIM},): "
             "PCA-reduced descriptors do not fit this schema"
@@ -116,14 +128,10 @@ def features_table(records: Sequence[FeatureRecord], schema: pa.Schema) -> pa.Ta
     """Arrow table of feature records with exactly `schema` (a delg_v1 features schema, with metadata)."""
     n = len(records)
     gfield = schema.field("global_descriptor").type
-    gmask = np.array([r["global_descriptor"] is None for r in records], dtype=bool)
     gflat = np.zeros((n, delg_v1.GLOBAL_DIM), np.float32)
     for i, r in enumerate(records):
-        if r["global_descriptor"] is not None:
-            gflat[i] = r["global_descriptor"]
-    global_arr = pa.FixedSizeListArray.from_arrays(
-        pa.array(gflat.reshape(-1), type=pa.float32()), type=gfield, mask=pa.array(gmask) if gmask.any() else None
-    )
+        gflat[i] = r["global_descriptor"]  # never null, see MissingGlobalDescriptorError
+    global_arr = pa.FixedSizeListArray.from_arrays(pa.array(gflat.reshape(-1), type=pa.float32()), type=gfield)
     desc_type = schema.field("descriptors").type
     desc_np = np.float16 if desc_type.value_type.value_type == pa.float16() else np.float32
     columns = {

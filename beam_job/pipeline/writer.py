@@ -110,7 +110,7 @@ class _OpenShard:
         self.stream = FileSystems.create(self.tmp_path, mime_type="application/x-parquet",
                                          compression_type=CompressionTypes.UNCOMPRESSED)
         self.writer = pq.ParquetWriter(
-            self.stream, self.schema, compression="zstd", use_compliant_nested_type=True,
+            self.stream, self.schema, compression="zstd", use_compliant_nested_type=False,
             write_statistics=[c for c in _STAT_COLUMNS if c in self.schema.names],
         )
         self.ids: List[str] = []
