@@ -214,14 +214,14 @@ def test_global_only_at_requested_scales_equals_official_all_scales(tiny, module
 def test_variants_local_only_global_only_and_kaggle(tiny, module, image):
     full = module(image, SCALES, 5, 0.0, [0, 1, 2])
     local = DelgExtractionModule(tiny, global_=False)
-    assert local.input_names == ["input_image", "input_scales", "input_max_feature_num", "input_abs_thres"]
+    assert local.input_names == ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres")
     out = local(image, SCALES, 5, 0.0)
     assert sorted(out) == ["boxes", "features", "scales", "scores"]
     for key in out:
         np.testing.assert_array_equal(out[key], full[key])
 
     glob = DelgExtractionModule(tiny, local=False)
-    assert glob.input_names == ["input_image", "input_scales", "input_global_scales_ind"]
+    assert glob.input_names == ("input_image", "input_scales", "input_global_scales_ind")
     out = glob(image, SCALES, global_scales_ind=[1])
     assert sorted(out) == ["global_descriptors"]
     np.testing.assert_array_equal(out["global_descriptors"], full["global_descriptors"][1:2])
@@ -234,3 +234,12 @@ def test_variants_local_only_global_only_and_kaggle(tiny, module, image):
 
     with pytest.raises(ValueError, match="local=True or global_=True"):
         DelgExtractionModule(tiny, local=False, global_=False)
+
+
+def test_tiny_levels_do_not_crash(module):
+    # 12 * 0.25 = 3 px: the official graph fails (empty max-pool); we run that level at 5 px (one cell).
+    image = np.full((12, 12, 3), 200, np.uint8)
+    out = module(image, [0.25, 1.0], 100, 0.0, [0, 1])
+    assert out["global_descriptors"].shape == (2, 2048) and np.all(np.isfinite(out["global_descriptors"]))
+    assert out["boxes"].shape == (2, 4)  # one cell per level
+    np.testing.assert_array_equal(np.sort(out["scales"]), [1.0, 4.0])

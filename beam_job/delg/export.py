@@ -22,6 +22,7 @@ from typing import Any, Dict, Union
 
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.util import deprecation
 
 from beam_job.delg.graph import DelgExtractionModule
 
@@ -103,7 +104,8 @@ def export_tf1(
     path = _prepare_dir(path, overwrite)
 
     graph = tf.Graph()
-    with graph.as_default():
+    # The TF1 SavedModel APIs log deprecation warnings; writing this legacy format is the point here.
+    with graph.as_default(), deprecation.silence():
         placeholders: Dict[str, tf.Tensor] = {}
         for name in module.input_names:
             spec = DelgExtractionModule.input_spec(name)

@@ -3,13 +3,17 @@
 Algorithm (the official export's `ExtractLocalAndGlobalFeatures`, re-implemented):
   1. image uint8 [H,W,3] -> float32 (x - 128) / 128 BEFORE any resize, batch of 1.
   2. For each scale s = input_scales[k], in the given order: size = int32(round([H,W] * s)) (half to even),
-     tf.image.resize bilinear (no antialias), even at s = 1.0; trunk to block3.
+     tf.image.resize bilinear (no antialias), even at s = 1.0; trunk to block3. (Departure where the
+     official graph crashes: a level under MIN_LEVEL_SIZE = 5 px per side is resized to 5 px.)
   3. Local: attention prob (softplus) and 128-d autoencoder descriptors on the block3 grid [h,w].
      Cell (i, j) (row-major, i outer) has the receptive box
      [32i - 145, 32j - 145, 32i + 145, 32j + 145] / s   (ymin, xmin, ymax, xmax; model-input pixels),
-     i.e. centre (32i / s, 32j / s). Cells with prob >= input_abs_thres are kept, with scale 1 / s.
-     All scales are concatenated in order, then `tf.image.non_max_suppression(iou=1.0)` keeps the top
+     i.e. centre (32i / s, 32j / s), with scale 1 / s. Cells of all scales are concatenated in scale order,
+     those with prob >= input_abs_thres are kept (the official graph thresholds per scale before
+     concatenating: same rows, same order), then `tf.image.non_max_suppression(iou=1.0)` keeps the top
      min(max_feature_num, N) by score, highest first (nothing is actually suppressed at IoU 1).
+     Thresholding after the loop keeps the loop, and so the global output, independent of the local inputs:
+     `.prune` can fetch global_descriptors from input_image + input_scales (+ input_global_scales_ind) only.
   4. Global: block4 -> GeM(p=3) -> Dense 2048 (raw), one row per scale index listed in
      input_global_scales_ind, in increasing scale-index order, duplicates once, out-of-range ignored.
 
@@ -21,7 +25,7 @@ every scale and discards rows, as the official graph does; the outputs are ident
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
 GLOBAL_OUTPUT = "global_descriptors"
+
+# Smallest pyramid level (pixels per side) the trunk accepts: conv1 /2 then a valid 3x3 max-pool.
+MIN_LEVEL_SIZE = 5
 
 _SPECS = {
     "input_image": tf.TensorSpec([None, None, 3], tf.uint8, name="input_image"),
@@ -98,13 +105,15 @@ class DelgExtractionModule(tf.Module):
         self.global_scales_input = bool(global_scales_input) and self.global_
         self.global_at_all_scales = bool(global_at_all_scales)
         self.iou_threshold = float(iou_threshold)
-        self.input_names: List[str] = ["input_image", "input_scales"]
+        names = ["input_image", "input_scales"]
         if self.local:
-            self.input_names += ["input_max_feature_num", "input_abs_thres"]
+            names += ["input_max_feature_num", "input_abs_thres"]
         if self.global_scales_input:
-            self.input_names.append("input_global_scales_ind")
-        self.output_names: List[str] = (list(LOCAL_OUTPUTS) if self.local else []) + (
-            [GLOBAL_OUTPUT] if self.global_ else []
+            names.append("input_global_scales_ind")
+        # Tuples: tf.Module would wrap lists into tracked ListWrappers.
+        self.input_names: Tuple[str, ...] = tuple(names)
+        self.output_names: Tuple[str, ...] = (LOCAL_OUTPUTS if self.local else ()) + (
+            (GLOBAL_OUTPUT,) if self.global_ else ()
         )
         self.ExtractFeatures = tf.function(
             self._signature_function(), input_signature=[_SPECS[n] for n in self.input_names]
@@ -155,6 +164,9 @@ class DelgExtractionModule(tf.Module):
 
         def resize(k):
             size = tf.cast(tf.round(hw * scales[k]), tf.int32)
+            # Below 5 px the trunk's valid 3x3 max-pool has no output and the official graph fails; we resize
+            # such levels to 5 px instead (a 1x1 grid). Larger levels are untouched.
+            size = tf.maximum(size, MIN_LEVEL_SIZE)
             return tf.image.resize(normalized, size)
 
         def global_row(block3):
