@@ -62,6 +62,9 @@ def build_report(result) -> Dict[str, Any]:
                 with tarfile.open(local) as tar:
                     members = sorted(name.split("/", 1)[1] for name in tar.getnames() if "/" in name)
     root = proto.components.transforms
+    top = list(proto.root_transform_ids)
+    while len(top) == 1 and root[top[0]].subtransforms:  # Beam wraps the user's transforms in one root
+        top = list(root[top[0]].subtransforms)
     return {
         "job_name": options.get("job_name"),
         "options": options,
@@ -70,7 +73,7 @@ def build_report(result) -> Dict[str, Any]:
         "staged_artifacts": artifacts,
         "setup_package_members": members,
         "transforms": len(root),
-        "transform_names": [root[t].unique_name for t in proto.root_transform_ids],
+        "transform_names": [root[t].unique_name for t in top],
     }
 
 
@@ -88,6 +91,9 @@ def main(argv: List[str]) -> int:
     except JobFailedError as exc:
         print(f"{PROG}: job failed: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # Beam's option validation, e.g. "Invalid Project ID": one line, no traceback
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     result = getattr(outcome, "result", None)
     if getattr(result, "job", None) is None:
         raise SystemExit("dry run: the job never reached DataflowRunner (is --runner=DataflowRunner passed?)")
