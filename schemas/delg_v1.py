@@ -55,8 +55,10 @@ def features_schema(descriptor_dtype: str = "float32") -> pa.Schema:
             _field(
                 "global_descriptor",
                 pa.list_(pa.float32(), GLOBAL_DIM),
-                "L2-normalised global descriptor; null when the model has no global head or the image is "
-                "under 10 px after resize",
+                "L2-normalised global descriptor (never null: an image without one, i.e. under 10 px after "
+                "resize, is a failure row, because pyarrow cannot read back null fixed-size lists, "
+                "apache/arrow#35692)",
+                False,
             ),
             _field("num_features", pa.int32(), "number of local features N (0 is valid)", False),
             _field(

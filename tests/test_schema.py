@@ -15,7 +15,7 @@ def test_features_schema_snapshot():
         ("original_width", "int32", False),
         ("processed_height", "int32", False),
         ("processed_width", "int32", False),
-        ("global_descriptor", "fixed_size_list<item: float>[2048]", True),
+        ("global_descriptor", "fixed_size_list<item: float>[2048]", False),
         ("num_features", "int32", False),
         ("locations", "list<item: fixed_size_list<item: float>[2]>", False),
         ("scales", "list<item: float>", False),
