@@ -1,7 +1,9 @@
 """Tests of beam_job.imaging: decoding every format and mode, EXIF orientation, bomb guard, the resize rule."""
 
+import contextlib
 import io
 import json
+import resource
 import struct
 import subprocess
 import sys
@@ -398,6 +400,22 @@ def test_bad_pixel_limit_argument(bad):
 # --------------------------------------------------------------------------------------------------
 # decompression bombs
 
+@contextlib.contextmanager
+def _address_space_headroom(extra_bytes: int):
+    """Temporarily cap this process's address space at its current size + extra_bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        vm_size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm_size + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 BOMB_PNG = raw_png(50000, 50000, 8, 2, b"\x00" * 64)
 
 
@@ -414,15 +432,17 @@ def _jpeg_with_declared_size(height: int, width: int) -> bytes:
 )
 def test_bomb_header_refused_fast_and_small(data, size):
     assert len(data) < 1000
-    with pytest.raises(ImageTooLargeError):  # warm-up: plugin imports are not what we measure
-        decode_image(data)
-    tracemalloc.start()
-    start = time.perf_counter()
-    with pytest.raises(ImageTooLargeError) as info:
-        decode_image(data)
-    elapsed = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    # Under an address-space cap: a regression gives MemoryError here, never an OOM-killed test run.
+    with _address_space_headroom(1 << 30):
+        with pytest.raises(ImageTooLargeError):  # warm-up: plugin imports are not what we measure
+            decode_image(data)
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(ImageTooLargeError) as info:
+            decode_image(data)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     assert elapsed < 0.1
     assert peak < 1_000_000
     message = str(info.value)
@@ -481,7 +501,7 @@ def test_our_limit_not_pre_empted_by_pillow_global_limit():
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(data))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _address_space_headroom(1 << 30):
         warnings.simplefilter("error")  # no DecompressionBombWarning or anything else may escape
         assert read_image_size(data) == (15000, 15000)
         with pytest.raises(ImageTooLargeError, match="over the limit of 100,000,000"):
