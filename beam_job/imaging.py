@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -133,10 +132,12 @@ def _open_lazy(data: bytes) -> ImageFile.ImageFile:
             accepted = accept is None or accept(prefix)
             if isinstance(accepted, str) or not accepted:
                 continue
-            fp = io.BytesIO(data)
-            return factory(fp, "")
-        except (SyntaxError, IndexError, TypeError, ValueError, struct.error, EOFError, OSError) as exc:
-            problems.append(f"{name}: {exc}")
+            return factory(io.BytesIO(data), "")
+        except Image.DecompressionBombError as exc:
+            # Only plugins that grow the size while parsing (a GIF frame larger than its screen) get here.
+            raise ImageTooLargeError(f"{name} header: {exc}; {_LIMIT_HINT} and PIL.Image.MAX_IMAGE_PIXELS") from exc
+        except Exception as exc:  # noqa: BLE001 - hostile bytes may trip any parser error; all mean "corrupt"
+            problems.append(f"{name}: {str(exc) or type(exc).__name__}")
     if problems:
         raise ImageDecodeError(f"corrupt image header ({'; '.join(problems)})")
     other = _identify_format(prefix)
@@ -200,7 +201,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
             return _gray_to_rgb(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
         # Otherwise Pillow's (and the reference's) reading: values are already 0..255, truncated, clipped.
     rgb = img if mode == "RGB" else img.convert("RGB")
-    return np.asarray(rgb)
+    return np.array(rgb)  # one copy, owned and writable (np.asarray would be a read-only view of bytes)
 
 
 def _exif_orientation(img: Image.Image) -> int:
@@ -264,9 +265,10 @@ def decode_image(
     finally:
         img.close()
     if orientation != 1:
-        pixels = _ORIENT[orientation](pixels)
-    # np.array copies: the result owns its memory, is writable and C-contiguous.
-    return np.array(pixels, dtype=np.uint8, order="C", copy=True)
+        pixels = _ORIENT[orientation](pixels)  # a strided view
+    if not (pixels.flags.c_contiguous and pixels.flags.writeable and pixels.flags.owndata):
+        pixels = np.array(pixels, dtype=np.uint8, order="C")
+    return pixels
 
 
 def read_image_size(data: bytes) -> Tuple[int, int]:

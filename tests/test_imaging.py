@@ -639,3 +639,24 @@ def test_decode_then_prepare_end_to_end():
     assert decoded.shape == (200, 120, 3)  # orientation 8 swaps the sides
     assert prepared.image.shape == (96, round(120 * 96 / 200), 3)
     assert prepared.original_hw == (200, 120)
+
+
+def _gif_with_frame(screen: int, frame: int) -> bytes:
+    """A GIF whose logical screen is screen x screen but whose first frame declares frame x frame."""
+    header = b"GIF89a" + struct.pack("<HHBBB", screen, screen, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, frame, frame, 0)
+    return header + descriptor + b"\x02\x02\x4c\x01\x00" + b";"
+
+
+def test_gif_frame_larger_than_its_screen_counts():
+    """Pillow grows a GIF to its first frame's extent while parsing; the limit applies to the grown size."""
+    with _address_space_headroom(1 << 30):
+        assert read_image_size(_gif_with_frame(10, 3000)) == (3000, 3000)
+        with pytest.raises(ImageTooLargeError, match="3000x3000"):
+            decode_image(_gif_with_frame(10, 3000), max_pixels=1_000_000)
+        # 20000 x 20000 trips Pillow's own hard limit inside the GIF parser: still our error type.
+        with pytest.raises(ImageTooLargeError, match="max_image_pixels"):
+            decode_image(_gif_with_frame(10, 20000))
+    # Within the limit it gets as far as the (deliberately bogus) pixel data.
+    with pytest.raises(ImageDecodeError, match="GIF image"):
+        decode_image(_gif_with_frame(10, 30), max_pixels=1_000_000)
