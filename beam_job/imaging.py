@@ -135,7 +135,10 @@ def _open_lazy(data: bytes) -> ImageFile.ImageFile:
             return factory(io.BytesIO(data), "")
         except Image.DecompressionBombError as exc:
             # Only plugins that grow the size while parsing (a GIF frame larger than its screen) get here.
-            raise ImageTooLargeError(f"{name} header: {exc}; {_LIMIT_HINT} and PIL.Image.MAX_IMAGE_PIXELS") from exc
+            raise ImageTooLargeError(
+                f"{name} image refused while parsing its header: {exc} (Pillow's process-wide "
+                "PIL.Image.MAX_IMAGE_PIXELS applies here on top of max_image_pixels / --max_image_pixels)"
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - hostile bytes may trip any parser error; all mean "corrupt"
             problems.append(f"{name}: {str(exc) or type(exc).__name__}")
     if problems:
@@ -149,6 +152,20 @@ def _open_lazy(data: bytes) -> ImageFile.ImageFile:
         f"not a recognised image ({len(data)} bytes, starting {data[:8].hex()}); "
         f"supported formats: {', '.join(SUPPORTED_FORMATS)}"
     )
+
+
+_warned_truncated = False
+
+
+def _warn_if_truncated_images_allowed() -> None:
+    """Truncated files are errors unless some other code set Pillow's global LOAD_TRUNCATED_IMAGES."""
+    global _warned_truncated
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+        _warned_truncated = True
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by other code): truncated "
+            "images will decode with grey filler instead of failing"
+        )
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
@@ -240,6 +257,7 @@ def decode_image(
       ValueError: max_pixels is not a positive integer.
     """
     _check_limit_argument(max_pixels)
+    _warn_if_truncated_images_allowed()
     data = _as_bytes(data)
     if not data:
         raise ImageDecodeError("empty image data (0 bytes): the file is empty or was not read")
