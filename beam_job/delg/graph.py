@@ -115,8 +115,10 @@ class DelgExtractionModule(tf.Module):
         self.output_names: Tuple[str, ...] = (LOCAL_OUTPUTS if self.local else ()) + (
             (GLOBAL_OUTPUT,) if self.global_ else ()
         )
+        # autograph=False: the graph uses explicit tf.while_loop / tf.cond; converting Keras' Python code with
+        # autograph would only slow tracing (and export) down several-fold.
         self.ExtractFeatures = tf.function(
-            self._signature_function(), input_signature=[_SPECS[n] for n in self.input_names]
+            self._signature_function(), input_signature=[_SPECS[n] for n in self.input_names], autograph=False
         )
 
     @staticmethod
