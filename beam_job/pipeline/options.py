@@ -263,10 +263,25 @@ def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     """Split argv into (our parsed flags, Beam's flags)."""
     parser = build_arg_parser()
     args, beam_args = parser.parse_known_args(list(argv))
-    stray = [a for a in beam_args if not a.startswith("-")]
-    if stray:
-        raise JobConfigError(f"unexpected argument {stray[0]!r}: every option is a --flag (see --help)")
+    unknown = unknown_beam_args(beam_args)
+    if unknown:
+        what = "unexpected argument" if not unknown[0].startswith("-") else "unknown flag"
+        raise JobConfigError(f"{what} {unknown[0]!r}: neither a delg-extract flag nor a Beam pipeline option (see --help)")
     return args, beam_args
+
+
+def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
+    """The args that no registered Beam PipelineOptions class accepts (Beam itself only warns and drops them)."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+        parser = _BeamArgumentParser(allow_abbrev=False)
+        for cls in PipelineOptions.__subclasses__():
+            cls._add_argparse_args(parser)  # the same registry Beam parses with
+        _, unknown = parser.parse_known_args(list(beam_args))
+    except Exception:  # a Beam-internal change must not block launches; Beam will warn instead
+        return []
+    return list(unknown)
 
 
 def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:

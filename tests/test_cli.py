@@ -1,0 +1,96 @@
+"""CLI: invalid configuration fails before launch with one line (exit 2); presets listing; python -m beam_job."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from beam_job import cli
+from beam_job.config import PRESETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "img"
+    d.mkdir()
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(d / "a.jpg")
+    return d
+
+
+def _fails_with(capsys, argv, *needles):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("delg-extract: error: "), err
+    for needle in needles:
+        assert needle in err[0], err
+    return err[0]
+
+
+def test_config_errors_are_one_line_before_launch(tmp_path, image_dir, capsys):
+    out = str(tmp_path / "out")
+    good_input = ["--input", str(image_dir / "*.jpg")]
+    _fails_with(capsys, ["--output", out, "--preset", "tiny"], "no inputs", "--input")
+    _fails_with(capsys, [*good_input, "--preset", "tiny"], "--output is required")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "nope"], "--preset", "invalid choice")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--image_scales", "-1"],
+                "image_scales must all be > 0")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_feature_num", "many"],
+                "--max_feature_num", "invalid int value")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_failure_ratio", "2"],
+                "--max_failure_ratio must be between 0 and 1")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--skip_existing", "--overwrite"],
+                "pick one")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "stray"], "unexpected argument 'stray'")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--ouptut=x"], "unknown flag '--ouptut=x'")
+    _fails_with(capsys, ["--input", str(image_dir / "*.png"), "--output", out, "--preset", "tiny"], "matches no file")
+    _fails_with(capsys, ["--manifest", str(tmp_path / "none.csv"), "--output", out, "--preset", "tiny"],
+                "does not exist")
+    assert not os.path.exists(out)  # nothing was launched or written
+
+
+def test_unwritable_output_and_unusable_models_fail_before_launch(tmp_path, image_dir, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    good_input = ["--input", str(image_dir / "*.jpg")]
+    _fails_with(capsys, [*good_input, "--output", str(blocker / "out"), "--preset", "tiny"], "not writable")
+    out = str(tmp_path / "out")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "r50_gldv2clean"], "has no model", "--model")
+    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--model", str(tmp_path / "no_model")],
+                "cannot be used")
+    assert not os.listdir(out) or os.listdir(out) == ["_tmp"] and not os.listdir(os.path.join(out, "_tmp"))
+
+
+def test_presets_listing(capsys):
+    assert cli.main(["presets"]) == 0
+    text = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in text
+    assert cli.main(["--list_presets"]) == 0
+    assert "embedded:tiny" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "beam_job", "--output", str(tmp_path / "o")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["delg-extract: error: no inputs: give --input 'images/*.jpg' and/or --manifest list.csv"]
+
+
+def test_beam_flags_pass_through_and_default_runner_is_offline():
+    from beam_job.pipeline.options import parse_job_args
+    from beam_job.pipeline.pipeline import with_default_runner
+
+    args, beam_args = parse_job_args(["--input", "x/*.jpg", "--output", "o", "--direct_num_workers=2",
+                                      "--direct_running_mode", "multi_processing"])
+    assert args.input == ["x/*.jpg"]
+    assert beam_args == ["--direct_num_workers=2", "--direct_running_mode", "multi_processing"]
+    assert with_default_runner(beam_args)[-1] == "--runner=FnApiRunner"
+    assert with_default_runner(["--runner=DataflowRunner"]) == ["--runner=DataflowRunner"]
