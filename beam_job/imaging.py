@@ -140,7 +140,7 @@ def _open_lazy(data: bytes) -> ImageFile.ImageFile:
                 "PIL.Image.MAX_IMAGE_PIXELS applies here on top of max_image_pixels / --max_image_pixels)"
             ) from exc
         except Exception as exc:  # noqa: BLE001 - hostile bytes may trip any parser error; all mean "corrupt"
-            problems.append(f"{name}: {str(exc) or type(exc).__name__}")
+            problems.append(f"{name}: {' '.join((str(exc) or type(exc).__name__).split())}")
     if problems:
         raise ImageDecodeError(f"corrupt image header ({'; '.join(problems)})")
     other = _identify_format(prefix)
@@ -278,7 +278,7 @@ def decode_image(
         except (ImageError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-image decode error
-            detail = str(exc) or type(exc).__name__
+            detail = " ".join((str(exc) or type(exc).__name__).split())  # one line
             raise ImageDecodeError(f"cannot decode {fmt} image ({width}x{height}, mode {mode}): {detail}") from exc
     finally:
         img.close()
