@@ -1,0 +1,251 @@
+"""`delg-retrieval` console command: build an index from feature shards, query it, evaluate, draw pictures.
+
+  delg-retrieval build SHARDS INDEX_DIR [--kind auto|flat|ivfpq|hnsw ...]
+  delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100 --rerank 100] --output R.parquet|R.csv
+  delg-retrieval eval-revisitop RESULTS gnd_roxford5k.pkl
+  delg-retrieval eval-gldv2 RESULTS_OR_SUBMISSION.csv solution.csv
+  delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
+  delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
+QUERY is an image id in the index or an image path (local or gs://), extracted with the shards' model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _add_rerank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ransac", choices=["opencv", "reference"], default="opencv",
+                   help="opencv: USAC_MAGSAC affine (fast, default); reference: DELG's skimage RANSAC (slow)")
+    p.add_argument("--distance-threshold", type=float, default=1.0, help="L2 descriptor distance threshold (DELG: 1.0)")
+    p.add_argument("--ratio", type=float, default=None, help="use Lowe's ratio test with this ratio (e.g. 0.8)")
+    p.add_argument("--residual-threshold", type=float, default=20.0, help="RANSAC inlier threshold in pixels")
+    p.add_argument("--max-trials", type=int, default=1000)
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (ivfpq indexes)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="delg-retrieval", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build a FAISS index from feature shards")
+    b.add_argument("shards", help="job output dir, features/ dir, glob or .parquet (local or gs://)")
+    b.add_argument("index_dir", help="where to write index.faiss, idmap.parquet, build_config.json")
+    b.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
+                   help="auto: flat below 200k vectors, else IVF-PQ fast-scan (+exact refinement below 2M)")
+    b.add_argument("--nlist", type=int, default=None)
+    b.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (4 bits each); default dim/8")
+    b.add_argument("--refine", dest="refine", action="store_true", default=None, help="ivfpq: keep exact vectors")
+    b.add_argument("--no-refine", dest="refine", action="store_false", help="ivfpq: codes only (m/2 bytes/vector)")
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--nprobe", type=int, default=None)
+    b.add_argument("--train-size", type=int, default=None, help="IVF training sample size")
+    b.add_argument("--allow-mixed-models", action="store_true")
+
+    q = sub.add_parser("query", help="search the index, re-rank by local features, write results")
+    q.add_argument("index_dir")
+    q.add_argument("--id", nargs="*", default=[], help="image ids already in the index")
+    q.add_argument("--image", nargs="*", default=[], help="query image paths (extracted on the fly)")
+    q.add_argument("--queries", help="CSV (image_id or path column, optional query_id, bbox) or one per line")
+    q.add_argument("--k", type=int, default=100, help="results per query")
+    q.add_argument("--rerank", type=int, default=100, help="re-rank this many top results (0: global only)")
+    q.add_argument("--keep-self", action="store_true", help="keep the query image itself when querying by id")
+    q.add_argument("--output", help="results file (.parquet or .csv); a JSON summary is printed")
+    _add_rerank_args(q)
+
+    e = sub.add_parser("eval-revisitop", help="Revisited Oxford/Paris mAP and mP@k from a results file")
+    e.add_argument("results", help="results .parquet/.csv from `query` (query_id = qimlist names)")
+    e.add_argument("gnd", help="gnd_roxford5k.pkl / gnd_rparis6k.pkl (or the .mat version)")
+    e.add_argument("--order", choices=["final_rank", "rank"], default="final_rank",
+                   help="final_rank: after re-ranking; rank: global only")
+    e.add_argument("--kappas", type=int, nargs="*", default=[1, 5, 10])
+
+    g = sub.add_parser("eval-gldv2", help="GLDv2 retrieval mAP@100")
+    g.add_argument("predictions", help="results .parquet/.csv from `query`, or a Kaggle submission CSV (id,images)")
+    g.add_argument("solution", help="Kaggle solution CSV (id,images,Usage)")
+    g.add_argument("--order", choices=["final_rank", "rank"], default="final_rank")
+
+    d = sub.add_parser("draw-matches", help="PNG of the query and one image with keypoints and RANSAC inliers")
+    d.add_argument("index_dir")
+    d.add_argument("query", help="an image id in the index, or an image path")
+    d.add_argument("target", help="an image id in the index")
+    d.add_argument("--out", required=True)
+    d.add_argument("--outliers", action="store_true", help="also draw rejected putative matches in red")
+    _add_rerank_args(d)
+
+    c = sub.add_parser("contact-sheet", help="PNG of a query and its top results with scores")
+    c.add_argument("index_dir")
+    c.add_argument("query", help="an image id in the index, or an image path")
+    c.add_argument("--out", required=True)
+    c.add_argument("--k", type=int, default=8)
+    c.add_argument("--rerank", type=int, default=8)
+    c.add_argument("--min-inliers", type=int, default=15, help="green frame at or above this many inliers")
+    _add_rerank_args(c)
+    return parser
+
+
+def _rerank_config(args):
+    from .rerank import RerankConfig
+
+    return RerankConfig(distance_threshold=args.distance_threshold, ratio=args.ratio, method=args.ransac,
+                        residual_threshold=args.residual_threshold, max_trials=args.max_trials)
+
+
+def _engine(args):
+    from .query import QueryEngine
+
+    return QueryEngine(args.index_dir, _rerank_config(args), nprobe=args.nprobe, ef_search=args.ef_search)
+
+
+def load_image(uri: str) -> np.ndarray:
+    """HxWx3 uint8 RGB of an image file (local or gs://), EXIF-oriented like the job's default."""
+    from .shards import read_bytes
+
+    data = read_bytes(uri)
+    try:
+        from beam_job.imaging import decode_image
+    except ImportError:  # pragma: no cover - imaging is part of the package
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return decode_image(data)
+
+
+def _query_for(engine, value: str, exclude_self: bool = True):
+    try:
+        engine.index.position_of(value)
+    except KeyError:
+        return engine.query_from_image(value), load_image(value)
+    q = engine.query_from_id(value, exclude_self=exclude_self)
+    return q, load_image(q.source)
+
+
+def _cmd_build(args) -> int:
+    from .index import IndexConfig, build_index
+
+    cfg = IndexConfig(kind=args.kind, nlist=args.nlist, pq_m=args.pq_m, refine=args.refine, hnsw_m=args.hnsw_m,
+                      nprobe=args.nprobe, train_size=args.train_size, allow_mixed_models=args.allow_mixed_models)
+    report = build_index(args.shards, args.index_dir, cfg)
+    print(json.dumps({"index_dir": report.index_dir, "num_indexed": report.num_indexed,
+                      "num_null_skipped": report.num_null_skipped, "num_shards": report.num_shards,
+                      "params": report.params, "seconds": {k: round(v, 3) for k, v in report.seconds.items()}},
+                     indent=1))
+    return 0
+
+
+def _cmd_query(args) -> int:
+    from .query import build_queries, read_query_file, results_table, summary_json, write_results
+
+    engine = _engine(args)
+    specs = [{"query_id": i, "image_id": i} for i in args.id] + [{"query_id": "", "path": p} for p in args.image]
+    if args.queries:
+        specs += read_query_file(args.queries)
+    if not specs:
+        raise ValueError("give queries with --id, --image or --queries")
+    queries = build_queries(engine, specs, exclude_self=not args.keep_self)
+    results = engine.search(queries, k=args.k, num_to_rerank=args.rerank)
+    if args.output:
+        write_results(results_table(results), args.output)
+        logger.info("wrote %s", args.output)
+    print(summary_json(results))
+    return 0
+
+
+def _cmd_eval_revisitop(args) -> int:
+    from .evaluate import evaluate_revisitop, format_revisitop, load_revisitop_gnd, ranked_ids_from_table, rankings_from_results
+    from .query import read_results
+
+    gnd = load_revisitop_gnd(args.gnd)
+    ranked = ranked_ids_from_table(read_results(args.results), args.order)
+    rankings = rankings_from_results(gnd["qimlist"], ranked, gnd["imlist"])
+    metrics = evaluate_revisitop(rankings, gnd["gnd"], args.kappas)
+    print(format_revisitop(metrics))
+    return 0
+
+
+def _cmd_eval_gldv2(args) -> int:
+    from .evaluate import evaluate_gldv2, ranked_ids_from_table, read_gldv2_predictions, read_gldv2_solution
+    from .query import read_results
+    from .shards import read_bytes
+
+    head = read_bytes(args.predictions)[:200].decode("utf-8", "replace") if args.predictions.endswith(".csv") else ""
+    if head.startswith("id,images"):
+        predictions = read_gldv2_predictions(args.predictions)
+    else:
+        predictions = ranked_ids_from_table(read_results(args.predictions), args.order)
+    metrics = evaluate_gldv2(predictions, read_gldv2_solution(args.solution))
+    print(json.dumps({f"mAP@100 {k}": (None if v is None else round(v, 6)) for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+def _cmd_draw_matches(args) -> int:
+    from .plots import draw_matches
+    from .rerank import verify_pair
+
+    engine = _engine(args)
+    query, query_image = _query_for(engine, args.query, exclude_self=False)
+    target = engine.query_from_id(args.target, exclude_self=False)
+    if query.local is None or target.local is None:
+        raise ValueError("both images need local features to draw matches")
+    v = verify_pair(query.local, target.local, engine.rerank_config)
+    draw_matches(query_image, load_image(target.source), query.local.locations, target.local.locations,
+                 v.matches, v.inlier_mask, args.out, draw_outliers=args.outliers,
+                 title=f"{query.query_id} vs {args.target}: {v.inliers} inliers / {v.num_putative} putative")
+    print(json.dumps({"out": args.out, "putative": v.num_putative, "inliers": v.inliers}))
+    return 0
+
+
+def _cmd_contact_sheet(args) -> int:
+    from .plots import contact_sheet
+
+    engine = _engine(args)
+    query, query_image = _query_for(engine, args.query)
+    result = engine.search([query], k=args.k, num_to_rerank=args.rerank)[0]
+    tiles, verified = [], []
+    for rank, (pos, iid, score, inl) in enumerate(zip(result.positions, result.image_ids, result.global_scores,
+                                                      result.inliers), start=1):
+        record = engine.reader.read([engine.index.ref(int(pos))])[0]
+        tiles.append((load_image(record.path), f"#{rank} {iid}\ng={score:.3f} inl={int(inl)}"))
+        verified.append(int(inl) >= args.min_inliers)
+    contact_sheet(query_image, tiles, args.out, query_caption=f"query {query.query_id}", verified=verified)
+    print(json.dumps({"out": args.out, "results": len(tiles)}))
+    return 0
+
+
+COMMANDS = {
+    "build": _cmd_build,
+    "query": _cmd_query,
+    "eval-revisitop": _cmd_eval_revisitop,
+    "eval-gldv2": _cmd_eval_gldv2,
+    "draw-matches": _cmd_draw_matches,
+    "contact-sheet": _cmd_contact_sheet,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"delg-retrieval {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__: List[str] = ["main", "build_parser", "load_image"]

@@ -1,0 +1,272 @@
+"""Retrieval metrics: the Revisited Oxford/Paris protocol (revisitop's mAP and mP@k) and GLDv2 mAP@100.
+
+Revisited Oxford/Paris (Radenovic et al. 2018; definitions as in filipradenovic/revisitop `compute_map`):
+  * settings: easy (ok = easy; junk = junk + hard), medium (ok = easy + hard; junk = junk),
+    hard (ok = hard; junk = junk + easy);
+  * junk images are deleted from the ranking before scoring;
+  * AP is the trapezoid under the precision/recall curve, divided by the number of ground-truth
+    positives (so positives missing from a truncated ranking simply add nothing; the DELF variant that
+    divides by positives *found* is NOT used);
+  * mP@k divides by min(k, rank of the last positive found) (revisitop's quirk, kept);
+  * queries with no positives are excluded from the means.
+Rankings are 0-based indices into the ground truth's imlist, best first; may be truncated; -1 stands for
+an image outside imlist (a distractor: a negative that still takes a rank). Later duplicates are dropped.
+
+GLDv2 retrieval (Weyand et al. 2020; Kaggle Landmark Retrieval):
+  mAP@100 = 1/Q sum_q 1/min(m_q, 100) sum_{k <= min(n_q, 100)} P_q(k) rel_q(k), over the Q solution queries;
+  a query without predictions scores 0; a repeated prediction is not relevant again but keeps its rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import pickle
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from .shards import read_bytes
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("easy", "medium", "hard")
+DEFAULT_KAPPAS = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------- revisitop
+
+
+def load_revisitop_gnd(path: str) -> Dict:
+    """Ground truth from gnd_<dataset>.pkl (0-based indices) or the older .mat (1-based, converted).
+
+    Returns {"imlist": [str], "qimlist": [str], "gnd": [{"easy", "hard", "junk": int64 arrays (0-based),
+    "bbx": float array [x1, y1, x2, y2] or None}]}.
+    """
+    data = read_bytes(path)
+    if path.endswith(".pkl"):
+        raw = pickle.loads(data)
+        gnd = [_gnd_entry(g, offset=0) for g in raw["gnd"]]
+        return {"imlist": list(raw["imlist"]), "qimlist": list(raw["qimlist"]), "gnd": gnd}
+    if path.endswith(".mat"):
+        from scipy.io import loadmat
+
+        cfg = loadmat(io.BytesIO(data))
+        gnd = [_gnd_entry({k: e[k] for k in e.dtype.names}, offset=1) for e in np.ravel(cfg["gnd"])]
+        return {"imlist": _mat_names(cfg["imlist"]), "qimlist": _mat_names(cfg["qimlist"]), "gnd": gnd}
+    raise ValueError(f"ground truth must be a .pkl or .mat file, got {path!r}")
+
+
+def _gnd_entry(g: Mapping, offset: int) -> Dict:
+    out = {}
+    for key in ("easy", "hard", "junk"):
+        arr = np.ravel(np.asarray(g[key] if key in g else [], dtype=np.float64))
+        out[key] = arr.astype(np.int64) - offset
+    bbx = g["bbx"] if "bbx" in g else None
+    out["bbx"] = None if bbx is None or np.size(bbx) == 0 else np.ravel(np.asarray(bbx, np.float64))
+    return out
+
+
+def _mat_names(cell: np.ndarray) -> List[str]:
+    return [str(np.asarray(x).ravel()[0]) for x in np.ravel(cell)]
+
+
+def protocol_ground_truth(gnd: Sequence[Mapping], protocol: str) -> List[Dict[str, np.ndarray]]:
+    """Per-query {"ok", "junk"} index arrays for one setting (easy / medium / hard)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    out = []
+    for g in gnd:
+        easy, hard, junk = (np.asarray(g.get(k, []), np.int64) for k in ("easy", "hard", "junk"))
+        if protocol == "easy":
+            out.append({"ok": easy, "junk": np.concatenate([junk, hard])})
+        elif protocol == "medium":
+            out.append({"ok": np.concatenate([easy, hard]), "junk": junk})
+        else:
+            out.append({"ok": hard, "junk": np.concatenate([junk, easy])})
+    return out
+
+
+def average_precision(positive_ranks: np.ndarray, num_positives: int) -> float:
+    """revisitop AP: trapezoid rule over the sorted 0-based ranks of the retrieved positives (junk removed),
+    divided by the number of ground-truth positives."""
+    ap = 0.0
+    step = 1.0 / num_positives
+    for j, r in enumerate(np.sort(np.asarray(positive_ranks))):
+        precision_before = 1.0 if r == 0 else j / r
+        precision_after = (j + 1) / (r + 1)
+        ap += (precision_before + precision_after) * step / 2.0
+    return ap
+
+
+def _dedupe(ranking: np.ndarray) -> np.ndarray:
+    ranking = np.asarray(ranking, np.int64).ravel()
+    keep = np.ones(len(ranking), bool)
+    seen: Set[int] = set()
+    for i, v in enumerate(ranking.tolist()):
+        if v >= 0 and v in seen:
+            keep[i] = False
+        seen.add(v)
+    return ranking[keep]
+
+
+def compute_map(
+    rankings: Sequence[np.ndarray], gt: Sequence[Mapping[str, np.ndarray]], kappas: Sequence[int] = DEFAULT_KAPPAS
+) -> Tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """revisitop compute_map on per-query rankings.
+
+    rankings[i]: 0-based imlist indices for query i, best first (any length; -1 = outside imlist).
+    gt[i]: {"ok": array, "junk": array}. Returns (mAP, aps (nq,), mP@k (len(kappas),), P@k (nq, len(kappas)));
+    queries without positives have NaN AP / P@k and are left out of the means.
+    """
+    if len(rankings) != len(gt):
+        raise ValueError(f"{len(rankings)} rankings for {len(gt)} ground-truth queries: give one ranking per query")
+    nq = len(gt)
+    aps = np.full(nq, np.nan)
+    prs = np.full((nq, len(kappas)), np.nan)
+    for i, (ranking, g) in enumerate(zip(rankings, gt)):
+        ok = np.asarray(g["ok"], np.int64)
+        junk = np.asarray(g.get("junk", []), np.int64)
+        if len(ok) == 0:
+            continue
+        ranking = _dedupe(ranking)
+        ranking = ranking[~np.isin(ranking, junk)]  # junk removed before scoring
+        pos = np.flatnonzero(np.isin(ranking, ok))  # 0-based ranks after junk removal
+        aps[i] = average_precision(pos, len(ok))
+        if len(pos) == 0:
+            prs[i] = 0.0
+            continue
+        pos1 = pos + 1
+        for j, k in enumerate(kappas):
+            kq = min(int(pos1.max()), int(k))
+            prs[i, j] = np.count_nonzero(pos1 <= kq) / kq
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        raise ValueError("no query has any positive image: check the ground truth")
+    return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+def evaluate_revisitop(
+    rankings: Sequence[np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = DEFAULT_KAPPAS
+) -> Dict[str, Dict]:
+    """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}."""
+    out = {}
+    for protocol in PROTOCOLS:
+        gt = protocol_ground_truth(gnd, protocol)
+        mean_ap, aps, mpr, _ = compute_map(rankings, gt, kappas)
+        out[protocol] = {
+            "mAP": mean_ap,
+            "mP@k": {int(k): float(v) for k, v in zip(kappas, mpr)},
+            "num_queries": int(np.count_nonzero(~np.isnan(aps))),
+        }
+    return out
+
+
+def rankings_from_results(
+    query_ids: Sequence[str], result_ids: Mapping[str, Sequence[str]], imlist: Sequence[str]
+) -> List[np.ndarray]:
+    """Per-query index rankings from image-id rankings. Ids outside imlist become -1; missing queries empty."""
+    lookup = {name: i for i, name in enumerate(imlist)}
+    missing = [q for q in query_ids if q not in result_ids]
+    if missing:
+        logger.warning("%d of %d queries have no results (scored as empty rankings), e.g. %s",
+                       len(missing), len(query_ids), missing[:3])
+    return [np.asarray([lookup.get(i, -1) for i in result_ids.get(q, [])], np.int64) for q in query_ids]
+
+
+def ranked_ids_from_table(table, order_column: str = "final_rank") -> Dict[str, List[str]]:
+    """{query_id: [image_id, ...]} ordered by `order_column` ("final_rank" or the global "rank")."""
+    qids = table.column("query_id").to_pylist()
+    iids = table.column("image_id").to_pylist()
+    ranks = table.column(order_column).to_pylist()
+    grouped: Dict[str, List[Tuple[int, str]]] = {}
+    for q, i, r in zip(qids, iids, ranks):
+        grouped.setdefault(q, []).append((r, i))
+    return {q: [i for _, i in sorted(v)] for q, v in grouped.items()}
+
+
+def format_revisitop(metrics: Mapping[str, Mapping]) -> str:
+    """One line per protocol, DELF-style: `medium: mAP=64.67 mP@k[1 5 10] 95.71 92.00 86.86`."""
+    lines = []
+    for protocol, m in metrics.items():
+        ks = list(m["mP@k"])
+        lines.append(
+            f"{protocol}: mAP={100 * m['mAP']:.2f} mP@k{ks} "
+            + " ".join(f"{100 * m['mP@k'][k]:.2f}" for k in ks)
+            + f" (queries={m['num_queries']})"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- GLDv2
+
+
+def _split_ids(text: str) -> List[str]:
+    return [t for t in (text or "").split() if t]
+
+
+def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
+    """Kaggle retrieval solution CSV (`id,images[,Usage]`, images space-separated).
+
+    Returns {"Public": {...}, "Private": {...}, "Ignored": {...}} of query id -> set of relevant index ids.
+    Without a Usage column every query with relevant images is "Public". Rows whose images are empty or
+    "None", or whose Usage is "Ignored", go to "Ignored".
+    """
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
+    if not rows or "id" not in rows[0] or "images" not in rows[0]:
+        raise ValueError(f"{path}: a GLDv2 solution needs the columns id,images[,Usage]")
+    out: Dict[str, Dict[str, Set[str]]] = {"Public": {}, "Private": {}, "Ignored": {}}
+    for row in rows:
+        ids = set(_split_ids(row["images"])) - {"None"}
+        usage = (row.get("Usage") or "Public").strip() or "Public"
+        if usage not in out:
+            raise ValueError(f"{path}: unknown Usage {usage!r} for {row['id']} (expected Public, Private or Ignored)")
+        out["Ignored" if not ids else usage][row["id"].strip()] = ids
+    return out
+
+
+def read_gldv2_predictions(path: str) -> Dict[str, List[str]]:
+    """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}."""
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
+    if rows and ("id" not in rows[0] or "images" not in rows[0]):
+        raise ValueError(f"{path}: a GLDv2 submission needs the columns id,images")
+    return {row["id"].strip(): _split_ids(row["images"]) for row in rows}
+
+
+def gldv2_map_at_k(
+    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Set[str]], max_predictions: int = 100
+) -> float:
+    """mAP@max_predictions over the queries of `solution` (each with >= 1 relevant image)."""
+    if not solution:
+        raise ValueError("the solution has no query with relevant images")
+    total = 0.0
+    for qid, relevant in solution.items():
+        if not relevant:
+            raise ValueError(f"solution query {qid!r} has no relevant image; it belongs to the Ignored set")
+        hits, ap, seen = 0, 0.0, set()
+        for i, pred in enumerate(list(predictions.get(qid, []))[:max_predictions]):
+            if pred in relevant and pred not in seen:
+                hits += 1
+                ap += hits / (i + 1)
+            seen.add(pred)
+        total += ap / min(len(relevant), max_predictions)
+    return total / len(solution)
+
+
+def evaluate_gldv2(
+    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Mapping[str, Set[str]]],
+    max_predictions: int = 100,
+) -> Dict[str, Optional[float]]:
+    """mAP@100 for the Public, Private and combined query sets. Predictions for Ignored queries are dropped;
+    predictions for ids absent from the solution raise ValueError (as the reference does)."""
+    known = set().union(*(set(v) for v in solution.values()))
+    unknown = sorted(set(predictions) - known)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted query ids are not in the solution, e.g. {unknown[:3]}")
+    out: Dict[str, Optional[float]] = {}
+    for usage in ("Public", "Private"):
+        out[usage] = gldv2_map_at_k(predictions, solution[usage], max_predictions) if solution[usage] else None
+    combined = {**solution["Public"], **solution["Private"]}
+    out["All"] = gldv2_map_at_k(predictions, combined, max_predictions) if combined else None
+    return out

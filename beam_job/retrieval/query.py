@@ -1,0 +1,257 @@
+"""Querying an index: global top-k, then local-feature re-ranking of the top N, for image ids already in the
+shards or for new images extracted on the fly with the model and preset recorded in the shards.
+
+Result rows (one per (query, result)): query_id, rank (1-based global rank), image_id, global_score
+(inner product = cosine), inliers (RANSAC inliers, 0 when not re-ranked), final_rank (1-based, by
+(inliers, global_score) descending, as DELG's reference orders them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .index import RetrievalIndex
+from .rerank import RerankConfig, final_order, verify_pair
+from .shards import LocalFeatureReader, LocalFeatures, read_bytes
+
+logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("global_score", pa.float32(), nullable=False),
+        pa.field("inliers", pa.int32(), nullable=False),
+        pa.field("final_rank", pa.int32(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: global descriptor (D,) float32 unit vector; local features (may be None: no re-ranking).
+
+    exclude_id: an image id to drop from the results (the query itself when it comes from the index).
+    image_hw: (height, width) of the query image in pixels, when known (for pictures).
+    """
+
+    query_id: str
+    global_descriptor: np.ndarray
+    local: Optional[LocalFeatures]
+    exclude_id: Optional[str] = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ResultList:
+    """Results of one query in final order. Arrays are aligned: positions (r,), image_ids, scores, inliers, ranks."""
+
+    query_id: str
+    positions: np.ndarray
+    image_ids: List[str]
+    global_scores: np.ndarray
+    inliers: np.ndarray
+    global_ranks: np.ndarray  # 1-based global rank of each entry
+
+
+class QueryEngine:
+    """Index + shard reader + (lazy) DELG extractor. Not thread-safe."""
+
+    def __init__(self, index_dir: str, rerank_config: RerankConfig = RerankConfig(), nprobe: Optional[int] = None,
+                 ef_search: Optional[int] = None):
+        self.index = RetrievalIndex.load(index_dir, nprobe=nprobe, ef_search=ef_search)
+        self.reader = LocalFeatureReader()
+        self.rerank_config = rerank_config
+        self._extractor = None
+
+    # ------------------------------------------------------------------ building queries
+
+    def query_from_id(self, image_id: str, query_id: Optional[str] = None, exclude_self: bool = True) -> Query:
+        """A query from an indexed image: its stored global descriptor and local features."""
+        try:
+            position = self.index.position_of(image_id)
+        except KeyError:
+            raise ValueError(f"image id {image_id!r} is not in the index: check the id or query by image path") from None
+        record = self.reader.read([self.index.ref(position)])[0]
+        return Query(query_id or image_id, record.global_descriptor, record.local,
+                     exclude_id=image_id if exclude_self else None, source=record.path)
+
+    def extractor(self):
+        """The DELG extractor for the model + preset the shards were made with (TensorFlow imported here)."""
+        if self._extractor is None:
+            from beam_job.config import ExtractionConfig
+            from beam_job.delg.extractor import DelgExtractor
+
+            raw = self.index.config.get("extraction_config")
+            if not raw:
+                raise ValueError("the shards record no delg.config: query by image id, or rebuild from job output")
+            config = ExtractionConfig.from_dict(raw)
+            logger.info("loading DELG model %s (preset %s) for query extraction", config.model, config.name)
+            self._extractor = DelgExtractor(config)
+        return self._extractor
+
+    def query_from_image(self, uri: str, query_id: Optional[str] = None,
+                         bbox_xyxy: Optional[Sequence[float]] = None) -> Query:
+        """Extract a query image (local path or gs://). bbox_xyxy: optional crop [x1, y1, x2, y2] in pixels
+        (the Revisited Oxford/Paris query boxes); locations stay in the crop's pixel frame."""
+        from beam_job.imaging import decode_image
+
+        image = decode_image(read_bytes(uri))
+        if bbox_xyxy is not None:
+            x1, y1, x2, y2 = (int(round(v)) for v in bbox_xyxy)
+            image = image[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)]
+            if image.size == 0:
+                raise ValueError(f"bounding box {list(bbox_xyxy)} is empty for {uri}")
+        feats = self.extractor().extract(image)
+        if not feats.has_global:
+            raise ValueError(f"{uri}: the model gave no global descriptor (image too small?)")
+        local = LocalFeatures(feats.locations, feats.descriptors) if feats.num_features else None
+        return Query(query_id or os.path.splitext(os.path.basename(uri))[0], feats.global_descriptor, local, source=uri)
+
+    # ------------------------------------------------------------------ searching
+
+    def search(self, queries: Sequence[Query], k: int = 100, num_to_rerank: int = 100) -> List[ResultList]:
+        """Global top-k for every query, then re-rank the first num_to_rerank of each by local features."""
+        if not queries:
+            return []
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        globals_ = np.stack([np.asarray(q.global_descriptor, np.float32) for q in queries])
+        extra = 1 if any(q.exclude_id for q in queries) else 0
+        scores, positions = self.index.search(globals_, k + extra)
+        out = []
+        for qi, query in enumerate(queries):
+            keep = positions[qi] >= 0
+            pos, sc = positions[qi][keep], scores[qi][keep]
+            ids = [str(x) for x in self.index.image_ids[pos]]
+            if query.exclude_id is not None:
+                sel = [j for j, iid in enumerate(ids) if iid != query.exclude_id]
+                pos, sc, ids = pos[sel], sc[sel], [ids[j] for j in sel]
+            pos, sc, ids = pos[:k], sc[:k], ids[:k]
+            inliers = np.zeros(len(pos), np.int64)
+            n_rr = min(num_to_rerank, len(pos)) if query.local is not None and query.local.num_features else 0
+            if n_rr:
+                records = self.reader.read([self.index.ref(p) for p in pos[:n_rr]])
+                for j, rec in enumerate(records):
+                    inliers[j] = verify_pair(query.local, rec.local, self.rerank_config).inliers
+            order = final_order(inliers, sc)
+            out.append(ResultList(query.query_id, pos[order], [ids[j] for j in order], sc[order], inliers[order],
+                                  (order + 1).astype(np.int64)))
+        return out
+
+
+def results_table(results: Iterable[ResultList]) -> pa.Table:
+    """All result lists as one table with RESULTS_SCHEMA, in (query, final_rank) order."""
+    cols: Dict[str, list] = {name: [] for name in RESULTS_SCHEMA.names}
+    for r in results:
+        n = len(r.image_ids)
+        cols["query_id"].extend([r.query_id] * n)
+        cols["rank"].extend(r.global_ranks.tolist())
+        cols["image_id"].extend(r.image_ids)
+        cols["global_score"].extend(r.global_scores.tolist())
+        cols["inliers"].extend(r.inliers.tolist())
+        cols["final_rank"].extend(range(1, n + 1))
+    return pa.Table.from_pydict(cols, schema=RESULTS_SCHEMA)
+
+
+def write_results(table: pa.Table, path: str) -> str:
+    """Write results as Parquet (.parquet) or CSV (.csv), local or gs://."""
+    from .shards import resolve
+
+    fs, local = resolve(path)
+    if path.endswith(".parquet"):
+        with fs.open_output_stream(local) as out:
+            pq.write_table(table, out)
+    elif path.endswith(".csv"):
+        with fs.open_output_stream(local) as out:
+            pacsv.write_csv(table, out)
+    else:
+        raise ValueError(f"results path must end in .parquet or .csv, got {path!r}")
+    return path
+
+
+def read_results(path: str) -> pa.Table:
+    """Read a results file written by write_results."""
+    data = read_bytes(path)
+    if path.endswith(".csv"):
+        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=RESULTS_SCHEMA))
+    return pq.read_table(io.BytesIO(data))
+
+
+def read_query_file(path: str) -> List[Dict[str, str]]:
+    """Queries from a file: a CSV with a header naming `image_id` (ids in the shards) or `path` (images to
+    extract), optional `query_id` and `bbox` ("x1 y1 x2 y2"); or plain text, one id or image path per line.
+
+    Returns dicts with keys query_id, image_id or path, optional bbox.
+    """
+    text = read_bytes(path).decode("utf-8")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"query file {path!r} is empty")
+    header = [h.strip() for h in next(csv.reader([lines[0]]))]
+    if "image_id" in header or "path" in header:
+        rows = list(csv.DictReader(lines))
+        out = []
+        for i, row in enumerate(rows):
+            q = {k: (v or "").strip() for k, v in row.items() if k}
+            if not q.get("image_id") and not q.get("path"):
+                raise ValueError(f"{path}: row {i + 2} has neither image_id nor path")
+            q.setdefault("query_id", "")
+            if not q["query_id"]:
+                q["query_id"] = q.get("image_id") or os.path.splitext(os.path.basename(q["path"]))[0]
+            out.append(q)
+        return out
+    return [{"query_id": ln.strip(), "value": ln.strip()} for ln in lines]
+
+
+def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_self: bool = True) -> List[Query]:
+    """Turn read_query_file() dicts into Query objects (plain lines: an indexed id, else an image path)."""
+    queries = []
+    for spec in specs:
+        image_id, path = spec.get("image_id"), spec.get("path")
+        if "value" in spec:
+            value = spec["value"]
+            try:
+                engine.index.position_of(value)
+                image_id = value
+            except KeyError:
+                path = value
+        bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
+        if image_id:
+            queries.append(engine.query_from_id(image_id, spec.get("query_id") or image_id, exclude_self=exclude_self))
+        else:
+            queries.append(engine.query_from_image(path, spec.get("query_id") or None, bbox_xyxy=bbox))
+    return queries
+
+
+def summary_json(results: Sequence[ResultList], top: int = 5) -> str:
+    """A short JSON summary of the first results of each query (CLI output)."""
+    return json.dumps(
+        [
+            {
+                "query_id": r.query_id,
+                "results": [
+                    {"image_id": i, "global_score": round(float(s), 4), "inliers": int(n)}
+                    for i, s, n in list(zip(r.image_ids, r.global_scores, r.inliers))[:top]
+                ],
+            }
+            for r in results
+        ],
+        indent=1,
+    )
+
+
+__all__: Tuple[str, ...] = ("Query", "QueryEngine", "ResultList", "results_table", "write_results", "read_results",
+                            "read_query_file", "build_queries", "RESULTS_SCHEMA")
