@@ -4,25 +4,24 @@ import logging
 
 import numpy as np
 import pytest
-from test_delg_loader import tiny_tf1, tiny_tf2
+from test_delg_loader import cached_model, tiny_tf1, tiny_tf2
 
 from beam_job import imaging
 from beam_job.config import PcaConfig, get_preset
 from beam_job.delg import datum
 from beam_job.delg.extractor import DelgExtractor
-from beam_job.delg.loader import load_delg_model
 
 TINY = get_preset("tiny")  # 2 scales (0.707, 1.0), both global, max 64 features, threshold 0, max side 96
 
 
 @pytest.fixture(scope="module")
 def tf2_model(tmp_path_factory):
-    return load_delg_model(tiny_tf2(tmp_path_factory))
+    return cached_model(tiny_tf2(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
 def tf1_model(tmp_path_factory):
-    return load_delg_model(tiny_tf1(tmp_path_factory))
+    return cached_model(tiny_tf1(tmp_path_factory))
 
 
 def _photo(h, w, seed=0):
@@ -191,7 +190,7 @@ def test_pca_and_whitening_match_numpy(tf2_model, tmp_path):
 
 
 def test_kaggle_model_through_the_extractor(tf1_model, tmp_path_factory):
-    kaggle = load_delg_model(tiny_tf1(tmp_path_factory, "kaggle"))
+    kaggle = cached_model(tiny_tf1(tmp_path_factory, "kaggle"))
     config = TINY.replace(image_scales=(0.5, 0.70710677, 1.0), global_scales_ind=(1, 2))
     image = _photo(70, 90, seed=6)
     a = DelgExtractor(config, kaggle).extract(image)
@@ -201,13 +200,13 @@ def test_kaggle_model_through_the_extractor(tf1_model, tmp_path_factory):
 
 
 def test_capability_and_config_errors(tmp_path_factory, tf2_model):
-    local_only = load_delg_model(tiny_tf1(tmp_path_factory, "local"))
+    local_only = cached_model(tiny_tf1(tmp_path_factory, "local"))
     with pytest.raises(ValueError, match="no global_descriptors output.*use_global_features=False"):
         DelgExtractor(TINY, local_only)
     features = DelgExtractor(TINY.replace(use_global_features=False), local_only).extract(_photo(40, 40))
     assert not features.has_global and features.num_features > 0
 
-    global_only = load_delg_model(tiny_tf1(tmp_path_factory, "global"))
+    global_only = cached_model(tiny_tf1(tmp_path_factory, "global"))
     with pytest.raises(ValueError, match=r"no local outputs \(boxes, features, scales, scores\)"):
         DelgExtractor(TINY, global_only)
     features = DelgExtractor(TINY.replace(use_local_features=False), global_only).extract(_photo(40, 40))

@@ -51,6 +51,12 @@ def _image(h: int = 72, w: int = 104, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def cached_model(path: str):
+    """A loaded model shared by tests that only need to run it (loading is tested separately)."""
+    return load_delg_model(path)
+
+
 def _run(model, image=None, max_feature_num=50, gsi=GSI):
     return model.run(_image() if image is None else image, SCALES, max_feature_num, 0.0, gsi)
 
@@ -79,8 +85,8 @@ def test_tf2_export(tmp_path_factory):
 
 
 def test_tf1_export_matches_tf2(tmp_path_factory):
-    tf2 = _run(load_delg_model(tiny_tf2(tmp_path_factory)))
-    model = load_delg_model(tiny_tf1(tmp_path_factory))
+    tf2 = _run(cached_model(tiny_tf2(tmp_path_factory)))
+    model = cached_model(tiny_tf1(tmp_path_factory))
     assert (model.format, model.has_local, model.has_global, model.takes_global_scales_ind) == ("tf1", True, True, True)
     tf1 = _run(model)
     np.testing.assert_array_equal(tf1["boxes"], tf2["boxes"])
@@ -94,14 +100,14 @@ def test_tf1_export_matches_tf2(tmp_path_factory):
 
 
 def test_tf1_local_only_and_global_only(tmp_path_factory):
-    full = _run(load_delg_model(tiny_tf1(tmp_path_factory)))
-    local = load_delg_model(tiny_tf1(tmp_path_factory, "local"))
+    full = _run(cached_model(tiny_tf1(tmp_path_factory)))
+    local = cached_model(tiny_tf1(tmp_path_factory, "local"))
     assert (local.format, local.has_local, local.has_global, local.takes_global_scales_ind) == ("tf1", True, False, False)
     out = _run(local)
     assert set(out) == {"boxes", "features", "scales", "scores"}
     np.testing.assert_array_equal(out["boxes"], full["boxes"])
 
-    glob = load_delg_model(tiny_tf1(tmp_path_factory, "global"))
+    glob = cached_model(tiny_tf1(tmp_path_factory, "global"))
     assert (glob.has_local, glob.has_global, glob.takes_global_scales_ind) == (False, True, True)
     out = _run(glob, gsi=[1])
     assert set(out) == {"global_descriptors"}
@@ -109,8 +115,8 @@ def test_tf1_local_only_and_global_only(tmp_path_factory):
 
 
 def test_tf1_kaggle_style_global_rows_selected_after_the_call(tmp_path_factory):
-    full = load_delg_model(tiny_tf1(tmp_path_factory))
-    kaggle = load_delg_model(tiny_tf1(tmp_path_factory, "kaggle"))
+    full = cached_model(tiny_tf1(tmp_path_factory))
+    kaggle = cached_model(tiny_tf1(tmp_path_factory, "kaggle"))
     assert (kaggle.has_local, kaggle.has_global, kaggle.takes_global_scales_ind) == (True, True, False)
     image = _image(64, 96, seed=3)
     scales = [0.5, 0.70710677, 1.0]
@@ -166,7 +172,7 @@ def test_local_tarball_is_unpacked_once(tmp_path_factory, tmp_path, monkeypatch)
     model = load_delg_model(archive, cache_dir=cache)
     assert model.format == "tf1" and model.local_path.endswith(os.path.join("unpacked", "r50delg_test_20200914"))
     assert model.local_path.startswith(cache)
-    np.testing.assert_array_equal(_run(model)["boxes"], _run(load_delg_model(tiny_tf1(tmp_path_factory)))["boxes"])
+    np.testing.assert_array_equal(_run(model)["boxes"], _run(cached_model(tiny_tf1(tmp_path_factory)))["boxes"])
 
     def fail(*a, **k):
         raise AssertionError("unpacked twice")
@@ -194,12 +200,17 @@ def test_gcs_tarball_and_directory(tmp_path_factory, tmp_path, gcs_bucket):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), src)
             gcs_bucket.blob(f"dirs/tiny/{rel}").upload_from_filename(os.path.join(dirpath, name))
-    ref = _run(load_delg_model(src))
+    ref = _run(cached_model(src))
     cache = str(tmp_path / "cache")
-    for uri in (f"gs://{gcs_bucket.name}/models/m.tgz", f"gs://{gcs_bucket.name}/dirs/tiny", f"gs://{gcs_bucket.name}/dirs/tiny/"):
+    for uri in (f"gs://{gcs_bucket.name}/models/m.tgz", f"gs://{gcs_bucket.name}/dirs/tiny"):
         model = load_delg_model(uri, cache_dir=cache)
         assert model.format == "tf1" and model.uri == uri and model.local_path.startswith(cache)
         np.testing.assert_array_equal(_run(model)["boxes"], ref["boxes"])
+    # A trailing slash names the same directory: same cache entry, byte-identical files.
+    copied = loader.resolve_model_path(f"gs://{gcs_bucket.name}/dirs/tiny/", cache_dir=cache)
+    assert copied == model.local_path
+    with open(os.path.join(copied, "saved_model.pb"), "rb") as a, open(os.path.join(src, "saved_model.pb"), "rb") as b:
+        assert a.read() == b.read()
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_delg_model(f"gs://{gcs_bucket.name}/models/missing.tar.gz", cache_dir=cache)
     with pytest.raises(ModelLoadError, match="empty or does not exist"):

@@ -264,7 +264,7 @@ def _resolve_gcs_dir(uri: str, cache_dir: str) -> str:
     listing = sorted((b.name, b.generation, b.size) for b in blobs)
     if not any(name[len(prefix) :] == SAVED_MODEL_FILE for name, _, _ in listing):
         raise ModelLoadError(f"{uri} is not a SavedModel (no {SAVED_MODEL_FILE}): {_HINT}")
-    target = os.path.join(cache_dir, "models", f"{_safe_name(uri)}-{_key(uri, listing)}")
+    target = os.path.join(cache_dir, "models", f"{_safe_name(uri)}-{_key(uri.rstrip('/'), listing)}")
 
     def build(tmp: str) -> None:
         logger.info("Copying %d objects of %s into %s", len(blobs), uri, target)
