@@ -77,12 +77,15 @@ def make_bad_files(directory, good_jpeg: bytes):
         os.path.join(directory, "empty.jpg"): ("decode", None),
         os.path.join(directory, "notes.txt"): ("decode", None),
         os.path.join(directory, "bomb.png"): ("decode", "ImageTooLargeError"),
+        # 3x300 px -> 1x96 after the tiny preset's resize: under DELG's 10 px minimum, no global descriptor.
+        os.path.join(directory, "sliver.png"): ("postprocess", "MissingGlobalDescriptorError"),
     }
     contents = {
         "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
         "empty.jpg": b"",
         "notes.txt": b"this is not an image\n",
         "bomb.png": huge_header_png(),
+        "sliver.png": _encode(Image.new("RGB", (300, 3), (200, 10, 10)), "PNG"),
     }
     for name, data in contents.items():
         with open(os.path.join(directory, name), "wb") as fh:
@@ -218,12 +221,12 @@ def test_summary_and_success_marker(mixed_run):
     assert counts["listed"] == counts["processed"] == len(mixed_run["ids"])
     assert (counts["features"], counts["failures"]) == (len(mixed_run["good"]), len(mixed_run["bad"]))
     assert summary["status"] == "succeeded"
-    assert summary["failures_by_stage"] == {"decode": 4, "read": 1}
+    assert summary["failures_by_stage"] == {"decode": 4, "postprocess": 1, "read": 1}
     assert summary["failures_by_error_type"]["ImageTooLargeError"] == 1
     on_disk = sorted(glob.glob(os.path.join(out, "features", "*.parquet")))
     assert sorted(summary["shards"]["features"]) == on_disk
     assert set(summary["timings_ms"]) >= {"read", "decode", "inference", "postprocess", "write"}
-    assert summary["timings_ms"]["inference"]["count"] == len(mixed_run["good"])
+    assert summary["timings_ms"]["inference"]["count"] == len(mixed_run["good"]) + 1  # + the sliver
     assert summary["model"]["identity"].startswith("embedded:tiny@sha256:")
     assert summary["config"]["name"] == "tiny" and summary["schema_version"] == "delg_v1"
     assert not os.path.exists(os.path.join(out, "_tmp"))
@@ -233,6 +236,7 @@ def test_beam_metrics_cover_stages_keypoints_and_failures(mixed_run):
     result = mixed_run["outcome"].result
     assert counter_value(result, "images_read") == len(mixed_run["ids"]) - 1  # the missing file is not read
     assert counter_value(result, "failures_decode") == 4
+    assert counter_value(result, "failures_postprocess") == 1
     assert counter_value(result, "failures_read") == 1
     assert counter_value(result, "model_loads") == 1
     text = "\n".join(mixed_run["outcome"].metrics)
