@@ -44,18 +44,18 @@ def load_revisitop_gnd(path: str) -> Dict:
     Returns {"imlist": [str], "qimlist": [str], "gnd": [{"easy", "hard", "junk": int64 arrays (0-based),
     "bbx": float array [x1, y1, x2, y2] or None}]}.
     """
+    if not path.endswith((".pkl", ".mat")):
+        raise ValueError(f"ground truth must be a .pkl or .mat file, got {path!r}")
     data = read_bytes(path)
     if path.endswith(".pkl"):
         raw = pickle.loads(data)
         gnd = [_gnd_entry(g, offset=0) for g in raw["gnd"]]
         return {"imlist": list(raw["imlist"]), "qimlist": list(raw["qimlist"]), "gnd": gnd}
-    if path.endswith(".mat"):
-        from scipy.io import loadmat
+    from scipy.io import loadmat
 
-        cfg = loadmat(io.BytesIO(data))
-        gnd = [_gnd_entry({k: e[k] for k in e.dtype.names}, offset=1) for e in np.ravel(cfg["gnd"])]
-        return {"imlist": _mat_names(cfg["imlist"]), "qimlist": _mat_names(cfg["qimlist"]), "gnd": gnd}
-    raise ValueError(f"ground truth must be a .pkl or .mat file, got {path!r}")
+    cfg = loadmat(io.BytesIO(data))
+    gnd = [_gnd_entry({k: e[k] for k in e.dtype.names}, offset=1) for e in np.ravel(cfg["gnd"])]
+    return {"imlist": _mat_names(cfg["imlist"]), "qimlist": _mat_names(cfg["qimlist"]), "gnd": gnd}
 
 
 def _gnd_entry(g: Mapping, offset: int) -> Dict:
