@@ -12,7 +12,10 @@
 #   OUTPUT           gs:// output folder for the Parquet shards, failures and run summary
 #   CONTAINER_IMAGE  worker image built from docker/Dockerfile (cpu) or docker/Dockerfile.gpu (gpu)
 # Optional (default):
-#   MODE=cpu|gpu (cpu)          PRESET (r50_gldv2clean)      MODEL (the preset's; gs:// dir or .tar.gz)
+#   MODE=cpu|gpu (cpu)          PRESET (r50_gldv2clean)
+#   MODEL (the preset's): gs:// SavedModel dir or .tar.gz, http(s)://...tar.gz, embedded:<arch>, or a model
+#                         baked into the image under /opt/delg/models/ (the launcher then skips its model check)
+#   more --input patterns / any job or Beam flag: pass them as arguments to this script
 #   MACHINE_TYPE (cpu: n2-highmem-8, gpu: g2-standard-8)      MAX_NUM_WORKERS (10)   NUM_WORKERS
 #   GPU_TYPE (nvidia-l4)  GPU_COUNT (1)   HARNESS_THREADS (1)  DISK_SIZE_GB   JOB_NAME (delg-extract-MODE-UTC)
 #   STAGING_LOCATION  SERVICE_ACCOUNT  SUBNETWORK  NO_USE_PUBLIC_IPS=1  LABELS (k=v,k=v)
@@ -52,12 +55,17 @@ require CONTAINER_IMAGE "the worker image (docker/README in docs/dataflow.md), e
 if [[ -z "${INPUT:-}" && -z "${MANIFEST:-}" ]]; then
   die "missing required variable INPUT or MANIFEST: set INPUT=gs://bucket/images/*.jpg and/or MANIFEST=gs://bucket/manifest.csv"
 fi
-for name in INPUT MANIFEST MODEL; do
+for name in INPUT MANIFEST; do
   value=${!name:-}
-  if [[ -n "$value" && "$value" != gs://* && "$value" != http://* && "$value" != https://* && "$value" != embedded:* ]]; then
-    die "$name must be on gs:// (or http(s):// for a model .tar.gz) so that Dataflow workers can read it, got '$value'"
+  if [[ -n "$value" && "$value" != gs://* ]]; then
+    die "$name must be on gs:// so that Dataflow workers can read it, got '$value'"
   fi
 done
+BAKED_MODELS=/opt/delg/models/  # where docker/Dockerfile* put baked-in models
+case "${MODEL:-}" in
+  "" | gs://?* | http://?* | https://?* | embedded:?* | "$BAKED_MODELS"?*) ;;
+  *) die "MODEL must be gs://..., http(s)://...tar.gz, embedded:<arch> or a model baked into the image under $BAKED_MODELS, got '$MODEL'" ;;
+esac
 
 MODE=${MODE:-cpu}
 case "$MODE" in
@@ -115,6 +123,8 @@ args=(
 [[ -n "${INPUT:-}" ]] && args+=(--input="$INPUT")
 [[ -n "${MANIFEST:-}" ]] && args+=(--manifest="$MANIFEST")
 [[ -n "${MODEL:-}" ]] && args+=(--model="$MODEL")
+# A baked-in model exists only inside the worker image, not on the launcher: skip the launcher's model load.
+[[ "${MODEL:-}" == "$BAKED_MODELS"* ]] && args+=(--skip_model_check)
 [[ -n "${NUM_WORKERS:-}" ]] && args+=(--num_workers="$NUM_WORKERS")
 [[ -n "${DISK_SIZE_GB:-}" ]] && args+=(--disk_size_gb="$DISK_SIZE_GB")
 [[ -n "${STAGING_LOCATION:-}" ]] && args+=(--staging_location="$STAGING_LOCATION")

@@ -104,7 +104,7 @@ def test_cpu_dry_run_builds_the_job_offline(tmp_path):
 
 def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
     report, _ = _dry_run(tmp_path, MODE="gpu", GPU_TYPE="nvidia-tesla-t4", GPU_COUNT="2", MACHINE_TYPE="n1-highmem-8",
-                         JOB_NAME="delg-gpu-test")
+                         JOB_NAME="delg-gpu-test", MODEL="/opt/delg/models/tiny")
     env = report["environment"]
     assert env["serviceOptions"] == ["worker_accelerator=type:nvidia-tesla-t4;count:2;install-nvidia-driver"]
     assert "no_use_multiple_sdk_containers" in env["experiments"]
@@ -141,6 +141,7 @@ def test_missing_variable_is_one_clear_line(tmp_path, missing, message):
         ({"TEMP_LOCATION": "/tmp/local"}, "TEMP_LOCATION must be a gs:// path"),
         ({"OUTPUT": "out/"}, "OUTPUT must be a gs:// path"),
         ({"INPUT": "images/*.jpg"}, "INPUT must be on gs://"),
+        ({"MODEL": "models/tiny"}, "MODEL must be gs://"),
         ({"MODE": "tpu"}, "MODE must be cpu or gpu"),
         ({"MODE": "gpu", "MACHINE_TYPE": "n1-standard-8"}, "nvidia-l4 needs a G2 MACHINE_TYPE"),
         ({"MAX_NUM_WORKERS": "ten"}, "MAX_NUM_WORKERS must be a positive integer"),
