@@ -100,6 +100,10 @@ class QueryEngine:
             config = ExtractionConfig.from_dict(raw)
             logger.info("loading DELG model %s (preset %s) for query extraction", config.model, config.name)
             self._extractor = DelgExtractor(config)
+            recorded = self.index.config.get("model", "")
+            if recorded and self._extractor.identity != recorded:
+                logger.warning("query model %s differs from the shards' model %s: scores are not comparable",
+                               self._extractor.identity, recorded)
         return self._extractor
 
     def query_from_image(self, uri: str, query_id: Optional[str] = None,
@@ -108,13 +112,16 @@ class QueryEngine:
         (the Revisited Oxford/Paris query boxes); locations stay in the crop's pixel frame."""
         from beam_job.imaging import decode_image
 
-        image = decode_image(read_bytes(uri))
+        extractor = self.extractor()
+        config = extractor.config
+        image = decode_image(read_bytes(uri), apply_exif_orientation=config.apply_exif_orientation,
+                             max_pixels=config.max_image_pixels)
         if bbox_xyxy is not None:
             x1, y1, x2, y2 = (int(round(v)) for v in bbox_xyxy)
             image = image[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)]
             if image.size == 0:
                 raise ValueError(f"bounding box {list(bbox_xyxy)} is empty for {uri}")
-        feats = self.extractor().extract(image)
+        feats = extractor.extract(image)
         if not feats.has_global:
             raise ValueError(f"{uri}: the model gave no global descriptor (image too small?)")
         local = LocalFeatures(feats.locations, feats.descriptors) if feats.num_features else None

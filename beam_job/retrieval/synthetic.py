@@ -154,7 +154,8 @@ def write_shard(uri: str, table: pa.Table, row_group_size: Optional[int] = None)
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as out:
-        pq.write_table(table, out, row_group_size=row_group_size)
+        # the job's writer options (beam_job/pipeline/writer.py)
+        pq.write_table(table, out, row_group_size=row_group_size, compression="zstd", use_compliant_nested_type=False)
     return uri
 
 

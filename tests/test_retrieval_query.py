@@ -1,0 +1,217 @@
+"""Querying: global top-k + local re-ranking from synthetic delg_v1 shards, result files, the CLI, and the real
+Beam job (tiny preset) feeding an index that answers image queries extracted on the fly."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from beam_job.retrieval import cli, index as ix, query as qm, rerank, synthetic
+
+DIM = 2048
+
+
+def _with_similarity(rng, base, sim):
+    """A unit vector whose dot product with the unit vector `base` is exactly `sim`."""
+    other = rng.standard_normal(DIM).astype(np.float64)
+    other -= other.dot(base) * base
+    other /= np.linalg.norm(other)
+    return (sim * base + np.sqrt(1 - sim**2) * other).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """Query "q"; "match_a" / "match_b" are affine views of it with low global similarity, "decoy_*" have high
+    global similarity but unrelated local features, the rest is filler. Two shards, float16 descriptors in one."""
+    root = tmp_path_factory.mktemp("collection")
+    rng = np.random.default_rng(0)
+    g = synthetic.unit_rows(rng, 1, DIM)[0].astype(np.float64)
+    g /= np.linalg.norm(g)
+    rows = []
+    pa_ = synthetic.affine_pair(rng, 300, 0.6)
+    pb = synthetic.affine_pair(rng, 300, 0.3, matrix=synthetic.affine_yx(angle_deg=-8, scale=1.1, tx=-20))
+    q_desc = pa_.desc_a.copy()
+    q_desc[: pb.num_true] = pa_.desc_a[: pb.num_true]
+    # match_b's correspondences must point at the query's own features: rebuild them from the query
+    pb_loc = pb.loc_b.copy()
+    warped = pa_.loc_a[: pb.num_true].astype(np.float64) @ pb.matrix[:, :2].T + pb.matrix[:, 2]
+    pb_loc[: pb.num_true] = warped.astype(np.float32)
+    pb_desc = pb.desc_b.copy()
+    pb_desc[: pb.num_true] = pa_.desc_b[: pb.num_true]
+    rows.append({"image_id": "q", "global_descriptor": g, "locations": pa_.loc_a, "descriptors": q_desc})
+    rows.append({"image_id": "match_a", "global_descriptor": _with_similarity(rng, g, 0.55),
+                 "locations": pa_.loc_b, "descriptors": pa_.desc_b})
+    rows.append({"image_id": "match_b", "global_descriptor": _with_similarity(rng, g, 0.50),
+                 "locations": pb_loc, "descriptors": pb_desc})
+    for i, sim in enumerate([0.9, 0.8, 0.7]):
+        rows.append({"image_id": f"decoy_{i}", "global_descriptor": _with_similarity(rng, g, sim),
+                     "locations": rng.random((300, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 300, 128)})
+    for i in range(40):
+        rows.append({"image_id": f"filler_{i:02d}", "global_descriptor": _with_similarity(rng, g, 0.1 + 0.005 * i),
+                     "locations": rng.random((50, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 50, 128)})
+    order = rng.permutation(len(rows))
+    rows = [rows[i] for i in order]
+    meta = synthetic.default_metadata()
+    half = len(rows) // 2
+    synthetic.write_shard(str(root / "out" / "features" / "part-0.parquet"),
+                          synthetic.rows_to_table(rows[:half], metadata=meta), row_group_size=8)
+    meta16 = synthetic.default_metadata(descriptor_dtype="float16")
+    synthetic.write_shard(str(root / "out" / "features" / "part-1.parquet"),
+                          synthetic.rows_to_table(rows[half:], descriptor_dtype="float16", metadata=meta16),
+                          row_group_size=8)
+    ix.build_index(str(root / "out"), str(root / "index"), ix.IndexConfig(allow_mixed_models=True))
+    return {"root": root, "index": str(root / "index"), "rows": {r["image_id"]: r for r in rows}}
+
+
+def test_query_by_id_reranks_geometric_matches_to_the_top(collection):
+    engine = qm.QueryEngine(collection["index"])
+    query = engine.query_from_id("q")
+    np.testing.assert_allclose(query.local.locations, collection["rows"]["q"]["locations"], atol=1e-4)
+    result = engine.search([query], k=10, num_to_rerank=10)[0]
+    assert "q" not in result.image_ids  # the query itself is excluded
+    # global order alone: decoys first
+    by_global = [result.image_ids[i] for i in np.argsort(result.global_ranks)]
+    assert by_global[:5] == ["decoy_0", "decoy_1", "decoy_2", "match_a", "match_b"]
+    np.testing.assert_allclose(sorted(result.global_scores, reverse=True)[:5], [0.9, 0.8, 0.7, 0.55, 0.5], atol=1e-5)
+    # after re-ranking: the two geometric matches lead, ordered by inliers
+    assert result.image_ids[:2] == ["match_a", "match_b"]
+    assert result.inliers[0] >= 0.95 * 180 and 0.9 * 90 <= result.inliers[1] < result.inliers[0]
+    assert (result.inliers[2:] < 10).all()
+    assert result.image_ids[2:5] == ["decoy_0", "decoy_1", "decoy_2"]  # ties broken by global score
+    # num_to_rerank=3 verifies only the global top 3 (the decoys): the matches stay where the global score puts them
+    shallow = engine.search([query], k=10, num_to_rerank=3)[0]
+    assert shallow.image_ids[:5] == by_global[:5]
+    # global only
+    flat = engine.search([query], k=10, num_to_rerank=0)[0]
+    assert flat.image_ids == by_global and (flat.inliers == 0).all()
+
+
+def test_reference_ransac_mode_gives_the_same_order(collection):
+    engine = qm.QueryEngine(collection["index"], rerank.RerankConfig(method="reference"))
+    result = engine.search([engine.query_from_id("q")], k=6, num_to_rerank=6)[0]
+    assert result.image_ids[:2] == ["match_a", "match_b"]
+
+
+def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
+    engine = qm.QueryEngine(collection["index"])
+    results = engine.search([engine.query_from_id("q"), engine.query_from_id("match_a", "qa")], k=5, num_to_rerank=5)
+    table = qm.results_table(results)
+    assert table.schema.names == ["query_id", "rank", "image_id", "global_score", "inliers", "final_rank"]
+    assert table.num_rows == 10 and table.column("final_rank").to_pylist() == [1, 2, 3, 4, 5] * 2
+    for name in ("r.parquet", "r.csv"):
+        path = str(tmp_path / name)
+        qm.write_results(table, path)
+        back = qm.read_results(path)
+        assert back.column("image_id").to_pylist() == table.column("image_id").to_pylist()
+        np.testing.assert_allclose(back.column("global_score").to_numpy(), table.column("global_score").to_numpy(),
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match=".parquet or .csv"):
+        qm.write_results(table, str(tmp_path / "r.json"))
+
+
+def test_cli_build_query_file_and_evaluate(collection, tmp_path, capsys):
+    index_dir = str(tmp_path / "idx")
+    assert cli.main(["build", str(collection["root"] / "out"), index_dir, "--kind", "flat",
+                     "--allow-mixed-models"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_indexed"] == 46
+    queries = tmp_path / "queries.csv"
+    queries.write_text("query_id,image_id\nfirst,q\nsecond,match_b\n")
+    out = str(tmp_path / "results.csv")
+    assert cli.main(["query", index_dir, "--queries", str(queries), "--k", "8", "--rerank", "8", "--output", out]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["query_id"] for s in summary] == ["first", "second"]
+    assert summary[0]["results"][0]["image_id"] == "match_a"
+    table = qm.read_results(out)
+    assert set(table.column("query_id").to_pylist()) == {"first", "second"}
+    # GLDv2 evaluation of the same results: for "first" the relevant images are the two matches
+    solution = tmp_path / "solution.csv"
+    solution.write_text("id,images,Usage\nfirst,match_a match_b,Public\nsecond,q,Private\n")
+    assert cli.main(["eval-gldv2", out, str(solution)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["mAP@100 Public"] == pytest.approx(1.0)
+    # bad input: one line on stderr, exit status 2
+    assert cli.main(["query", index_dir, "--id", "no-such-image"]) == 2
+    assert "not in the index" in capsys.readouterr().err
+
+
+def test_plain_query_list_mixes_ids_and_paths(collection, tmp_path):
+    engine = qm.QueryEngine(collection["index"])
+    listing = tmp_path / "q.txt"
+    listing.write_text("q\nmatch_a\n")
+    specs = qm.read_query_file(str(listing))
+    queries = qm.build_queries(engine, specs)
+    assert [q.query_id for q in queries] == ["q", "match_a"] and queries[0].exclude_id == "q"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        qm.read_query_file(str(empty))
+
+
+# --------------------------------------------------------------------------------------------- the real job
+
+
+def _job_images(directory):
+    """Four small photos: two crops of the astronaut, the coffee cup and the camera man (scikit-image data)."""
+    from PIL import Image
+    from skimage import data
+
+    os.makedirs(directory, exist_ok=True)
+    astro = data.astronaut()
+    images = {
+        "astro_a": astro[:300, :300],
+        "astro_b": astro[40:340, 30:330],
+        "coffee": data.coffee()[:300, :300],
+        "camera": np.stack([data.camera()[:300, :300]] * 3, axis=-1),
+    }
+    paths = {}
+    for name, arr in images.items():
+        path = os.path.join(directory, f"{name}.png")
+        Image.fromarray(arr).resize((96, 96)).save(path)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def job_index(tmp_path_factory):
+    from beam_job import cli as job_cli
+
+    root = tmp_path_factory.mktemp("job")
+    paths = _job_images(str(root / "img"))
+    job_cli.run(["--input", str(root / "img" / "*.png"), "--output", str(root / "out"), "--preset", "tiny",
+                 "--no_progress"])
+    report = ix.build_index(str(root / "out"), str(root / "index"))
+    return {"root": root, "paths": paths, "report": report}
+
+
+def test_real_job_shards_feed_an_index_that_answers_queries(job_index):
+    report = job_index["report"]
+    assert report.num_indexed == 4 and report.params["kind"] == "flat"
+    cfg = json.load(open(os.path.join(report.index_dir, "build_config.json")))
+    assert cfg["preset"] == "tiny" and cfg["extraction_config"]["name"] == "tiny"
+    engine = qm.QueryEngine(report.index_dir)
+    ids = list(engine.index.image_ids)
+    assert len(ids) == 4
+    # by id, keeping the query itself: it comes first with cosine 1
+    res = engine.search([engine.query_from_id(ids[0], exclude_self=False)], k=4, num_to_rerank=4)[0]
+    assert res.image_ids[0] == ids[0] and res.global_scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert len(res.image_ids) == 4
+    keys = list(zip(res.inliers.tolist(), res.global_scores.tolist()))
+    assert keys == sorted(keys, reverse=True)  # final order: inliers, then global score
+    # the same scores as a brute-force product of the stored vectors
+    stored = np.stack([engine.index.reconstruct(i) for i in range(4)])
+    np.testing.assert_allclose(np.sort(stored @ stored[0])[::-1][:1], res.global_scores[:1], atol=1e-5)
+
+
+def test_query_image_extracted_on_the_fly_matches_the_job_features(job_index):
+    engine = qm.QueryEngine(job_index["report"].index_dir)
+    path = job_index["paths"]["coffee"]
+    query = engine.query_from_image(path)
+    assert query.query_id == "coffee" and query.global_descriptor.shape == (DIM,)
+    res = engine.search([query], k=4, num_to_rerank=4)[0]
+    top = res.image_ids[int(np.argmin(res.global_ranks))]
+    record = engine.reader.read([engine.index.ref(engine.index.position_of(top))])[0]
+    assert record.path.endswith("coffee.png")
+    assert res.global_scores.max() == pytest.approx(1.0, abs=1e-4)  # same model and preset as the job
+    np.testing.assert_allclose(query.local.locations, record.local.locations, atol=1e-3)
