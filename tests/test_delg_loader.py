@@ -362,13 +362,17 @@ def _save_tf1_toy(path, outputs=("boxes", "features", "scales", "scores", "globa
         gsi = tf.compat.v1.placeholder(tf.int32, [None], name="input_global_scales_ind")
         values = _toy_outputs(image, scales)
         values["scores"] = values["scores"] * thres
-        values["global_descriptors"] = tf.gather(values["global_descriptors"], gsi)
+        # Un-frozen variables (resource and legacy ref), as in the official pretrained tarballs.
+        weight = tf.compat.v1.get_variable("weight", initializer=tf.fill([1, 2048], 3.0))
+        bias = tf.compat.v1.Variable(tf.zeros([1, 2048]), name="bias", use_resource=False)
+        values["global_descriptors"] = tf.gather(values["global_descriptors"] * weight + bias, gsi)
         if extra_placeholder:
             foo = tf.compat.v1.placeholder(tf.float32, [], name="foo")
             values["features"] = values["features"] * foo
         for name in outputs:
             tf.identity(values[name], name=name)
         with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
             builder = tf.compat.v1.saved_model.Builder(str(path))
             builder.add_meta_graph_and_variables(sess, ["serve"])
             builder.save()
@@ -397,7 +401,7 @@ def test_tf1_toy_feeds_in_graph_dtypes(tmp_path):
     out = model.run(np.full((12, 12, 3), 2, np.uint8), [1.0, 0.5], 7, 3.0, [1])
     np.testing.assert_array_equal(out["scales"], np.array([1.0, 2.0], np.float32))
     np.testing.assert_array_equal(out["scores"], np.full((2, 1), 3.0, np.float32))
-    np.testing.assert_array_equal(out["global_descriptors"], np.full((1, 2048), 2.0, np.float32))
+    np.testing.assert_array_equal(out["global_descriptors"], np.full((1, 2048), 6.0, np.float32))  # restored weight 3
     with pytest.raises(ValueError, match="uint8"):
         model.run(np.zeros((12, 12), np.uint8), [1.0], 7, 3.0, [0])
 
