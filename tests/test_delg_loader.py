@@ -427,3 +427,17 @@ def test_build_once_threads_race(tmp_path):
         t.join()
     assert len(built) == 1 and results == [target] * 4
     assert sorted(os.listdir(tmp_path)) == ["t", "t.lock"]
+
+
+def test_build_once_removes_leftovers_of_a_killed_builder(tmp_path):
+    target = str(tmp_path / "t")
+    os.makedirs(tmp_path / ".t.tmp-dead1234" / "half")  # what a killed builder leaves behind
+
+    def boom(tmp):
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        build_once(target, boom)
+    assert sorted(os.listdir(tmp_path)) == ["t.lock"]  # the failed build cleaned up too
+    assert build_once(target, lambda tmp: open(os.path.join(tmp, "x"), "w").close()) == target
+    assert os.listdir(target) == ["x"]

@@ -102,9 +102,13 @@ def build_once(target: str, build: Callable[[str], None], *, is_complete: Option
     with _file_lock(target + ".lock"):
         if complete(target):
             return target
-        if os.path.exists(target):  # a half-finished leftover from a crashed, pre-rename builder
+        if os.path.exists(target):  # incomplete (e.g. emptied by hand): rebuild it
             shutil.rmtree(target, ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=parent)
+        prefix = "." + os.path.basename(target) + ".tmp-"
+        for stale in os.listdir(parent):  # left by a builder that was killed; nobody else holds the lock now
+            if stale.startswith(prefix):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         try:
             build(tmp)
             os.rename(tmp, target)
