@@ -118,22 +118,21 @@ def prepare_job(args, beam_args: Sequence[str]):
         raise JobConfigError("the inputs list no image: check the manifests and patterns")
     _check_output_writable(job.output)
     existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
-    if existing and job.overwrite:
-        n = clear_outputs(job)
-        _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
-        existing = False
-    elif existing and not job.skip_existing:
+    if existing and not (job.skip_existing or job.overwrite):
         raise JobConfigError(
             f"{job.output} already holds features/failures shards: pass --skip_existing to resume, "
             "--overwrite to replace them, or another --output"
         )
-    extra["existing_features"] = has_shards(job.features_dir)
     if args.skip_model_check:
         extra["model_identity"] = job.extraction.model or ""
         if not job.extraction.model:
             _check_model(job)
     else:
         extra["model_identity"] = _check_model(job)
+    if existing and job.overwrite:  # only once everything else checked out
+        n = clear_outputs(job)
+        _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
+    extra["existing_features"] = has_shards(job.features_dir)
     return job.replace(**extra), options, local, total
 
 

@@ -97,3 +97,10 @@ def test_failures_table_rerun_as_manifest_retries_exactly_the_failed_images(tmp_
     # The settled failures table no longer lists the images that now have features.
     assert read_rows(str(out / "failures")) is None
     assert retry.summary["cleanup"]["settle"]["removed_rows"] == 2
+
+    # --overwrite starts over: only the new run's shards remain.
+    again = cli.run(["--manifest", str(manifest), "--output", str(out), "--preset", "tiny", "--overwrite",
+                     "--no_progress"])
+    shards = glob.glob(str(out / "features" / "*.parquet"))
+    assert shards and all(again.job.run_id in s for s in shards)
+    assert read_rows(str(out / "features")).num_rows == len(good) + 2

@@ -188,6 +188,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="delg-extract",
         description="Extract DELG global + local features from images into Parquet shards (Apache Beam).",
+        epilog="Other --flags are Apache Beam pipeline options and pass through unchanged (--runner, "
+        "--direct_num_workers, --direct_running_mode, --project, --region, --temp_location, ...). The default "
+        "runner is the offline FnApiRunner. 'delg-extract presets' lists the presets. See docs/pipeline.md.",
         allow_abbrev=False,
     )
     io_group = parser.add_argument_group("inputs and outputs")

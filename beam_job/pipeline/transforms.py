@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
