@@ -69,6 +69,27 @@ def numpy_reference(raw, scale_factors, config, global_pca=None, local_pca=None)
     }
 
 
+def _extract_with_raw(extractor, image):
+    """extractor.extract(image) plus the raw outputs of the model call it made (TF CPU kernels with several
+    threads are not bit-reproducible from call to call, so the reference must see the very same outputs)."""
+    seen = []
+    model = extractor.model
+    real = model._call
+
+    def spy(*args):
+        out = real(*args)
+        seen.append((args, {k: v.copy() for k, v in out.items()}))
+        return out
+
+    model._call = spy
+    try:
+        features = extractor.extract(image)
+    finally:
+        model._call = real
+    assert len(seen) == 1  # one model call per image
+    return features, seen[0][0], seen[0][1]
+
+
 def _check_against_reference(features, raw, prepared, config, gpca=None, lpca=None):
     ref = numpy_reference(raw, prepared.scale_factors, config, gpca, lpca)
     assert features.global_descriptor.shape == ref["global"].shape
@@ -82,11 +103,14 @@ def _check_against_reference(features, raw, prepared, config, gpca=None, lpca=No
 def test_matches_numpy_reference_on_raw_outputs(tf2_model):
     extractor = DelgExtractor(TINY, tf2_model)
     image = _photo(150, 113, seed=1)  # longest side 150 > 96: resized to 96x72, factors (0.64, 0.637...)
-    features = extractor.extract(image)
+    features, args, raw = _extract_with_raw(extractor, image)
     prepared = imaging.prepare_image(image, TINY)
     assert features.processed_hw == (96, 72) and features.original_hw == (150, 113)
     assert features.scale_factors == tuple(prepared.scale_factors)
-    raw = tf2_model.run(prepared.image, TINY.image_scales, TINY.max_feature_num, TINY.score_threshold, TINY.global_scales_ind)
+    # The model got the resized image and the config's values, with the official dtypes.
+    np.testing.assert_array_equal(args[0], prepared.image)
+    np.testing.assert_array_equal(args[1], np.float32([0.70710677, 1.0]))
+    assert args[2:4] == (TINY.max_feature_num, TINY.score_threshold) and list(args[4]) == [0, 1]
     assert features.num_features == raw["boxes"].shape[0] > 0
     _check_against_reference(features, raw, prepared, TINY)
 
@@ -177,10 +201,9 @@ def test_pca_and_whitening_match_numpy(tf2_model, tmp_path):
     )
     extractor = DelgExtractor(config, tf2_model)
     image = _photo(80, 96, seed=5)
-    features = extractor.extract(image)
+    features, _, raw = _extract_with_raw(extractor, image)
     assert features.global_descriptor.shape == (48,) and features.descriptors.shape[1] == 40
     prepared = imaging.prepare_image(image, config)
-    raw = tf2_model.run(prepared.image, config.image_scales, config.max_feature_num, config.score_threshold, config.global_scales_ind)
     _check_against_reference(features, raw, prepared, config, datum.load_pca(config.global_pca), datum.load_pca(config.local_pca))
     assert extractor.extract(_photo(6, 6)).descriptors.shape == (0, 40)
     # PCA files for another descriptor size are refused with a clear message.

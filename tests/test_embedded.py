@@ -48,8 +48,10 @@ def test_two_processes_racing_export_one_valid_model(tmp_path, tmp_path_factory,
     args = (image, [0.70710677, 1.0], 20, 0.0, [0, 1])
     raced = load_delg_model(path).run(*args)
     reference = load_delg_model(tiny_tf2(tmp_path_factory)).run(*args)
-    for key in reference:
-        np.testing.assert_array_equal(raced[key], reference[key])
+    assert set(raced) == set(reference)
+    np.testing.assert_array_equal(raced["boxes"], reference["boxes"])
+    for key in reference:  # same weights; multi-threaded TF CPU kernels may differ in the last bits
+        np.testing.assert_allclose(raced[key], reference[key], rtol=1e-5, atol=1e-6)
 
     # Reused afterwards: the model is not built again.
     from beam_job.delg import keras_model
