@@ -138,3 +138,26 @@ def test_gldv2_only_the_first_100_predictions_count():
     late = [f"n{i}" for i in range(100)] + ["r0"]
     assert ev.gldv2_map_at_k({"q": late}, {"q": {"r0"}}) == 0.0
     assert ev.gldv2_map_at_k({"q": ["n", "r0"]}, {"q": {"r0"}}, max_predictions=1) == 0.0
+
+
+def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
+    from beam_job.retrieval import cli, query
+
+    imlist = [f"im{i}" for i in range(10)]
+    with open(tmp_path / "gnd_t.pkl", "wb") as fh:
+        pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": GND}, fh)
+    out = tmp_path / "queries.csv"
+    assert cli.main(["revisitop-queries", str(tmp_path / "gnd_t.pkl"), "/data/jpg/", str(out)]) == 0
+    assert out.read_text().splitlines() == ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
+    capsys.readouterr()
+    # a results file holding RANKINGS under the query names evaluates to the hand-computed values
+    rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": []}
+    for qname, ranking in zip(["qa", "qb"], RANKINGS):
+        for r, idx in enumerate(ranking):
+            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1]):
+                rows[key].append(val)
+    results = str(tmp_path / "results.parquet")
+    query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
+    assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd_t.pkl")]) == 0
+    text = capsys.readouterr().out
+    assert "medium: mAP=53.47" in text and "hard: mAP=25.00" in text and "easy: mAP=58.33" in text

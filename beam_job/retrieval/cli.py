@@ -4,6 +4,7 @@
   delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100 --rerank 100] --output R.parquet|R.csv
   delg-retrieval eval-revisitop RESULTS gnd_roxford5k.pkl
   delg-retrieval eval-gldv2 RESULTS_OR_SUBMISSION.csv solution.csv
+  delg-retrieval revisitop-queries gnd_roxford5k.pkl IMAGES_DIR queries.csv   (cropped query list)
   delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
   delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
 QUERY is an image id in the index or an image path (local or gs://), extracted with the shards' model.
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("predictions", help="results .parquet/.csv from `query`, or a Kaggle submission CSV (id,images)")
     g.add_argument("solution", help="Kaggle solution CSV (id,images,Usage)")
     g.add_argument("--order", choices=["final_rank", "rank"], default="final_rank")
+
+    r = sub.add_parser("revisitop-queries", help="queries CSV (query_id,path,bbox) for Revisited Oxford/Paris")
+    r.add_argument("gnd", help="gnd_roxford5k.pkl / gnd_rparis6k.pkl (or .mat)")
+    r.add_argument("images", help="folder holding <name>.jpg (local or gs://)")
+    r.add_argument("out", help="CSV to write; feed it to `query --queries`")
 
     d = sub.add_parser("draw-matches", help="PNG of the query and one image with keypoints and RANSAC inliers")
     d.add_argument("index_dir")
@@ -189,6 +195,22 @@ def _cmd_eval_gldv2(args) -> int:
     return 0
 
 
+def _cmd_revisitop_queries(args) -> int:
+    from .evaluate import load_revisitop_gnd
+    from .shards import resolve
+
+    gnd = load_revisitop_gnd(args.gnd)
+    lines = ["query_id,path,bbox"]
+    for name, g in zip(gnd["qimlist"], gnd["gnd"]):
+        bbox = " ".join(f"{v:g}" for v in g["bbx"]) if g["bbx"] is not None else ""
+        lines.append(f"{name},{args.images.rstrip('/')}/{name}.jpg,{bbox}")
+    fs, path = resolve(args.out)
+    with fs.open_output_stream(path) as out:
+        out.write(("\n".join(lines) + "\n").encode())
+    print(json.dumps({"out": args.out, "queries": len(lines) - 1}))
+    return 0
+
+
 def _cmd_draw_matches(args) -> int:
     from .plots import draw_matches
     from .rerank import verify_pair
@@ -228,6 +250,7 @@ COMMANDS = {
     "query": _cmd_query,
     "eval-revisitop": _cmd_eval_revisitop,
     "eval-gldv2": _cmd_eval_gldv2,
+    "revisitop-queries": _cmd_revisitop_queries,
     "draw-matches": _cmd_draw_matches,
     "contact-sheet": _cmd_contact_sheet,
 }

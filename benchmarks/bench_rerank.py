@@ -1,0 +1,119 @@
+"""Benchmark: local re-ranking cost per (query, candidate) pair at 1000 features each.
+
+Times, per pair: descriptor matching (numpy matmul with DELG's threshold; faiss.knn ratio test), RANSAC
+(OpenCV USAC_MAGSAC affine vs the DELG reference skimage affine RANSAC), the whole verify_pair, and fetching
+a candidate's local features from delg_v1 shards (LocalFeatureReader, 100 candidates over 10 shards).
+Synthetic pairs: a known affine warp with 50 %, 20 %, 5 % and 0 % true correspondences.
+
+    python benchmarks/bench_rerank.py [--features 1000] [--repeats 20] [--reference-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+# Per-pair cost on one core (re-ranking parallelises over pairs, not inside one): pin BLAS before numpy loads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from beam_job.retrieval import geometry, index as ix, matching, rerank, shards, synthetic  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def bench_pairs(args) -> list:
+    out = []
+    for fraction in (0.5, 0.2, 0.05, 0.0):
+        p = synthetic.affine_pair(np.random.default_rng(1), args.features, max(fraction, 1e-9))
+        query, cand = rerank.to_local(p.loc_b, p.desc_b), rerank.to_local(p.loc_a, p.desc_a)
+        if fraction == 0.0:  # unrelated geometry, but every descriptor matches: the worst case for RANSAC
+            cand = rerank.to_local(np.random.default_rng(2).random((args.features, 2)) * [768, 1024], p.desc_b)
+        qi, ci = matching.match_descriptors(query.descriptors, cand.descriptors)
+        row = {"true_fraction": fraction, "putative": int(len(qi))}
+        row["match_numpy_ms"] = median_ms(lambda: matching.match_descriptors(query.descriptors, cand.descriptors),
+                                          args.repeats)
+        row["match_ratio_faiss_ms"] = median_ms(
+            lambda: matching.match_descriptors(query.descriptors, cand.descriptors, ratio=0.8), args.repeats)
+        src, dst = cand.locations[ci], query.locations[qi]
+        if fraction == 0.0:
+            src, dst = cand.locations, query.locations
+            row["putative"] = int(len(src))
+        for method, reps in (("opencv", args.repeats), ("reference", args.reference_repeats)):
+            res = geometry.estimate_affine(src, dst, method=method)
+            row[f"ransac_{method}_ms"] = median_ms(lambda: geometry.estimate_affine(src, dst, method=method), reps)
+            row[f"inliers_{method}"] = res.inliers
+        row["verify_pair_opencv_ms"] = median_ms(lambda: rerank.verify_pair(query, cand), args.repeats)
+        out.append(row)
+    return out
+
+
+def bench_fetch(args) -> dict:
+    """Local-feature fetch from Parquet: 100 random candidates spread over 10 shards of 100 images."""
+    rng = np.random.default_rng(3)
+    tmp = tempfile.mkdtemp(prefix="bench-rerank-")
+    try:
+        vecs = synthetic.unit_rows(rng, 1000, 2048)
+        synthetic.write_global_shards(tmp, vecs, 10, rng=rng, local_features=args.features, row_group_size=16)
+        ix.build_index(tmp, os.path.join(tmp, "index"))
+        index = ix.RetrievalIndex.load(os.path.join(tmp, "index"))
+        picks = rng.choice(len(index), 100, replace=False)
+        refs = [index.ref(int(p)) for p in picks]
+        t = time.perf_counter()
+        records = shards.LocalFeatureReader().read(refs)
+        cold = time.perf_counter() - t
+        assert all(r.local.num_features == args.features for r in records)
+        reader = shards.LocalFeatureReader()
+        reader.read(refs[:1])
+        t = time.perf_counter()
+        reader.read(refs)
+        warm = time.perf_counter() - t
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".parquet"))
+        return {"candidates": 100, "shards": 10, "rows_per_row_group": 16, "shard_mb_total": size / 2**20,
+                "fetch_100_cold_ms": 1000 * cold, "fetch_100_open_files_ms": 1000 * warm,
+                "fetch_per_candidate_ms": 1000 * warm / 100}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--features", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--reference-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OpenCV / faiss / BLAS threads")
+    p.add_argument("--out", help="append the JSON result to this file")
+    args = p.parse_args(argv)
+    import cv2
+    import faiss
+
+    cv2.setNumThreads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    result = {"features": args.features, "threads": args.threads, "pairs": bench_pairs(args),
+              "fetch": bench_fetch(args)}
+    text = json.dumps(result, indent=1, default=lambda v: round(v, 3))
+    print(text)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
