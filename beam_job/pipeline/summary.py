@@ -25,6 +25,7 @@ from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.inputs import match_paths
 from beam_job.pipeline.options import JobConfig, join
 from beam_job.pipeline.resume import settle_failures
+from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.pipeline.writer import FAILURES, FEATURES
 from schemas import delg_v1
 
@@ -61,18 +62,15 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _merge_stats(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
-    timings: Dict[str, List[float]] = {}
+    timings: Dict[str, Dict[str, Any]] = {}
     failures: Counter = Counter()
     examples: Dict[str, str] = {}
     models: Counter = Counter()
     keypoints = 0
     for info in infos:
         stats = info["stats"]
-        for stage, (count, total, peak) in stats["timings"].items():
-            entry = timings.setdefault(stage, [0, 0.0, 0.0])
-            entry[0] += count
-            entry[1] += total
-            entry[2] = max(entry[2], peak)
+        for stage, entry in stats["timings"].items():
+            merge_into(timings.setdefault(stage, new_timing()), entry)
         failures.update(stats["failures"])
         for key, example in stats["examples"].items():
             examples.setdefault(key, example)
@@ -111,10 +109,7 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skip
             elapsed = max((t1 - t0).total_seconds(), 1e-3)
         except ValueError:
             elapsed = None
-    timings = {
-        stage: {"count": int(c), "total_ms": round(t, 3), "mean_ms": round(t / c, 3) if c else 0.0, "max_ms": round(m, 3)}
-        for stage, (c, t, m) in sorted(merged["timings"].items())
-    }
+    timings = {stage: describe(entry) for stage, entry in sorted(merged["timings"].items())}
     summary: Dict[str, Any] = {
         "schema_version": delg_v1.SCHEMA_VERSION,
         "job_version": __version__,

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
 from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
@@ -31,6 +30,7 @@ from beam_job.pipeline import progress
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
 from beam_job.pipeline.rows import table_for
+from beam_job.pipeline.stats import StageStats
 from schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,40 +64,6 @@ def shard_schema(kind: str, job: JobConfig, model: str) -> pa.Schema:
         extra={"run_id": job.run_id, "kind": kind},
     )
     return delg_v1.with_metadata(base, meta)
-
-
-class StageStats:
-    """Per-stage timing sums and failure counts of a set of rows (mergeable, JSON-friendly)."""
-
-    def __init__(self) -> None:
-        self.timings: Dict[str, List[float]] = {}  # stage -> [count, total_ms, max_ms]
-        self.failures: Counter = Counter()  # "stage/error_type" -> count
-        self.examples: Dict[str, str] = {}  # "stage/error_type" -> first message seen
-        self.keypoints = 0
-        self.models: Counter = Counter()
-
-    def add(self, kind: str, record: Dict[str, Any], timings: Dict[str, float]) -> None:
-        for stage, ms in timings.items():
-            entry = self.timings.setdefault(stage, [0, 0.0, 0.0])
-            entry[0] += 1
-            entry[1] += ms
-            entry[2] = max(entry[2], ms)
-        if kind == FEATURES:
-            self.keypoints += int(record["num_features"])
-            self.models[record["model"]] += 1
-        else:
-            key = f"{record['stage']}/{record['error_type']}"
-            self.failures[key] += 1
-            self.examples.setdefault(key, f"{record['path']}: {record['message']}"[:300])
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "timings": self.timings,
-            "failures": dict(self.failures),
-            "examples": self.examples,
-            "keypoints": self.keypoints,
-            "models": dict(self.models),
-        }
 
 
 class _OpenShard:
@@ -155,7 +121,6 @@ class WriteShardsFn(beam.DoFn):
         self._shard: Optional[_OpenShard] = None
         self._pending: List[Dict[str, Any]] = []
         self._pending_timings: List[Dict[str, float]] = []
-        self._done: List[Dict[str, Any]] = []
 
     def process(self, element):
         record, timings = element
@@ -202,6 +167,6 @@ class WriteShardsFn(beam.DoFn):
         self._rows.inc(len(shard.ids))
         self._shards.inc()
         _LOGGER.info("wrote %s (%d rows)", final_path, len(shard.ids))
+        shard.stats.add_time("write", write_ms)  # one sample per shard
         stats = shard.stats.to_dict()
-        stats["timings"]["write"] = [len(shard.ids), write_ms, write_ms]
         return {"kind": self._kind, "path": final_path, "rows": len(shard.ids), "stats": stats}
