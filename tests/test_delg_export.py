@@ -11,6 +11,7 @@ from beam_job.delg.keras_model import build_delg
 SCALES = np.array([0.70710677, 1.0], np.float32)
 IND = np.array([1], np.int32)
 LOCAL_FETCHES = ["boxes:0", "features:0", "scales:0", "scores:0"]
+LOCAL_FETCHES_KEYS = ["boxes", "features", "scales", "scores"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,11 @@ def test_tf1_export_full_model_through_prune(tiny, image, expected, tmp_path):
     glob = loaded.prune(["input_image:0", "input_scales:0", "input_global_scales_ind:0"], ["global_descriptors:0"])
     rows = glob(tf.constant(image), tf.constant(SCALES), tf.constant(IND))[0].numpy()
     np.testing.assert_array_equal(rows, expected["global_descriptors"])
+    # And the local outputs alone do not need input_global_scales_ind (official extractor, global features off).
+    local = loaded.prune(["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0"],
+                         LOCAL_FETCHES)
+    out = local(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(7))
+    _assert_equal(dict(zip(["boxes", "features", "scales", "scores"], out)), expected, LOCAL_FETCHES_KEYS)
     assert "serving_default" in loaded.signatures
 
 

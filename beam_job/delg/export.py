@@ -74,6 +74,15 @@ def _frozen_graph(module: DelgExtractionModule):
     if len(names) != len(frozen.outputs):
         raise RuntimeError(f"frozen function has {len(frozen.outputs)} outputs, expected {names}")
     outputs = {name: tensor.name for name, tensor in zip(names, frozen.outputs)}
+    # tf.function makes its return values wait (control edges) on every stateful op, i.e. on both scale loops.
+    # Frozen, nothing is stateful any more; drop those edges so that each output depends only on the inputs
+    # its data needs and `.prune` can fetch the local or the global outputs alone.
+    output_nodes = {tensor_name.split(":")[0] for tensor_name in outputs.values()}
+    for node in graph_def.node:
+        if node.name in output_nodes:
+            data_inputs = [i for i in node.input if not i.startswith("^")]
+            del node.input[:]
+            node.input.extend(data_inputs)
     return graph_def, inputs, outputs
 
 

@@ -12,14 +12,18 @@ Algorithm (the official export's `ExtractLocalAndGlobalFeatures`, re-implemented
      those with prob >= input_abs_thres are kept (the official graph thresholds per scale before
      concatenating: same rows, same order), then `tf.image.non_max_suppression(iou=1.0)` keeps the top
      min(max_feature_num, N) by score, highest first (nothing is actually suppressed at IoU 1).
-     Thresholding after the loop keeps the loop, and so the global output, independent of the local inputs:
-     `.prune` can fetch global_descriptors from input_image + input_scales (+ input_global_scales_ind) only.
   4. Global: block4 -> GeM(p=3) -> Dense 2048 (raw), one row per scale index listed in
      input_global_scales_ind, in increasing scale-index order, duplicates once, out-of-range ignored.
 
-Our departure: block4 + GeM + embedding run ONLY at the requested global scales (a tf.cond per scale), and a
-global-only module runs the trunk only at those scales. `global_at_all_scales=True` runs the global head at
-every scale and discards rows, as the official graph does; the outputs are identical.
+Our departures (outputs as the official graph's):
+  * block4 + GeM + embedding run ONLY at the requested global scales (a tf.cond per scale) on the block3 maps
+    of the local loop, and a global-only module runs the trunk only at those scales.
+    `global_at_all_scales=True` runs the global head at every scale and discards rows, as the official graph
+    does.
+  * Local and global heads run in two separate loops, and the threshold is applied after the local loop.
+    So the local outputs do not depend on input_global_scales_ind and global_descriptors does not depend on
+    input_abs_thres / input_max_feature_num: `.prune` can fetch either alone (the Kaggle notebook fetches
+    global_descriptors from input_image + input_scales only).
 """
 
 from __future__ import annotations
@@ -171,49 +175,55 @@ class DelgExtractionModule(tf.Module):
             size = tf.maximum(size, MIN_LEVEL_SIZE)
             return tf.image.resize(normalized, size)
 
-        def global_row(block3):
-            return tf.reshape(model.forward_global(block3), [-1, embedding_dim])
-
-        def empty_row():
-            return tf.zeros([0, embedding_dim], tf.float32)
-
-        def body(k, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta):
-            scale = scales[k]
-            if self.local:
-                block3 = model.block3(resize(k))
-                prob, desc = model.local_heads(block3)
-                height, width = tf.shape(prob)[1], tf.shape(prob)[2]
-                boxes = receptive_boxes(height, width, scale)
-                scores = tf.reshape(prob, [-1])
-                # Every cell is collected here and thresholded after the loop (same rows, same order), so the
-                # loop -- and a global output computed in it -- does not depend on input_abs_thres.
-                boxes_ta = boxes_ta.write(k, boxes)
-                feats_ta = feats_ta.write(k, tf.reshape(desc, [-1, local_dim]))
-                scores_ta = scores_ta.write(k, scores)
-                scales_ta = scales_ta.write(k, tf.ones_like(scores) / scale)
-                if self.global_:
-                    if self.global_at_all_scales:
-                        row = global_row(block3)
-                    else:
-                        row = tf.cond(wanted[k], lambda: global_row(block3), empty_row)
-                    global_ta = global_ta.write(k, row)
-            else:
-                if self.global_at_all_scales:
-                    row = global_row(model.block3(resize(k)))
-                else:
-                    row = tf.cond(wanted[k], lambda: global_row(model.block3(resize(k))), empty_row)
-                global_ta = global_ta.write(k, row)
-            return k + 1, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta
-
         def array(shape):
             return tf.TensorArray(tf.float32, size=num_scales, element_shape=tf.TensorShape(shape),
                                   infer_shape=False)
 
-        loop_vars = (tf.constant(0), array([None, 4]), array([None, local_dim]), array([None]), array([None]),
-                     array([None, embedding_dim]))
-        _, boxes_ta, feats_ta, scales_ta, scores_ta, global_ta = tf.while_loop(
-            lambda k, *_: k < num_scales, body, loop_vars, parallel_iterations=1
-        )
+        def loop(body, arrays):
+            return tf.while_loop(lambda k, *_: k < num_scales, body, (tf.constant(0),) + tuple(arrays),
+                                 parallel_iterations=1)[1:]
+
+        # Loop 1, local: trunk + attention + descriptors at every scale. Every cell is collected and thresholded
+        # after the loop (same rows, same order as the official per-scale threshold), so this loop depends on
+        # input_image and input_scales only. The block3 maps are kept for the global head (about 25 MB for R50
+        # at 768x1024 over the 7 official scales).
+        def local_body(k, boxes_ta, feats_ta, scales_ta, scores_ta, block3_ta):
+            scale = scales[k]
+            block3 = model.block3(resize(k))
+            prob, desc = model.local_heads(block3)
+            scores = tf.reshape(prob, [-1])
+            boxes_ta = boxes_ta.write(k, receptive_boxes(tf.shape(prob)[1], tf.shape(prob)[2], scale))
+            feats_ta = feats_ta.write(k, tf.reshape(desc, [-1, local_dim]))
+            scores_ta = scores_ta.write(k, scores)
+            scales_ta = scales_ta.write(k, tf.ones_like(scores) / scale)
+            if self.global_:
+                block3_ta = block3_ta.write(k, block3)
+            return k + 1, boxes_ta, feats_ta, scales_ta, scores_ta, block3_ta
+
+        if self.local:
+            boxes_ta, feats_ta, scales_ta, scores_ta, block3_ta = loop(
+                local_body,
+                (array([None, 4]), array([None, local_dim]), array([None]), array([None]),
+                 array([1, None, None, int(model.arch.block3_channels)])),
+            )
+
+        # Loop 2, global: block4 + GeM + embedding at the wanted scales only (all scales with
+        # global_at_all_scales), from loop 1's block3 maps, or from the image when there is no local head.
+        # Being a separate loop, the local outputs do not depend on input_global_scales_ind and the global
+        # output does not depend on the local inputs: `.prune` works for either output alone.
+        def global_body(k, global_ta):
+            def row():
+                block3 = block3_ta.read(k) if self.local else model.block3(resize(k))
+                return tf.reshape(model.forward_global(block3), [-1, embedding_dim])
+
+            if self.global_at_all_scales:
+                value = row()
+            else:
+                value = tf.cond(wanted[k], row, lambda: tf.zeros([0, embedding_dim], tf.float32))
+            return k + 1, global_ta.write(k, value)
+
+        if self.global_:
+            (global_ta,) = loop(global_body, (array([None, embedding_dim]),))
 
         outputs: Dict[str, tf.Tensor] = {}
         if self.local:
