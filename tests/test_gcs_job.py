@@ -16,6 +16,7 @@ from PIL import Image
 # (name, height, width): small photos-like images of different sizes and formats; the tiny preset caps at 96 px.
 IMAGES = [("a.jpg", 72, 96), ("b.png", 120, 80), ("c.jpg", 50, 64), ("sub dir é.jpg", 96, 96)]
 BROKEN = "broken.jpg"  # a truncated JPEG: one failure row (stage decode) in both runs
+RUNNER_ARGS = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
 FEATURE_ARRAYS = ("global_descriptor", "locations", "scales", "attention", "descriptors")
 FEATURE_SCALARS = ("original_height", "original_width", "processed_height", "processed_width", "num_features", "preset")
 
@@ -145,9 +146,14 @@ def test_gs_input_output_and_model_give_the_same_rows_as_local(local_inputs, gcs
     assert _upload_tree(gcs_bucket, str(images), "images") == len(IMAGES) + 1
     assert _upload_tree(gcs_bucket, model_dir, "models/tiny") >= 3  # saved_model.pb + variables
 
-    local = _run_job(["--input", str(images / "*"), "--output", str(tmp_path / "out"), "--model", model_dir])
-    remote = _run_job(["--input", f"gs://{bucket}/images/*", "--output", f"gs://{bucket}/delg/run1",
-                       "--model", f"gs://{bucket}/models/tiny"])
+    # Inputs: a glob for the JPEGs plus a plain-text manifest for the PNG, both on gs:// (resp. local).
+    png = next(name for name, _, _ in IMAGES if name.endswith(".png"))
+    (tmp_path / "list.txt").write_text(f"{images / png}\n")
+    gcs_bucket.blob("lists/list.txt").upload_from_string(f"gs://{bucket}/images/{png}\n")
+    local = _run_job(["--input", str(images / "*.jpg"), "--manifest", str(tmp_path / "list.txt"),
+                      "--output", str(tmp_path / "out"), "--model", model_dir] + RUNNER_ARGS)
+    remote = _run_job(["--input", f"gs://{bucket}/images/*.jpg", "--manifest", f"gs://{bucket}/lists/list.txt",
+                       "--output", f"gs://{bucket}/delg/run1", "--model", f"gs://{bucket}/models/tiny"] + RUNNER_ARGS)
 
     for outcome in (local, remote):
         counts = outcome.summary["counts"]
