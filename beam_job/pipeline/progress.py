@@ -20,6 +20,7 @@ from typing import Dict, Optional
 
 _LOGGER = logging.getLogger(__name__)
 _MIN_WRITE_INTERVAL_S = 1.0
+_HEARTBEAT_S = 60.0
 
 
 class ProgressReporter:
@@ -94,7 +95,8 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="delg-progress", daemon=True)
         self._start = time.monotonic()
-        self._last_line = ""
+        self._last_counts: Optional[Dict[str, int]] = None
+        self._last_time = 0.0
 
     def __enter__(self) -> "ProgressMonitor":
         self._start = time.monotonic()
@@ -111,7 +113,9 @@ class ProgressMonitor:
             self._log()
 
     def _log(self, final: bool = False) -> None:
-        line = format_progress(read_progress(self._dir), self._total, time.monotonic() - self._start)
-        if final or line != self._last_line:
-            _LOGGER.info(line)
-            self._last_line = line
+        """Log when the counts changed, at the end, and at least once a minute as a heartbeat."""
+        counts = read_progress(self._dir)
+        now = time.monotonic()
+        if final or counts != self._last_counts or now - self._last_time >= _HEARTBEAT_S:
+            _LOGGER.info(format_progress(counts, self._total, now - self._start))
+            self._last_counts, self._last_time = counts, now
