@@ -38,28 +38,35 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * float(np.median(times))
 
 
+def make_pair(rng, n: int, fraction: float):
+    """Query and candidate with n features each; every descriptor has a match (so there are n putative
+    matches), but only the first fraction * n sit at affine-warped locations: the rest are outliers."""
+    p = synthetic.affine_pair(rng, n, 1.0)
+    n_true = int(round(fraction * n))
+    loc_b = p.loc_b.copy()
+    loc_b[n_true:] = rng.random((n - n_true, 2)) * [768, 1024]
+    return rerank.to_local(loc_b, p.desc_b), rerank.to_local(p.loc_a, p.desc_a), n_true
+
+
 def bench_pairs(args) -> list:
     out = []
     for fraction in (0.5, 0.2, 0.05, 0.0):
-        p = synthetic.affine_pair(np.random.default_rng(1), args.features, max(fraction, 1e-9))
-        query, cand = rerank.to_local(p.loc_b, p.desc_b), rerank.to_local(p.loc_a, p.desc_a)
-        if fraction == 0.0:  # unrelated geometry, but every descriptor matches: the worst case for RANSAC
-            cand = rerank.to_local(np.random.default_rng(2).random((args.features, 2)) * [768, 1024], p.desc_b)
+        query, cand, n_true = make_pair(np.random.default_rng(1), args.features, fraction)
         qi, ci = matching.match_descriptors(query.descriptors, cand.descriptors)
-        row = {"true_fraction": fraction, "putative": int(len(qi))}
+        row = {"true_fraction": fraction, "putative": int(len(qi)), "true_inliers": n_true}
         row["match_numpy_ms"] = median_ms(lambda: matching.match_descriptors(query.descriptors, cand.descriptors),
                                           args.repeats)
         row["match_ratio_faiss_ms"] = median_ms(
             lambda: matching.match_descriptors(query.descriptors, cand.descriptors, ratio=0.8), args.repeats)
         src, dst = cand.locations[ci], query.locations[qi]
-        if fraction == 0.0:
-            src, dst = cand.locations, query.locations
-            row["putative"] = int(len(src))
         for method, reps in (("opencv", args.repeats), ("reference", args.reference_repeats)):
             res = geometry.estimate_affine(src, dst, method=method)
             row[f"ransac_{method}_ms"] = median_ms(lambda: geometry.estimate_affine(src, dst, method=method), reps)
             row[f"inliers_{method}"] = res.inliers
-        row["verify_pair_opencv_ms"] = median_ms(lambda: rerank.verify_pair(query, cand), args.repeats)
+        for method in ("opencv", "reference"):
+            reps = args.repeats if method == "opencv" else args.reference_repeats
+            config = rerank.RerankConfig(method=method)
+            row[f"verify_pair_{method}_ms"] = median_ms(lambda: rerank.verify_pair(query, cand, config), reps)
         out.append(row)
     return out
 

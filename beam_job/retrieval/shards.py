@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
@@ -331,7 +332,8 @@ class LocalFeatureReader:
 
     COLUMNS = ["image_id", "path", "original_height", "original_width", GLOBAL_COLUMN, "locations", "descriptors"]
 
-    def __init__(self) -> None:
+    def __init__(self, max_workers: int = 4) -> None:
+        self.max_workers = max_workers
         self._files: Dict[str, pq.ParquetFile] = {}
         self._rg_starts: Dict[str, np.ndarray] = {}
         self._local_dims: Dict[str, int] = {}
@@ -348,34 +350,49 @@ class LocalFeatureReader:
         return self._files[uri], self._rg_starts[uri]
 
     def read(self, refs: Sequence[Tuple[str, int]]) -> List[ImageRecord]:
-        """Records for (shard_uri, row) pairs, in the order given."""
+        """Records for (shard_uri, row) pairs, in the order given. Shards are read in parallel threads
+        (pyarrow decodes without the GIL); row groups of one shard are read one after the other."""
         out: List[Optional[ImageRecord]] = [None] * len(refs)
-        groups: Dict[Tuple[str, int], List[Tuple[int, int]]] = {}
+        per_shard: Dict[str, Dict[int, List[Tuple[int, int]]]] = {}
         for pos, (uri, row) in enumerate(refs):
-            pf, starts = self._open(uri)
+            _, starts = self._open(uri)
             if not 0 <= row < starts[-1]:
                 raise ValueError(f"row {row} out of range for {uri} ({starts[-1]} rows): rebuild the index")
             rg = int(np.searchsorted(starts, row, side="right") - 1)
-            groups.setdefault((uri, rg), []).append((pos, int(row - starts[rg])))
-        for (uri, rg), items in groups.items():
-            pf, _ = self._open(uri)
-            names = [c for c in self.COLUMNS if c in pf.schema_arrow.names]
-            table, self._files[uri] = read_row_group(uri, pf, rg, names)
-            table = table.take(pa.array([r for _, r in items], pa.int64()))
-            loc_off, locs = _nested_to_numpy(table.column("locations"), 2)
-            desc_off, descs = _nested_to_numpy(table.column("descriptors"), self._local_dims[uri])
-            gcol = table.column(GLOBAL_COLUMN).combine_chunks()
-            ids = table.column("image_id").to_pylist()
-            paths = table.column("path").to_pylist() if "path" in names else [""] * len(items)
-            heights = table.column("original_height").to_pylist() if "original_height" in names else [0] * len(items)
-            widths = table.column("original_width").to_pylist() if "original_width" in names else [0] * len(items)
-            for j, (pos, _) in enumerate(items):
-                g = gcol[j]
-                gvec = np.asarray(g.values.to_numpy(zero_copy_only=False), np.float32) if g.is_valid else None
-                if gvec is None or np.isnan(gvec).any() or gvec.size == 0:
-                    gvec = np.zeros((0,), np.float32)
-                local = LocalFeatures(
-                    locations=locs[loc_off[j] : loc_off[j + 1]], descriptors=descs[desc_off[j] : desc_off[j + 1]]
-                )
-                out[pos] = ImageRecord(ids[j], paths[j], (int(heights[j]), int(widths[j])), gvec, local)
+            per_shard.setdefault(uri, {}).setdefault(rg, []).append((pos, int(row - starts[rg])))
+
+        def shard_task(uri: str) -> List[Tuple[int, ImageRecord]]:
+            return [rec for rg, items in per_shard[uri].items() for rec in self._read_group(uri, rg, items)]
+
+        if len(per_shard) > 1 and self.max_workers > 1:
+            with ThreadPoolExecutor(max_workers=min(self.max_workers, len(per_shard))) as pool:
+                results = list(pool.map(shard_task, per_shard))
+        else:
+            results = [shard_task(uri) for uri in per_shard]
+        for chunk in results:
+            for pos, record in chunk:
+                out[pos] = record
         return out  # type: ignore[return-value]
+
+    def _read_group(self, uri: str, rg: int, items: List[Tuple[int, int]]) -> List[Tuple[int, ImageRecord]]:
+        pf = self._files[uri]
+        names = [c for c in self.COLUMNS if c in pf.schema_arrow.names]
+        table, self._files[uri] = read_row_group(uri, pf, rg, names)
+        table = table.take(pa.array([r for _, r in items], pa.int64()))
+        loc_off, locs = _nested_to_numpy(table.column("locations"), 2)
+        desc_off, descs = _nested_to_numpy(table.column("descriptors"), self._local_dims[uri])
+        gcol = table.column(GLOBAL_COLUMN).combine_chunks()
+        n = len(items)
+        ids = table.column("image_id").to_pylist()
+        paths = table.column("path").to_pylist() if "path" in names else [""] * n
+        heights = table.column("original_height").to_pylist() if "original_height" in names else [0] * n
+        widths = table.column("original_width").to_pylist() if "original_width" in names else [0] * n
+        records = []
+        for j, (pos, _) in enumerate(items):
+            g = gcol[j]
+            gvec = np.asarray(g.values.to_numpy(zero_copy_only=False), np.float32) if g.is_valid else None
+            if gvec is None or gvec.size == 0 or np.isnan(gvec).any() or not gvec.any():
+                gvec = np.zeros((0,), np.float32)
+            local = LocalFeatures(locs[loc_off[j] : loc_off[j + 1]], descs[desc_off[j] : desc_off[j + 1]])
+            records.append((pos, ImageRecord(ids[j], paths[j], (int(heights[j]), int(widths[j])), gvec, local)))
+        return records
