@@ -94,3 +94,12 @@ def test_beam_flags_pass_through_and_default_runner_is_offline():
     assert beam_args == ["--direct_num_workers=2", "--direct_running_mode", "multi_processing"]
     assert with_default_runner(beam_args)[-1] == "--runner=FnApiRunner"
     assert with_default_runner(["--runner=DataflowRunner"]) == ["--runner=DataflowRunner"]
+
+
+def test_pipeline_layer_does_not_import_tensorflow():
+    code = ("import sys, beam_job.cli, beam_job.pipeline.pipeline, beam_job.pipeline.handler; "
+            "from beam_job.pipeline.pipeline import build_pipeline; "
+            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
