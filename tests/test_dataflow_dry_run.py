@@ -161,3 +161,11 @@ def test_env_file_is_read(tmp_path):
     proc = _run(_offline_env(tmp_path, DRY_RUN="1", ENV_FILE=str(env_file)), timeout=60)
     # Read from the file: the GPU/machine mismatch it contains is reported.
     assert proc.returncode == 2 and "needs a G2 MACHINE_TYPE (e.g. g2-standard-8), got 'n2-standard-8'" in proc.stderr
+
+
+def test_official_preset_without_model_fails_before_building(tmp_path):
+    """The job's own validation runs in the dry run too: an official preset needs MODEL."""
+    proc = _run(_offline_env(tmp_path, DRY_RUN="1", PRESET="r50_gldv2clean"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "preset 'r50_gldv2clean' has no model: pass --model" in proc.stderr
+    assert "Traceback" not in proc.stderr
