@@ -169,3 +169,11 @@ def test_official_preset_without_model_fails_before_building(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "preset 'r50_gldv2clean' has no model: pass --model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_beam_option_validation_error_is_one_line(tmp_path):
+    proc = _run(_offline_env(tmp_path, DRY_RUN="1", PROJECT="p"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("delg-extract: error:")]
+    assert len(errors) == 1 and "Invalid Project ID (p)" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
