@@ -290,3 +290,40 @@ def test_model_loaded_once_per_worker_process(tmp_path, mode, workers, loads, sh
         ordered = table.sort_by("image_id").filter(table.sort_by("image_id").column("num_features").to_numpy() > 0)
         np.testing.assert_array_equal(np.asarray(first, np.float32),
                                       np.asarray(ordered.column("descriptors")[0].as_py()[0], np.float16).astype(np.float32))
+
+
+class _FailsOnOneImage:
+    """Mixin for DelgModelHandler: the model call raises for the image whose id is 'boom' (the real model
+    runs for every other image), to exercise RunInference's dead-letter output."""
+
+    def run_inference(self, batch, model, inference_args=None):
+        if any(task.image_id == "boom" for task in batch):
+            raise RuntimeError("model call failed on boom")
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_inference_failures_become_failure_rows(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beam_job.pipeline.handler import DelgModelHandler
+    from beam_job.pipeline.options import JobConfig
+    from beam_job.pipeline.transforms import ExtractFeatures
+
+    class FailingHandler(_FailsOnOneImage, DelgModelHandler):
+        pass
+
+    good = sorted(make_good_images(str(tmp_path / "img"), n_rgb=2))
+    job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
+                    extraction=get_preset("tiny"), model_identity="embedded:tiny")
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        pairs = p | beam.Create([("boom", good[0]), ("fine", good[1])])
+        out = pairs | ExtractFeatures(job, FailingHandler(job.extraction))
+        failures = out["failures"] | "FailureFields" >> beam.Map(
+            lambda e: (e[0]["image_id"], e[0]["path"], e[0]["stage"], e[0]["error_type"], e[0]["message"],
+                       sorted(e[1])))
+        assert_that(failures, equal_to([("boom", good[0], "inference", "RuntimeError", "model call failed on boom",
+                                         ["decode", "read"])]), label="CheckFailures")
+        ids = out["features"] | "FeatureIds" >> beam.Map(lambda e: (e[0]["image_id"], e[0]["path"]))
+        assert_that(ids, equal_to([("fine", good[1])]), label="CheckFeatures")

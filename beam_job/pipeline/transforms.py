@@ -271,16 +271,18 @@ class ExtractFeatures(beam.PTransform):
     InferenceFailures.
     """
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, model_handler: Optional[DelgModelHandler] = None):
+        """model_handler: the unkeyed handler to use (default: DelgModelHandler for job.extraction)."""
         super().__init__()
         self._job = job
+        self._handler = model_handler or DelgModelHandler(
+            job.extraction, share_across_processes=job.share_model_across_processes)
 
     def expand(self, pairs):
         job = self._job
         read = pairs | "ReadBytes" >> beam.ParDo(ReadBytesFn(job)).with_outputs(FAILED, main="ok")
         decoded = read.ok | "DecodeAndResize" >> beam.ParDo(DecodeAndResizeFn(job)).with_outputs(FAILED, main="ok")
-        handler = KeyedModelHandler(
-            DelgModelHandler(job.extraction, share_across_processes=job.share_model_across_processes))
+        handler = KeyedModelHandler(self._handler)
         predictions, dlq = (decoded.ok
                             | "RunInference" >> RunInference(handler).with_exception_handling())
         rows = predictions | "ToRows" >> beam.ParDo(ToRowsFn(job)).with_outputs(FAILED, main="ok")
