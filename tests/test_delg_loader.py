@@ -99,6 +99,21 @@ def test_tf1_export_matches_tf2(tmp_path_factory):
     np.testing.assert_allclose(one, tf1["global_descriptors"][1:], rtol=1e-5, atol=1e-5)
 
 
+def test_tf1_export_driven_like_the_official_extractor(tmp_path_factory):
+    """The official extractor's TF1 path: prune with feeds in ITS order (thres before max_feature_num), positional call."""
+    path = tiny_tf1(tmp_path_factory)
+    pruned = tf.saved_model.load(path).prune(
+        ["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0", "input_global_scales_ind:0"],
+        ["boxes:0", "features:0", "scales:0", "scores:0", "global_descriptors:0"],
+    )
+    image = _image()
+    official = [t.numpy() for t in pruned(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(50), tf.constant(GSI))]
+    ours = _run(cached_model(path))
+    for name, value in zip(["boxes", "features", "scales", "scores", "global_descriptors"], official):
+        np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(ours["boxes"], official[0])
+
+
 def test_tf1_local_only_and_global_only(tmp_path_factory):
     full = _run(cached_model(tiny_tf1(tmp_path_factory)))
     local = cached_model(tiny_tf1(tmp_path_factory, "local"))
