@@ -118,6 +118,9 @@ class WriteShardsFn(beam.DoFn):
         ensure_dir(self._job.features_dir if self._kind == FEATURES else self._job.failures_dir)
 
     def start_bundle(self):
+        stale = getattr(self, "_shard", None)
+        if stale is not None:  # left open by a failed bundle on this instance
+            stale.abandon()
         self._shard: Optional[_OpenShard] = None
         self._pending: List[Dict[str, Any]] = []
         self._pending_timings: List[Dict[str, float]] = []
