@@ -114,6 +114,11 @@ def prepare_job(args, beam_args: Sequence[str]):
         total = check_inputs(job.inputs, job.manifests, count=local)
     except ValueError as exc:
         raise JobConfigError(_first_line(exc)) from None
+    except OSError as exc:  # BeamIOError and friends: storage unreachable, no credentials, no permission
+        raise JobConfigError(
+            f"cannot list the inputs ({_first_line(exc)}): check the paths and your storage credentials "
+            "(gcloud auth application-default login)"
+        ) from None
     if local and total == 0:
         raise JobConfigError("the inputs list no image: check the manifests and patterns")
     _check_output_writable(job.output)

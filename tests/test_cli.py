@@ -52,6 +52,10 @@ def test_config_errors_are_one_line_before_launch(tmp_path, image_dir, capsys):
     _fails_with(capsys, ["--input", str(image_dir / "*.png"), "--output", out, "--preset", "tiny"], "matches no file")
     _fails_with(capsys, ["--manifest", str(tmp_path / "none.csv"), "--output", out, "--preset", "tiny"],
                 "does not exist")
+    unreadable = tmp_path / "a_directory"
+    unreadable.mkdir()  # listing it raises an OSError (as an unreachable bucket does), not a traceback
+    _fails_with(capsys, ["--manifest", str(unreadable), "--output", out, "--preset", "tiny"],
+                "cannot list the inputs", "credentials")
     assert not os.path.exists(out)  # nothing was launched or written
 
 
