@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_job.retrieval import cli, geometry, index as ix, plots, rerank, synthetic
+from beam_job.retrieval import cli, geometry, index as ix, plots, synthetic
 
 GRAY = (128, 128, 128)
 

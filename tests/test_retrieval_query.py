@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from beam_job.retrieval import cli, index as ix, query as qm, rerank, synthetic

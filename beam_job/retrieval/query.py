@@ -44,7 +44,7 @@ class Query:
     """One query: global descriptor (D,) float32 unit vector; local features (may be None: no re-ranking).
 
     exclude_id: an image id to drop from the results (the query itself when it comes from the index).
-    image_hw: (height, width) of the query image in pixels, when known (for pictures).
+    source: the image URI (shard `path` column for indexed images), for pictures.
     """
 
     query_id: str
