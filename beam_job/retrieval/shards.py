@@ -181,13 +181,13 @@ def read_row_group(uri: str, pf: pq.ParquetFile, rg: int, columns: Sequence[str]
 
     Returns (table, the ParquetFile to keep using)."""
     try:
-        return pf.read_row_group(rg, columns=list(columns)), pf
+        return pf.read_row_group(rg, columns=list(columns), use_threads=False), pf
     except pa.ArrowInvalid as err:
         if not _is_null_fixed_list_error(err):
             raise
         logger.debug("%s: null fixed_size_list entries; reading with Parquet types (apache/arrow#35692)", uri)
         pf = open_parquet(uri, ignore_arrow_schema=True)
-        return pf.read_row_group(rg, columns=list(columns)), pf
+        return pf.read_row_group(rg, columns=list(columns), use_threads=False), pf
 
 
 def shard_info(uri: str, parquet_file: Optional[pq.ParquetFile] = None) -> ShardInfo:
