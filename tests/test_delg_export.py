@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_job.delg.export import export_tf1, export_tf2
+from beam_job.delg.export import export_tf2
 from beam_job.delg.graph import DelgExtractionModule
 from beam_job.delg.keras_model import build_delg
+from test_delg_loader import tiny_tf1, tiny_tf2  # exports built once per session, shared with the loader tests
 
 SCALES = np.array([0.70710677, 1.0], np.float32)
 IND = np.array([1], np.int32)
@@ -16,7 +17,7 @@ LOCAL_FETCHES_KEYS = ["boxes", "features", "scales", "scores"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_delg("tiny", seed=5)
+    return build_delg("tiny", seed=0)  # the weights of the shared exports
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def expected(tiny, image):
 
 
 @pytest.fixture(scope="module")
-def tf2_path(tiny, tmp_path_factory):
-    return export_tf2(tiny, tmp_path_factory.mktemp("tf2") / "model")
+def tf2_path(tmp_path_factory):
+    return tiny_tf2(tmp_path_factory)
 
 
 def _assert_equal(outputs, expected, keys):
@@ -77,8 +78,8 @@ def test_tf2_export_outputs_equal_the_module(tf2_path, image, expected):
     _assert_equal(positional, expected, expected.keys())
 
 
-def test_tf1_export_full_model_through_prune(tiny, image, expected, tmp_path):
-    path = export_tf1(tiny, tmp_path / "tf1")
+def test_tf1_export_full_model_through_prune(image, expected, tmp_path_factory):
+    path = tiny_tf1(tmp_path_factory, "full")
     loaded = tf.saved_model.load(path)
     # Exactly as the official extractor drives a TF1 model (feeds and fetch order of MakeExtractor).
     fn = loaded.prune(
@@ -101,8 +102,8 @@ def test_tf1_export_full_model_through_prune(tiny, image, expected, tmp_path):
     assert "serving_default" in loaded.signatures
 
 
-def test_tf1_local_only_and_global_only_variants(tiny, image, expected, tmp_path):
-    local = tf.saved_model.load(export_tf1(tiny, tmp_path / "local", global_=False))
+def test_tf1_local_only_and_global_only_variants(image, expected, tmp_path_factory):
+    local = tf.saved_model.load(tiny_tf1(tmp_path_factory, "local"))
     fn = local.prune(["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0"],
                      LOCAL_FETCHES)
     out = fn(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(7))
@@ -111,7 +112,7 @@ def test_tf1_local_only_and_global_only_variants(tiny, image, expected, tmp_path
     with pytest.raises((KeyError, ValueError)):
         local.prune(["input_image:0", "input_scales:0"], ["global_descriptors:0"])
 
-    glob = tf.saved_model.load(export_tf1(tiny, tmp_path / "global", local=False))
+    glob = tf.saved_model.load(tiny_tf1(tmp_path_factory, "global"))
     fn = glob.prune(["input_image:0", "input_scales:0", "input_global_scales_ind:0"], ["global_descriptors:0"])
     rows = fn(tf.constant(image), tf.constant(SCALES), tf.constant(IND))[0].numpy()
     np.testing.assert_array_equal(rows, expected["global_descriptors"])
@@ -119,8 +120,8 @@ def test_tf1_local_only_and_global_only_variants(tiny, image, expected, tmp_path
         glob.prune(["input_image:0", "input_scales:0"], ["boxes:0"])
 
 
-def test_tf1_kaggle_variant_global_depends_only_on_image_and_scales(tiny, image, expected, tmp_path):
-    loaded = tf.saved_model.load(export_tf1(tiny, tmp_path / "kaggle", global_scales_input=False))
+def test_tf1_kaggle_variant_global_depends_only_on_image_and_scales(image, expected, tmp_path_factory):
+    loaded = tf.saved_model.load(tiny_tf1(tmp_path_factory, "kaggle"))
     # The Kaggle 2020 baseline notebook's two calls.
     glob = loaded.prune(["input_image:0", "input_scales:0"], ["global_descriptors:0"])
     rows = glob(tf.constant(image), tf.constant(SCALES))[0].numpy()
