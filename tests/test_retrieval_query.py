@@ -226,3 +226,23 @@ def test_query_image_extracted_on_the_fly_matches_the_job_features(job_index):
     assert record.path.endswith("coffee.png")
     assert res.global_scores.max() == pytest.approx(1.0, abs=1e-4)  # same model and preset as the job
     np.testing.assert_allclose(query.local.locations, record.local.locations, atol=1e-3)
+
+
+def test_cropped_query_follows_the_reference_resize_factor(job_index, tmp_path):
+    """A query box (Revisited Oxford/Paris style) shrinks the max_image_size cap by crop side / image side."""
+    from PIL import Image
+    from skimage import data
+
+    engine = qm.QueryEngine(job_index["report"].index_dir)
+    full = data.chelsea()[:160, :240]  # 160x240, larger than the tiny preset's 96 px cap
+    path = str(tmp_path / "q.png")
+    Image.fromarray(full).save(path)
+    query = engine.query_from_image(path, "q", bbox_xyxy=[0, 0, 120, 80])  # x1 y1 x2 y2: an 80x120 crop
+    extractor = engine.extractor()
+    crop = full[0:80, 0:120]
+    expected = extractor.extract(crop, resize_factor=120 / 240)  # cap 96 * 0.5 = 48 px
+    assert expected.processed_hw == (32, 48)
+    np.testing.assert_allclose(query.global_descriptor, expected.global_descriptor, atol=1e-5)
+    uncapped = extractor.extract(crop)  # without the factor the crop would be fed at 64x96
+    assert uncapped.processed_hw == (64, 96)
+    assert not np.allclose(query.global_descriptor, uncapped.global_descriptor, atol=1e-3)

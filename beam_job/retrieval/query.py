@@ -108,20 +108,28 @@ class QueryEngine:
 
     def query_from_image(self, uri: str, query_id: Optional[str] = None,
                          bbox_xyxy: Optional[Sequence[float]] = None) -> Query:
-        """Extract a query image (local path or gs://). bbox_xyxy: optional crop [x1, y1, x2, y2] in pixels
-        (the Revisited Oxford/Paris query boxes); locations stay in the crop's pixel frame."""
+        """Extract a query image (local path or gs://); locations stay in the (cropped) image's pixel frame.
+
+        bbox_xyxy: optional crop [x1, y1, x2, y2] in stored pixels (the Revisited Oxford/Paris query boxes).
+        With a box we follow the reference query extraction: no EXIF rotation (the boxes refer to the
+        stored pixels), crop at the rounded box, and resize_factor = max(crop side) / max(original side), so
+        the max_image_size cap shrinks in proportion to the crop.
+        """
         from beam_job.imaging import decode_image
 
         extractor = self.extractor()
         config = extractor.config
-        image = decode_image(read_bytes(uri), apply_exif_orientation=config.apply_exif_orientation,
-                             max_pixels=config.max_image_pixels)
+        exif = config.apply_exif_orientation and bbox_xyxy is None
+        image = decode_image(read_bytes(uri), apply_exif_orientation=exif, max_pixels=config.max_image_pixels)
+        resize_factor = 1.0
         if bbox_xyxy is not None:
             x1, y1, x2, y2 = (int(round(v)) for v in bbox_xyxy)
+            original_side = max(image.shape[:2])
             image = image[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)]
             if image.size == 0:
                 raise ValueError(f"bounding box {list(bbox_xyxy)} is empty for {uri}")
-        feats = extractor.extract(image)
+            resize_factor = max(image.shape[:2]) / original_side
+        feats = extractor.extract(image, resize_factor=resize_factor)
         if not feats.has_global:
             raise ValueError(f"{uri}: the model gave no global descriptor (image too small?)")
         local = LocalFeatures(feats.locations, feats.descriptors) if feats.num_features else None
