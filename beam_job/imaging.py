@@ -258,10 +258,7 @@ def decode_image(
     """
     _check_limit_argument(max_pixels)
     _warn_if_truncated_images_allowed()
-    data = _as_bytes(data)
-    if not data:
-        raise ImageDecodeError("empty image data (0 bytes): the file is empty or was not read")
-    img = _open_lazy(data)
+    img = _open_header(data)
     try:
         width, height = img.size
         if width <= 0 or height <= 0:
@@ -289,16 +286,21 @@ def decode_image(
     return pixels
 
 
+def _open_header(data) -> ImageFile.ImageFile:
+    """Bytes -> a lazily opened Pillow image (header parsed, no pixels decoded); ImageDecodeError if empty/unknown."""
+    data = _as_bytes(data)
+    if not data:
+        raise ImageDecodeError("empty image data (0 bytes): the file is empty or was not read")
+    return _open_lazy(data)
+
+
 def read_image_size(data: bytes) -> Tuple[int, int]:
     """(height, width) declared by the image header, without decoding pixels.
 
     This is the stored size: EXIF orientations 5..8 swap it in the decoded image. Raises ImageDecodeError
     for data that is not a supported image.
     """
-    data = _as_bytes(data)
-    if not data:
-        raise ImageDecodeError("empty image data (0 bytes): the file is empty or was not read")
-    img = _open_lazy(data)
+    img = _open_header(data)
     try:
         width, height = img.size
     finally:
