@@ -12,11 +12,11 @@ offline FnApiRunner.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import shutil
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -53,17 +53,44 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _check_output_writable(output: str) -> None:
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
+def _claim_output(job: JobConfig):
+    """Take the output's claim (this also proves it is writable); JobConfigError (one line) if held."""
+    from beam_job.pipeline import claim
 
-    probe = join(output, "_tmp", f".write-check-{uuid.uuid4().hex}")
     try:
-        with FileSystems.create(probe, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            fh.write(b"ok")
-        FileSystems.delete([probe])
-    except Exception as exc:
-        raise JobConfigError(f"--output {output} is not writable ({_first_line(exc)}): pick a directory you can write to") from None
+        return claim.acquire(job.output, job.run_id, take_over=job.take_over_claim)
+    except claim.ClaimError as exc:
+        raise JobConfigError(str(exc)) from None
+    except Exception as exc:  # permission denied, bucket missing, read-only disk, ...
+        raise JobConfigError(f"--output {job.output} is not writable ({_first_line(exc)}): pick a directory you "
+                             "can write to") from None
+
+
+def _check_output_identity(job: JobConfig, existing: bool) -> JobConfig:
+    """An output is one model and one configuration: refuse (one line) a run that would mix in another."""
+    from beam_job.pipeline.resume import (
+        identity_differences,
+        output_identity,
+        read_output_identity,
+        write_output_identity,
+    )
+
+    current = output_identity(job)
+    recorded = read_output_identity(job.output) if existing else None
+    if recorded is not None:
+        diffs = identity_differences(recorded, current)
+        if diffs and not job.allow_config_change:
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+            raise JobConfigError(
+                f"{job.output} was made with another model or other settings ({shown}): use another --output, "
+                "--overwrite to replace it, or --allow_config_change to mix them knowingly"
+            )
+        if diffs:
+            _LOGGER.warning("--allow_config_change: adding to %s with %s", job.output, "; ".join(diffs))
+            job = job.replace(recorded_identity=json.dumps(recorded, sort_keys=True))
+    if recorded is None or not existing:
+        write_output_identity(job.output, current)
+    return job
 
 
 def _check_model(job: JobConfig) -> str:
@@ -89,9 +116,14 @@ def _is_dry_run(options) -> bool:
 
 
 def prepare_job(args, beam_args: Sequence[str]):
-    """Validate everything before launch; returns (JobConfig, PipelineOptions, is_local, total or None)."""
+    """Validate everything before launch and claim the output.
+
+    Returns (JobConfig, PipelineOptions, is_local, total or None, Claim or None). The caller must release
+    the claim (`claim.release`) when the run ends; on any error here it is already released.
+    """
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from beam_job.pipeline import claim as output_claim
     from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
     from beam_job.pipeline.inputs import check_inputs
     from beam_job.pipeline.pipeline import is_local_runner, with_default_runner
@@ -109,7 +141,7 @@ def prepare_job(args, beam_args: Sequence[str]):
         extra["model_identity"] = job.extraction.model or ""
         if not job.extraction.model:
             _check_model(job)  # raises: no model at all
-        return job.replace(**extra), options, local, None
+        return job.replace(**extra), options, local, None, None
     try:
         total = check_inputs(job.inputs, job.manifests, count=local)
     except ValueError as exc:
@@ -121,24 +153,31 @@ def prepare_job(args, beam_args: Sequence[str]):
         ) from None
     if local and total == 0:
         raise JobConfigError("the inputs list no image: check the manifests and patterns")
-    _check_output_writable(job.output)
-    existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
-    if existing and not (job.skip_existing or job.overwrite):
-        raise JobConfigError(
-            f"{job.output} already holds features/failures shards: pass --skip_existing to resume, "
-            "--overwrite to replace them, or another --output"
-        )
-    if args.skip_model_check:
-        extra["model_identity"] = job.extraction.model or ""
-        if not job.extraction.model:
-            _check_model(job)
-    else:
-        extra["model_identity"] = _check_model(job)
-    if existing and job.overwrite:  # only once everything else checked out
-        n = clear_outputs(job)
-        _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
-    extra["existing_features"] = has_shards(job.features_dir)
-    return job.replace(**extra), options, local, total
+    held = _claim_output(job)
+    try:
+        existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
+        if existing and not (job.skip_existing or job.overwrite):
+            raise JobConfigError(
+                f"{job.output} already holds features/failures shards: pass --skip_existing to resume, "
+                "--overwrite to replace them, or another --output"
+            )
+        if args.skip_model_check:
+            extra["model_identity"] = job.extraction.model or ""
+            if not job.extraction.model:
+                _check_model(job)
+        else:
+            extra["model_identity"] = _check_model(job)
+        job = job.replace(**extra)
+        if existing and job.overwrite:  # only once everything else checked out
+            n = clear_outputs(job)
+            _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
+            existing = False
+        job = _check_output_identity(job, existing)
+        job = job.replace(existing_features=has_shards(job.features_dir))
+    except BaseException:
+        output_claim.release(held)
+        raise
+    return job, options, local, total, held
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[RunOutcome]:
@@ -147,8 +186,6 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     Raises JobConfigError before launch and JobFailedError when the job fails; both carry one line.
     `test_pipeline`: a beam.Pipeline to build into instead of creating one (tests).
     """
-    from apache_beam.io.filesystems import FileSystems
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["presets"]:
         print(describe_presets())
@@ -157,18 +194,29 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     if args.list_presets:
         print(describe_presets())
         return None
-    job, options, local, total = prepare_job(args, beam_args)
+    job, options, local, total, held = prepare_job(args, beam_args)
 
-    from beam_job.pipeline.pipeline import metrics_report, run_pipeline, with_default_runner
-    from beam_job.pipeline.progress import ProgressMonitor
-    from beam_job.pipeline.summary import read_json
+    from beam_job.pipeline import claim as output_claim
+    from beam_job.pipeline.pipeline import run_pipeline, with_default_runner
 
     if _is_dry_run(options):
         result = run_pipeline(job, with_default_runner(beam_args), test_pipeline)
         return RunOutcome(job=job, summary={}, result=result, metrics=[])
+    try:
+        return _run_claimed(job, args, beam_args, local, total, test_pipeline)
+    finally:
+        output_claim.release(held)
 
-    if FileSystems.exists(job.success_path):
-        FileSystems.delete([job.success_path])  # a run in progress: the output is not complete
+
+def _run_claimed(job: JobConfig, args, beam_args: Sequence[str], local: bool, total: Optional[int],
+                 test_pipeline) -> RunOutcome:
+    """Run the job on a claimed output; the exit status comes from the run summary's status."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_job.pipeline.pipeline import metrics_report, run_pipeline
+    from beam_job.pipeline.progress import ProgressMonitor
+    from beam_job.pipeline.summary import read_json
+
     progress_dir = None
     if local and not args.no_progress:
         progress_dir = tempfile.mkdtemp(prefix="delg-progress-")
@@ -182,9 +230,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
         else:
             result = run_pipeline(job, beam_args, test_pipeline)
     except Exception as exc:
-        summary = read_json(job.summary_path)
-        if summary and summary.get("status") == "failed" and summary.get("reason"):
-            raise JobFailedError(summary["reason"]) from exc
+        # Shards may have been committed before the failure: the output is not known to be complete.
+        if FileSystems.exists(job.success_path):
+            FileSystems.delete([job.success_path])
         raise JobFailedError(f"the job failed: {_last_error_line(exc)}") from exc
     finally:
         if progress_dir:
@@ -193,11 +241,15 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     if local:
         for line in lines:
             _LOGGER.info("metric: %s", line)
-    summary = read_json(job.summary_path) or {}
-    if summary:
-        c = summary["counts"]
-        _LOGGER.info("done: %d features, %d failures (%s), %s images/s; summary %s", c["features"], c["failures"],
-                     summary.get("failures_by_stage"), summary.get("images_per_s"), job.summary_path)
+    summary = read_json(job.summary_path)
+    if not summary:
+        raise JobFailedError(f"the job ended without writing its summary {job.summary_path}")
+    c, o = summary["counts"], summary["output"]
+    _LOGGER.info("done: %d features, %d failures (%s), %s images/s; output: %d images, %d features, %d current "
+                 "failures; summary %s", c["features"], c["failures"], summary.get("failures_by_stage"),
+                 summary.get("images_per_s"), o["images"], o["features"], o["failures"], job.summary_path)
+    if summary.get("status") != "succeeded":
+        raise JobFailedError(summary.get("reason") or "the run summary says the run failed")
     return RunOutcome(job=job, summary=summary, result=result, metrics=lines)
 
 

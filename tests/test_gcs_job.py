@@ -201,4 +201,5 @@ def test_gs_input_output_and_model_give_the_same_rows_as_local(local_inputs, gcs
     for kind in ("features", "failures"):
         on_gcs = {f"gs://{bucket}/{n}" for n in names if n.startswith(f"delg/run1/{kind}/") and n.endswith(".parquet")}
         assert on_gcs and set(summary["shards"][kind]) == on_gcs, kind
-    assert not [n for n in names if "/_tmp/" in n], "temporary files left on gs://"
+    assert not [n for n in names if "beam-temp-" in n or "/_tmp/" in n], "temporary files left on gs://"
+    assert "delg/run1/_claim.json" not in names and "delg/run1/_output.json" in names

@@ -231,7 +231,11 @@ def test_summary_and_success_marker(mixed_run):
     assert summary["timings_ms"]["inference"]["count"] == len(mixed_run["good"]) + 1  # + the sliver
     assert summary["model"]["identity"].startswith("embedded:tiny@sha256:")
     assert summary["config"]["name"] == "tiny" and summary["schema_version"] == "delg_v1"
-    assert not os.path.exists(os.path.join(out, "_tmp"))
+    # Nothing of the commit protocol is left behind: no Beam temp directory, no claim.
+    assert not glob.glob(os.path.join(out, "*", "beam-temp-*")) and not os.path.exists(os.path.join(out, "_claim.json"))
+    assert summary["output"] == {"images": len(mixed_run["ids"]), "features": len(mixed_run["good"]),
+                                 "failures": len(mixed_run["bad"]), "failure_ratio": summary["output"]["failure_ratio"],
+                                 "duplicate_feature_rows": 0, "superseded_failure_rows": 0}
 
 
 def test_beam_metrics_cover_stages_keypoints_and_failures(mixed_run):
@@ -243,7 +247,7 @@ def test_beam_metrics_cover_stages_keypoints_and_failures(mixed_run):
     assert counter_value(result, "model_loads") == 1
     text = "\n".join(mixed_run["outcome"].metrics)
     for name in ("delg/read_ms", "delg/decode_ms", "delg/inference_ms", "delg/keypoints_per_image",
-                 "delg/write_ms_per_features_shard", "RunInference/num_inferences"):
+                 "delg/table_ms_per_features_group", "RunInference/num_inferences"):
         assert name in text
 
 

@@ -47,6 +47,9 @@ class JobConfig:
     row_group_size:    feature rows per Parquet row group (bounds writer memory: a row can hold 512 KB).
     skip_existing:     leave out images whose image_id is already in <output>/features.
     overwrite:         delete earlier features/failures/_SUCCESS under output before the run.
+    allow_config_change: let --skip_existing add rows of another model or other settings to the output
+                       (refused by default; the summary then records both identities).
+    take_over_claim:   the run id of a crashed run whose claim on the output this run replaces.
     max_failure_ratio: the run fails when failures / processed images exceeds this (0..1).
     share_model_across_processes: one model copy per machine (Beam large_model) instead of per process.
     max_file_bytes:    files larger than this fail at the read stage instead of being loaded.
@@ -55,6 +58,8 @@ class JobConfig:
     progress_dir:      local directory where workers report progress (local runners only), else None.
     existing_features: True when <output>/features held shards before this run (set by the launcher).
     started_at:        ISO time the launcher started the run.
+    recorded_identity: JSON of the output identity recorded before this run, when it differed and
+                       --allow_config_change accepted it (set by the launcher), else "".
     """
 
     inputs: Tuple[str, ...]
@@ -66,6 +71,8 @@ class JobConfig:
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE
     skip_existing: bool = False
     overwrite: bool = False
+    allow_config_change: bool = False
+    take_over_claim: Optional[str] = None
     max_failure_ratio: float = DEFAULT_MAX_FAILURE_RATIO
     share_model_across_processes: bool = False
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
@@ -74,6 +81,7 @@ class JobConfig:
     progress_dir: Optional[str] = None
     existing_features: bool = False
     started_at: str = ""
+    recorded_identity: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -114,10 +122,6 @@ class JobConfig:
         return join(self.output, "failures")
 
     @property
-    def tmp_dir(self) -> str:
-        return join(self.output, "_tmp", self.run_id)
-
-    @property
     def run_dir(self) -> str:
         return join(self.output, "runs", self.run_id)
 
@@ -141,6 +145,8 @@ class JobConfig:
             "row_group_size": self.row_group_size,
             "skip_existing": self.skip_existing,
             "overwrite": self.overwrite,
+            "allow_config_change": self.allow_config_change,
+            "take_over_claim": self.take_over_claim,
             "max_failure_ratio": self.max_failure_ratio,
             "share_model_across_processes": self.share_model_across_processes,
             "max_file_bytes": self.max_file_bytes,
@@ -210,6 +216,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                           help="resume: leave out images whose image_id is already in <output>/features")
     io_group.add_argument("--overwrite", action="store_true",
                           help="delete earlier features, failures and _SUCCESS under --output first")
+    io_group.add_argument("--allow_config_change", action="store_true",
+                          help="with --skip_existing: accept another model or other extraction settings than the "
+                          "output was made with (refused by default; the summary records both)")
+    io_group.add_argument("--take_over_claim", metavar="RUN_ID",
+                          help="take over the output's claim left by the crashed run RUN_ID (named in the error)")
     io_group.add_argument("--max_failure_ratio", type=_ratio, default=DEFAULT_MAX_FAILURE_RATIO,
                           help="fail the job when failed/processed images exceeds this "
                           f"(default {DEFAULT_MAX_FAILURE_RATIO}; 1 disables)")
@@ -301,6 +312,8 @@ def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:
         row_group_size=args.row_group_size,
         skip_existing=args.skip_existing,
         overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change,
+        take_over_claim=args.take_over_claim,
         max_failure_ratio=args.max_failure_ratio,
         share_model_across_processes=args.share_model_across_processes,
         max_file_bytes=args.max_file_bytes,

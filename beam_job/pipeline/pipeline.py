@@ -3,7 +3,7 @@
 Step labels (as in the Dataflow UI):
   ListInputs -> [ExistingFeatureIds] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
   ExtractFeatures/{ReadBytes, DecodeAndResize, RunInference, ToRows, InferenceFailures, MergeFailures} ->
-  WriteFeatures, WriteFailures -> CollectShards -> FinalizeRun
+  WriteFeatures/{ToTables, Commit}, WriteFailures/{ToTables, Commit} -> FinalizeRun
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from beam_job.pipeline.transforms import (
     ReadShardIdsFn,
     ResolveInputsFn,
 )
-from beam_job.pipeline.writer import FAILURES, FEATURES, WriteShardsFn
+from beam_job.pipeline.writer import FAILURES, FEATURES, WriteShards
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class ExistingFeatureIds(beam.PTransform):
 
 def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollection]:
     """Wire the whole job into `p`. Returns the main PCollections (for tests and extensions):
-    "inputs" (image_id, path), "features" and "failures" (record, timings), "shards" (ShardInfo dicts),
-    "summary" (one summary dict, after all shards are final).
+    "inputs" (image_id, path), "features" and "failures" (record, timings), "files" ({kind: committed
+    shard paths}), "summary" (one summary dict, after all shards are committed).
     """
     listed = p | "ListInputs" >> ListInputs(job.inputs, job.manifests)
     if job.skip_existing and job.existing_features:
@@ -70,26 +70,30 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
     work = resolved.todo | "SpreadWork" >> beam.Reshuffle()
     extracted = work | "ExtractFeatures" >> ExtractFeatures(job)
     failures = (extracted["failures"], resolved[FAILED]) | "AllFailures" >> beam.Flatten()
-    feature_shards = extracted["features"] | "WriteFeatures" >> beam.ParDo(WriteShardsFn(FEATURES, job))
-    failure_shards = failures | "WriteFailures" >> beam.ParDo(WriteShardsFn(FAILURES, job))
-    shards = (feature_shards, failure_shards) | "AllShards" >> beam.Flatten()
+    written = {FEATURES: extracted["features"] | "WriteFeatures" >> WriteShards(FEATURES, job),
+               FAILURES: failures | "WriteFailures" >> WriteShards(FAILURES, job)}
+    stats = (written[FEATURES]["stats"], written[FAILURES]["stats"]) | "AllStats" >> beam.Flatten()
     counts = {
         "listed": listed | "CountListed" >> beam.combiners.Count.Globally(),
         "skipped": resolved[SKIPPED] | "CountSkipped" >> beam.combiners.Count.Globally(),
         "duplicates": resolved[DUPLICATE] | "CountDuplicates" >> beam.combiners.Count.Globally(),
     }
+    # Runs once, after both sinks committed: every input of FinalizeRun is a side input.
     summary = (
-        shards
-        | "CollectShards" >> beam.combiners.ToList()
+        p
+        | "FinalizeTrigger" >> beam.Create([None], reshuffle=False)
         | "FinalizeRun" >> beam.ParDo(
             FinalizeRunFn(job),
+            feature_files=beam.pvalue.AsList(written[FEATURES]["files"]),
+            failure_files=beam.pvalue.AsList(written[FAILURES]["files"]),
+            infos=beam.pvalue.AsList(stats),
             listed=beam.pvalue.AsSingleton(counts["listed"]),
             skipped=beam.pvalue.AsSingleton(counts["skipped"]),
             duplicates=beam.pvalue.AsSingleton(counts["duplicates"]),
         )
     )
-    return {"inputs": listed, "features": extracted["features"], "failures": failures, "shards": shards,
-            "summary": summary}
+    return {"inputs": listed, "features": extracted["features"], "failures": failures,
+            "files": {kind: w["files"] for kind, w in written.items()}, "summary": summary}
 
 
 def with_default_runner(beam_args: Sequence[str]) -> List[str]:

@@ -1,26 +1,41 @@
-"""Resume support: find earlier outputs, clear them for --overwrite, and settle the failures table.
+"""An output across runs: its shards, its identity (one model, one configuration), temp leftovers, and its
+*current* state (features, plus the failures not since resolved), computed when reading, never rewritten.
 
-Model: <output>/features holds each image at most once across runs (--skip_existing anti-joins new inputs
-with the image_id column of existing feature shards, inside the pipeline). <output>/failures holds the
-*current* failures: when a run ends, failure rows of earlier runs whose image_id now has a feature row, or
-failed again in this run, are removed (`settle_failures`), so features + failures list every image once
-and re-running failures/*.parquet as a manifest retries exactly the images that still fail.
+Model (docs/pipeline.md, "An output built by several runs"):
+* An input is an (image_id, path) pair. `features/` holds each image_id at most once across runs
+  (`--skip_existing` anti-joins new inputs with the image_id column of existing feature shards).
+* `failures/` is append-only: each run adds its own failure shards and no later run rewrites or deletes
+  them (only `--overwrite` clears an output). An input's *current* failure is its latest failure row
+  (by run start time), and only while the input has no feature row. `current_failures()` gives that
+  table; summaries count it; the raw `failures/*.parquet` remains a valid retry manifest.
+* `_output.json` records the model identity and a fingerprint of the extraction settings of the output;
+  a run that would mix in another model or other settings is refused before any work.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import uuid
-from typing import Dict, Iterable, List, Set
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_job.pipeline.inputs import match_paths
 from beam_job.pipeline.options import JobConfig, join
+from schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
+
+OUTPUT_FILE = "_output.json"
+LEGACY_TMP_DIR = "_tmp"  # temp shards of earlier versions of the job
+# Settings that do not change which features come out (names, documentation, where the model lives).
+_NOT_FINGERPRINTED = ("name", "description", "model", "official_model_url")
 
 
 def shard_glob(directory: str) -> str:
@@ -49,78 +64,190 @@ def delete_paths(paths: Iterable[str]) -> int:
     return len(paths)
 
 
+def _open(path: str):
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+# ----------------------------------------------------------------------------- temp leftovers
+
+def temp_paths(output: str) -> List[str]:
+    """Temp files of unfinished writes under the output: Beam's `beam-temp-*` directories beside the shards
+    and the legacy `_tmp/` directory. Local directories are returned as directories, gs:// as objects."""
+    from beam_job.pipeline.writer import FAILURES, FEATURES, TEMP_DIR_PREFIX
+
+    found: List[str] = []
+    if output.startswith("gs://"):
+        for pattern in (join(output, FEATURES, TEMP_DIR_PREFIX + "**"), join(output, FAILURES, TEMP_DIR_PREFIX + "**"),
+                        join(output, LEGACY_TMP_DIR, "**")):
+            found.extend(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        return sorted(found)
+    for parent in (join(output, FEATURES), join(output, FAILURES)):
+        if os.path.isdir(parent):
+            found.extend(join(parent, name) for name in sorted(os.listdir(parent)) if name.startswith(TEMP_DIR_PREFIX))
+    legacy = join(output, LEGACY_TMP_DIR)
+    if os.path.isdir(legacy):
+        found.append(legacy)
+    return found
+
+
+def remove_temp_files(output: str) -> int:
+    """Delete every temp leftover under the output (only safe while this run holds the output's claim)."""
+    paths = temp_paths(output)
+    if paths:
+        _LOGGER.info("removing %d temp leftover(s) of unfinished writes under %s", len(paths), output)
+        FileSystems.delete(paths)
+    return len(paths)
+
+
+# ----------------------------------------------------------------------------- identity
+
+def output_identity(job: JobConfig) -> Dict[str, Any]:
+    """What makes an output one output: model identity, extraction settings and their fingerprint."""
+    settings = {k: v for k, v in job.extraction.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    settings["descriptor_dtype"] = job.descriptor_dtype
+    canonical = json.dumps(settings, sort_keys=True, default=str)
+    return {
+        "schema_version": delg_v1.SCHEMA_VERSION,
+        "model_identity": job.model_identity,
+        "preset": job.extraction.name,
+        "settings": settings,
+        "settings_fingerprint": hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16],
+    }
+
+
+def _model_differs(recorded: str, current: str) -> bool:
+    """Identities are '<uri>@sha256:<hex>'; without a hash (model not checked) only the URIs compare."""
+    if "@sha256:" in recorded and "@sha256:" in current:
+        return recorded != current
+    return recorded.split("@sha256:")[0] != current.split("@sha256:")[0]
+
+
+def identity_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Human-readable differences between two output identities (empty when the same)."""
+    diffs = []
+    if _model_differs(str(recorded.get("model_identity", "")), str(current.get("model_identity", ""))):
+        diffs.append(f"model {recorded.get('model_identity')} -> {current.get('model_identity')}")
+    old, new = recorded.get("settings", {}), current.get("settings", {})
+    for key in sorted(set(old) | set(new)):
+        if json.dumps(old.get(key), default=str) != json.dumps(new.get(key), default=str):
+            diffs.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
+    """The recorded identity: `_output.json`, else (outputs of earlier versions) the footer of a shard."""
+    from beam_job.pipeline.summary import read_json
+
+    recorded = read_json(join(output, OUTPUT_FILE))
+    if recorded:
+        return recorded
+    shards = list_shards(join(output, "features")) or list_shards(join(output, "failures"))
+    if not shards:
+        return None
+    with _open(shards[0]) as fh:
+        meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    try:
+        config = json.loads(meta[delg_v1.META_CONFIG].decode())
+    except (KeyError, ValueError):
+        return None
+    settings = {k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED}
+    dtype = meta.get(delg_v1.META_DESCRIPTOR_DTYPE, b"float32").decode()
+    settings["descriptor_dtype"] = dtype
+    return {"model_identity": meta.get(delg_v1.META_MODEL, b"").decode(), "preset": config.get("name"),
+            "settings": settings}
+
+
+def write_output_identity(output: str, identity: Dict[str, Any]) -> None:
+    from beam_job.pipeline.summary import write_json
+
+    write_json(join(output, OUTPUT_FILE), identity)
+
+
 def clear_outputs(job: JobConfig) -> int:
-    """--overwrite: delete earlier feature and failure shards and the success marker (runs/ is kept)."""
+    """--overwrite: delete earlier shards, temp leftovers, the identity and the success marker (runs/ stays)."""
     n = delete_paths(list_shards(job.features_dir) + list_shards(job.failures_dir))
-    if FileSystems.exists(job.success_path):
-        FileSystems.delete([job.success_path])
+    remove_temp_files(job.output)
+    for path in (job.success_path, join(job.output, OUTPUT_FILE)):
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
     return n
 
 
+# ----------------------------------------------------------------------------- current state
+
 def read_ids(path: str) -> List[str]:
     """image_id column of one shard (reads only that column)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    with _open(path) as fh:
         return pq.read_table(fh, columns=["image_id"]).column(0).to_pylist()
 
 
-def _write_table(table, path: str) -> None:
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        pq.write_table(table, fh, compression="zstd", use_compliant_nested_type=False)
+def read_columns(path: str, columns: List[str]) -> Tuple[pa.Table, Dict[bytes, bytes]]:
+    with _open(path) as fh:
+        pf = pq.ParquetFile(fh)
+        return pf.read(columns=columns), dict(pf.schema_arrow.metadata or {})
 
 
-def settle_failures(job: JobConfig, run_feature_shards: List[str], run_failure_shards: List[str]) -> Dict[str, int]:
-    """Drop failure rows of earlier runs that are resolved (now in features) or superseded (failed again now).
+Key = Tuple[str, str]  # (image_id, path): one listed input
 
-    Returns counts: {"removed_rows", "rewritten_shards", "deleted_shards", "feature_ids", "duplicate_feature_ids"}.
-    Only earlier shards that change are rewritten (temp file + rename, then the old file is deleted).
+
+@dataclass
+class OutputState:
+    """The whole output as readers should see it (see the module docstring)."""
+
+    feature_keys: Set[Key] = field(default_factory=set)
+    feature_ids: Set[str] = field(default_factory=set)
+    feature_rows: int = 0
+    failure_rows: int = 0
+    # key -> (run order, shard path, row index) of its latest failure row, only for unresolved inputs
+    current: Dict[Key, Tuple[Tuple[str, str], str, int]] = field(default_factory=dict)
+    failure_keys_by_shard: Dict[str, Set[Key]] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        features = len(self.feature_ids)
+        return {"images": features + len(self.current), "features": features, "failures": len(self.current),
+                "duplicate_feature_rows": self.feature_rows - features,
+                "superseded_failure_rows": self.failure_rows - len(self.current)}
+
+
+def output_state(output: str) -> OutputState:
+    """Read the (image_id, path) columns of every shard (and each failure shard's footer) of the output."""
+    state = OutputState()
+    for path in list_shards(join(output, "features")):
+        table, _ = read_columns(path, ["image_id", "path"])
+        ids = table.column("image_id").to_pylist()
+        state.feature_rows += len(ids)
+        state.feature_ids.update(ids)
+        state.feature_keys.update(zip(ids, table.column("path").to_pylist()))
+    latest: Dict[Key, Tuple[Tuple[str, str], str, int]] = {}
+    for path in list_shards(join(output, "failures")):
+        table, meta = read_columns(path, ["image_id", "path"])
+        order = (meta.get(b"delg.run_started_at", b"").decode(), meta.get(b"delg.run_id", b"").decode())
+        keys = list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+        state.failure_rows += len(keys)
+        state.failure_keys_by_shard[path] = set(keys)
+        for row, key in enumerate(keys):
+            seen = latest.get(key)
+            if seen is None or (order, path) > (seen[0], seen[1]):
+                latest[key] = (order, path, row)
+    state.current = {key: where for key, where in latest.items() if key not in state.feature_keys}
+    return state
+
+
+def current_failures(output: str) -> Optional[pa.Table]:
+    """The output's current failures (one row per unresolved input, its latest failure), or None if none.
+
+    Use it to read failures; `failures/*.parquet` as a whole also holds resolved and superseded rows.
     """
-    from beam_job.pipeline.writer import shard_name
-
-    stats = {"removed_rows": 0, "rewritten_shards": 0, "deleted_shards": 0, "feature_ids": 0, "duplicate_feature_ids": 0}
-    this_run = set(run_failure_shards)
-    earlier = [p for p in list_shards(job.failures_dir) if p not in this_run]
-    all_features = list_shards(job.features_dir)
-    feature_ids: Set[str] = set()
-    total = 0
-    if earlier or job.existing_features:
-        for path in all_features:
-            ids = read_ids(path)
-            total += len(ids)
-            feature_ids.update(ids)
-        stats["feature_ids"] = len(feature_ids)
-        stats["duplicate_feature_ids"] = total - len(feature_ids)
-    if not earlier:
-        return stats
-    resolved = set(feature_ids)
-    for path in run_failure_shards:
-        resolved.update(read_ids(path))
-    import pyarrow.compute as pc
-
-    for path in earlier:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    state = output_state(output)
+    rows_by_shard: Dict[str, List[int]] = {}
+    for _, path, row in state.current.values():
+        rows_by_shard.setdefault(path, []).append(row)
+    tables = []
+    for path in sorted(rows_by_shard):
+        with _open(path) as fh:
             table = pq.read_table(fh)
-        keep = pc.invert(pc.is_in(table.column("image_id"), value_set=_string_array(resolved)))
-        kept = table.filter(keep)
-        removed = table.num_rows - kept.num_rows
-        if removed == 0:
-            continue
-        stats["removed_rows"] += removed
-        if kept.num_rows == 0:
-            FileSystems.delete([path])
-            stats["deleted_shards"] += 1
-            continue
-        tmp = join(job.tmp_dir, f"settle-{uuid.uuid4().hex}.parquet")
-        _write_table(kept, tmp)
-        final = join(job.failures_dir, shard_name(job.run_id, kept.column("image_id").to_pylist()))
-        FileSystems.rename([tmp], [final])
-        if final != path:
-            FileSystems.delete([path])
-        stats["rewritten_shards"] += 1
-    _LOGGER.info("settled failures of earlier runs: %s", stats)
-    return stats
-
-
-def _string_array(values: Set[str]):
-    import pyarrow as pa
-
-    return pa.array(sorted(values), type=pa.string())
+        tables.append(table.take(pa.array(sorted(rows_by_shard[path]), type=pa.int64())))
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)

@@ -1,9 +1,11 @@
-"""The run's last step: drop orphan shards, settle failures, write runs/<run_id>/summary.json and _SUCCESS.
+"""The run's last step: remove temp leftovers, read the output's current state, write
+runs/<run_id>/summary.json, then write (or remove) _SUCCESS. Idempotent: it can run twice (a retry).
 
-FinalizeRunFn receives the list of ShardInfo dicts of every committed shard (so it runs only after all
-shards are final), plus the listing counts as side inputs. It enforces --max_failure_ratio: above it the
-summary says status "failed" with a one-line reason, _SUCCESS is not written, and the step raises
-FailureRatioExceeded so the job fails (on Dataflow too) instead of "succeeding" with only failures.
+FinalizeRunFn runs once, after both sinks have committed (their final file names and the committed
+per-row-group stats arrive as side inputs). It never raises on a bad outcome: the summary carries the
+status ("succeeded" or "failed" with a one-line reason) decided by `run_status` for the output as a
+whole, and the launcher turns a failed status into exit status 1 (docs/pipeline.md, "Exit status and
+_SUCCESS").
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -22,9 +24,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_job import __version__
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
-from beam_job.pipeline.inputs import match_paths
-from beam_job.pipeline.options import JobConfig, join
-from beam_job.pipeline.resume import settle_failures
+from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.pipeline.writer import FAILURES, FEATURES
 from schemas import delg_v1
@@ -35,10 +36,6 @@ DUCKDB_FLOAT16_NOTE = (
     "descriptors are stored as Parquet FLOAT16; pyarrow and pandas read them as float16, DuckDB reads them "
     "as FLOAT (float32)"
 )
-
-
-class FailureRatioExceeded(RuntimeError):
-    """Too many images failed; the message is the one-line reason also stored in the summary."""
 
 
 def _now_iso() -> str:
@@ -79,27 +76,66 @@ def _merge_stats(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"timings": timings, "failures": failures, "examples": examples, "models": models, "keypoints": keypoints}
 
 
-def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: int, duplicates: int,
+def _ratio(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
+
+
+def run_status(run: Dict[str, int], output: Dict[str, int], max_failure_ratio: float) -> Tuple[str, str]:
+    """("succeeded" | "failed", one-line reason) for a run, judged on the output as a whole.
+
+    The run fails when the output's current failures exceed `max_failure_ratio` of its images, or when the
+    images this run tried for the first time (not retries of earlier failures) failed above that ratio:
+    a retry of failures that still fail does not fail an otherwise good output, and a run that adds only
+    broken inputs to a big good output is not hidden by it.
+    """
+    new = run["processed"] - run["retried"]
+    new_failures = run["failures"] - run["retried_still_failing"]
+    if output["images"] and output["failures"] / output["images"] > max_failure_ratio:
+        return "failed", (f"{output['failures']} of {output['images']} images failed "
+                          f"({output['failures'] / output['images']:.0%} > --max_failure_ratio {max_failure_ratio:.0%}, "
+                          "over the whole output)")
+    if new and new_failures / new > max_failure_ratio:
+        return "failed", (f"{new_failures} of {new} images new to the output failed in this run "
+                          f"({new_failures / new:.0%} > --max_failure_ratio {max_failure_ratio:.0%})")
+    return "succeeded", ""
+
+
+def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, List[str]], listed: int,
+                  skipped: int, duplicates: int, state: OutputState, retried: Tuple[int, int],
                   cleanup: Dict[str, Any], finished_at: Optional[str] = None) -> Dict[str, Any]:
-    """The summary dict (JSON-serialisable) of a finished run; status "succeeded" or "failed"."""
+    """The summary dict (JSON-serialisable) of a finished run.
+
+    infos: committed stats dicts {"kind", "rows", "stats"}; files: this run's final shard paths per kind;
+    state: the output after this run; retried: (inputs of this run with an earlier failure row, of which
+    still failing).
+    """
     merged = _merge_stats(infos)
     n_features = sum(i["rows"] for i in infos if i["kind"] == FEATURES)
     n_failures = sum(i["rows"] for i in infos if i["kind"] == FAILURES)
     processed = n_features + n_failures
-    ratio = n_failures / processed if processed else 0.0
     by_stage: Counter = Counter()
     by_type: Counter = Counter()
     for key, count in merged["failures"].items():
         stage, error_type = key.split("/", 1)
         by_stage[stage] += count
         by_type[error_type] += count
-    status, reason = "succeeded", ""
-    if processed and ratio > job.max_failure_ratio:
-        status = "failed"
-        top_key, _ = merged["failures"].most_common(1)[0]
-        reason = (f"{n_failures} of {processed} images failed ({ratio:.0%} > --max_failure_ratio "
-                  f"{job.max_failure_ratio:.0%}); most common: {top_key} ({merged['failures'][top_key]}x), e.g. "
-                  f"{merged['examples'].get(top_key, '')}")
+    run_counts = {
+        "listed": listed,
+        "duplicate_inputs": duplicates,
+        "skipped_existing": skipped,
+        "processed": processed,
+        "features": n_features,
+        "failures": n_failures,
+        "failure_ratio": _ratio(n_failures, processed),
+        "retried": retried[0],
+        "retried_still_failing": retried[1],
+    }
+    output_counts = dict(state.counts)
+    output_counts["failure_ratio"] = _ratio(output_counts["failures"], output_counts["images"])
+    status, reason = run_status(run_counts, output_counts, job.max_failure_ratio)
+    if status == "failed" and merged["failures"]:
+        top_key, top_n = merged["failures"].most_common(1)[0]
+        reason += f"; most common in this run: {top_key} ({top_n}x), e.g. {merged['examples'].get(top_key, '')}"
     started = job.started_at or None
     elapsed = None
     if started:
@@ -110,6 +146,9 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skip
         except ValueError:
             elapsed = None
     timings = {stage: describe(entry) for stage, entry in sorted(merged["timings"].items())}
+    identity = {"this_run": output_identity(job)}
+    if job.recorded_identity:
+        identity["recorded_before"] = json.loads(job.recorded_identity)
     summary: Dict[str, Any] = {
         "schema_version": delg_v1.SCHEMA_VERSION,
         "job_version": __version__,
@@ -120,15 +159,8 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skip
         "finished_at": finished_at or _now_iso(),
         "elapsed_s": round(elapsed, 3) if elapsed else None,
         "images_per_s": round(processed / elapsed, 3) if elapsed else None,
-        "counts": {
-            "listed": listed,
-            "duplicate_inputs": duplicates,
-            "skipped_existing": skipped,
-            "processed": processed,
-            "features": n_features,
-            "failures": n_failures,
-            "failure_ratio": round(ratio, 6),
-        },
+        "counts": run_counts,
+        "output": output_counts,
         "failures_by_stage": dict(sorted(by_stage.items())),
         "failures_by_error_type": dict(sorted(by_type.items())),
         "failures_by_stage_and_type": dict(sorted(merged["failures"].items())),
@@ -138,12 +170,10 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skip
         "timings_ms": timings,
         "model": {"identity": (merged["models"].most_common(1)[0][0] if merged["models"] else job.model_identity),
                   "identities_seen": dict(merged["models"]), "uri": job.extraction.model},
+        "output_identity": identity,
         "config": job.extraction.to_dict(),
         "job": job.to_summary_dict(),
-        "shards": {
-            FEATURES: sorted(i["path"] for i in infos if i["kind"] == FEATURES),
-            FAILURES: sorted(i["path"] for i in infos if i["kind"] == FAILURES),
-        },
+        "shards": {FEATURES: sorted(files.get(FEATURES, [])), FAILURES: sorted(files.get(FAILURES, []))},
         "cleanup": cleanup,
         "notes": [DUCKDB_FLOAT16_NOTE] if job.descriptor_dtype == "float16" else [],
     }
@@ -152,26 +182,46 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skip
     return summary
 
 
-def _remove_tmp_dir(tmp_dir: str) -> None:
-    """Delete this run's temp files (left by failed bundle attempts) and, locally, the directory itself."""
-    try:
-        leftovers = match_paths(join(tmp_dir, "*"))
-        if leftovers:
-            FileSystems.delete(leftovers)
-        if "://" not in tmp_dir:
-            import os
+def _retried(state: OutputState, run_failure_files: List[str], run_feature_keys: Set[Tuple[str, str]]):
+    """(inputs of this run that had a failure row from an earlier run, of which failed again)."""
+    mine = set(run_failure_files)
+    earlier: Set[Tuple[str, str]] = set()
+    now_failing: Set[Tuple[str, str]] = set()
+    for path, keys in state.failure_keys_by_shard.items():
+        (now_failing if path in mine else earlier).update(keys)
+    return len((run_feature_keys | now_failing) & earlier), len(now_failing & earlier)
 
-            if os.path.isdir(tmp_dir):
-                os.rmdir(tmp_dir)
-                parent = os.path.dirname(tmp_dir)
-                if not os.listdir(parent):
-                    os.rmdir(parent)
-    except Exception:  # temp files are harmless: they are outside features/ and failures/
-        _LOGGER.debug("could not remove %s", tmp_dir, exc_info=True)
+
+def finalize_run(job: JobConfig, feature_files: List[str], failure_files: List[str], infos: List[Dict[str, Any]],
+                 listed: int, skipped: int, duplicates: int) -> Dict[str, Any]:
+    """Everything after the commit, idempotent: temp cleanup, output state, summary.json, _SUCCESS."""
+    from beam_job.pipeline.resume import read_columns
+
+    t0 = time.perf_counter()
+    removed = remove_temp_files(job.output)  # leftovers of killed runs too: this run holds the claim
+    state = output_state(job.output)
+    run_feature_keys: Set[Tuple[str, str]] = set()
+    for path in feature_files:
+        table, _ = read_columns(path, ["image_id", "path"])
+        run_feature_keys.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+    retried = _retried(state, failure_files, run_feature_keys)
+    cleanup = {"temp_leftovers_removed": removed, "finalize_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
+    files = {FEATURES: feature_files, FAILURES: failure_files}
+    summary = build_summary(job, infos, files, int(listed), int(skipped), int(duplicates), state, retried, cleanup)
+    write_json(job.summary_path, summary)
+    if summary["status"] == "succeeded":
+        write_json(job.success_path, {"run_id": job.run_id, "summary": job.summary_path,
+                                      "finished_at": summary["finished_at"], "output": summary["output"],
+                                      "schema_version": delg_v1.SCHEMA_VERSION})
+    elif FileSystems.exists(job.success_path):
+        FileSystems.delete([job.success_path])
+    _LOGGER.info("run %s %s: %d features, %d failures; output: %s; summary %s", job.run_id, summary["status"],
+                 summary["counts"]["features"], summary["counts"]["failures"], summary["output"], job.summary_path)
+    return summary
 
 
 class FinalizeRunFn(beam.DoFn):
-    """[ShardInfo, ...] -> the run summary dict; writes summary.json and _SUCCESS (see module docstring)."""
+    """One trigger element -> the run summary dict (see module docstring); never raises on a bad outcome."""
 
     def __init__(self, job: JobConfig):
         self._job = job
@@ -179,35 +229,6 @@ class FinalizeRunFn(beam.DoFn):
     def setup(self):
         use_anonymous_credentials_if_emulated()
 
-    def process(self, infos, listed, skipped, duplicates):
-        job = self._job
-        t0 = time.perf_counter()
-        committed = {i["path"] for i in infos}
-        orphans = []
-        for kind_dir in (job.features_dir, job.failures_dir):
-            try:
-                paths = match_paths(join(kind_dir, f"part-{job.run_id}-*.parquet"))
-            except Exception:
-                paths = []
-            orphans.extend(p for p in paths if p not in committed)
-        if orphans:
-            _LOGGER.warning("deleting %d shard(s) of failed bundle attempts: %s", len(orphans), orphans[:5])
-            FileSystems.delete(orphans)
-        settled = settle_failures(
-            job,
-            [i["path"] for i in infos if i["kind"] == FEATURES],
-            [i["path"] for i in infos if i["kind"] == FAILURES],
-        )
-        _remove_tmp_dir(job.tmp_dir)
-        cleanup = {"orphan_shards_deleted": len(orphans), "settle": settled,
-                   "finalize_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
-        summary = build_summary(job, infos, int(listed), int(skipped), int(duplicates), cleanup)
-        write_json(job.summary_path, summary)
-        if summary["status"] != "succeeded":
-            raise FailureRatioExceeded(summary["reason"])
-        write_json(job.success_path, {"run_id": job.run_id, "summary": job.summary_path,
-                                      "finished_at": summary["finished_at"],
-                                      "schema_version": delg_v1.SCHEMA_VERSION})
-        _LOGGER.info("run %s: %d features, %d failures; summary %s", job.run_id, summary["counts"]["features"],
-                     summary["counts"]["failures"], job.summary_path)
-        yield summary
+    def process(self, _unused, feature_files, failure_files, infos, listed, skipped, duplicates):
+        yield finalize_run(self._job, list(feature_files), list(failure_files), list(infos),
+                           listed, skipped, duplicates)
