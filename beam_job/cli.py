@@ -121,6 +121,7 @@ def prepare_job(args, beam_args: Sequence[str]):
     Returns (JobConfig, PipelineOptions, is_local, total or None, Claim or None). The caller must release
     the claim (`claim.release`) when the run ends; on any error here it is already released.
     """
+    from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_job.pipeline import claim as output_claim
@@ -155,6 +156,8 @@ def prepare_job(args, beam_args: Sequence[str]):
         raise JobConfigError("the inputs list no image: check the manifests and patterns")
     held = _claim_output(job)
     try:
+        if FileSystems.exists(job.run_dir + "/") or FileSystems.exists(job.summary_path):
+            raise JobConfigError(f"run id {job.run_id} was already used on {job.output}: pick another --run_id")
         existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
         if existing and not (job.skip_existing or job.overwrite):
             raise JobConfigError(

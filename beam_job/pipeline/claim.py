@@ -188,8 +188,11 @@ def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) 
 def _gcs_release(claim: Claim) -> bool:
     from google.api_core import exceptions as gexc
 
+    holder, generation = _gcs_read(claim.path)
+    if holder is None or holder.get("run_id") != claim.run_id:
+        return False  # taken over meanwhile: not ours to delete
     try:
-        _blob(claim.path).delete(if_generation_match=claim.generation)
+        _blob(claim.path).delete(if_generation_match=generation)
     except (gexc.NotFound, gexc.PreconditionFailed):
         return False
     return True

@@ -84,12 +84,12 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
         | "FinalizeTrigger" >> beam.Create([None], reshuffle=False)
         | "FinalizeRun" >> beam.ParDo(
             FinalizeRunFn(job),
-            feature_files=beam.pvalue.AsList(written[FEATURES]["files"]),
-            failure_files=beam.pvalue.AsList(written[FAILURES]["files"]),
             infos=beam.pvalue.AsList(stats),
             listed=beam.pvalue.AsSingleton(counts["listed"]),
             skipped=beam.pvalue.AsSingleton(counts["skipped"]),
             duplicates=beam.pvalue.AsSingleton(counts["duplicates"]),
+            features_committed=beam.pvalue.AsList(written[FEATURES]["files"]),
+            failures_committed=beam.pvalue.AsList(written[FAILURES]["files"]),
         )
     )
     return {"inputs": listed, "features": extracted["features"], "failures": failures,

@@ -23,11 +23,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_job import __version__
+from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
-from beam_job.pipeline.writer import FAILURES, FEATURES
+from beam_job.pipeline.inputs import match_paths
+from beam_job.pipeline.writer import FAILURES, FEATURES, SHARD_SUFFIX, shard_prefix
 from schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
@@ -192,11 +194,19 @@ def _retried(state: OutputState, run_failure_files: List[str], run_feature_keys:
     return len((run_feature_keys | now_failing) & earlier), len(now_failing & earlier)
 
 
-def finalize_run(job: JobConfig, feature_files: List[str], failure_files: List[str], infos: List[Dict[str, Any]],
-                 listed: int, skipped: int, duplicates: int) -> Dict[str, Any]:
+def run_files(job: JobConfig, kind: str) -> List[str]:
+    """This run's committed shards of a kind. Listed by name rather than taken from the sink's output: a
+    retried commit step only returns the files it renamed itself, not those its failed attempt renamed."""
+    return match_paths(shard_prefix(job, kind) + "-*-of-*" + SHARD_SUFFIX)
+
+
+def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: int,
+                 duplicates: int) -> Dict[str, Any]:
     """Everything after the commit, idempotent: temp cleanup, output state, summary.json, _SUCCESS."""
     from beam_job.pipeline.resume import read_columns
 
+    failpoint("finalize")
+    feature_files, failure_files = run_files(job, FEATURES), run_files(job, FAILURES)
     t0 = time.perf_counter()
     removed = remove_temp_files(job.output)  # leftovers of killed runs too: this run holds the claim
     state = output_state(job.output)
@@ -209,6 +219,7 @@ def finalize_run(job: JobConfig, feature_files: List[str], failure_files: List[s
     files = {FEATURES: feature_files, FAILURES: failure_files}
     summary = build_summary(job, infos, files, int(listed), int(skipped), int(duplicates), state, retried, cleanup)
     write_json(job.summary_path, summary)
+    failpoint("success")
     if summary["status"] == "succeeded":
         write_json(job.success_path, {"run_id": job.run_id, "summary": job.summary_path,
                                       "finished_at": summary["finished_at"], "output": summary["output"],
@@ -229,6 +240,7 @@ class FinalizeRunFn(beam.DoFn):
     def setup(self):
         use_anonymous_credentials_if_emulated()
 
-    def process(self, _unused, feature_files, failure_files, infos, listed, skipped, duplicates):
-        yield finalize_run(self._job, list(feature_files), list(failure_files), list(infos),
-                           listed, skipped, duplicates)
+    def process(self, _unused, infos, listed, skipped, duplicates, features_committed=(), failures_committed=()):
+        # features_committed / failures_committed: the sinks' outputs, side inputs only so that this step
+        # waits for both commits; the files are listed by name (see run_files).
+        yield finalize_run(self._job, list(infos), listed, skipped, duplicates)

@@ -32,6 +32,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_job.pipeline import progress
+from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
 from beam_job.pipeline.rows import table_for
 from beam_job.pipeline.stats import StageStats
@@ -142,6 +143,7 @@ class ToTablesFn(beam.DoFn):
         self._progress = progress.ProgressReporter(self._job.progress_dir)
 
     def start_bundle(self):
+        self._flushes = getattr(self, "_flushes", 0)
         self._records: List[Dict[str, Any]] = []
         self._timings: List[Dict[str, float]] = []
 
@@ -164,6 +166,9 @@ class ToTablesFn(beam.DoFn):
     def _flush(self):
         if not self._records:
             return
+        self._flushes += 1
+        if self._flushes == 2:
+            failpoint("write")  # the first row group is in a temp file; nothing is committed yet
         records, timings = self._records, self._timings
         self._records, self._timings = [], []
         t0 = time.perf_counter()

