@@ -93,7 +93,7 @@ class ExtractionConfig:
         if not self.image_scales:
             raise ValueError("image_scales is empty: give at least one pyramid scale, e.g. 1.0")
         if not all(math.isfinite(s) and s > 0 for s in self.image_scales):
-            raise ValueError(f"image_scales must all be finite numbers > 0, got {list(self.image_scales)}")
+            raise ValueError(f"image_scales must all be > 0 and finite, got {list(self.image_scales)}")
         object.__setattr__(self, "score_threshold", float(self.score_threshold))
         if not math.isfinite(self.score_threshold):
             raise ValueError(f"score_threshold must be a finite number, got {self.score_threshold}")

@@ -139,7 +139,7 @@ def test_list_inputs_expands_globs_and_manifest_patterns_in_beam(tmp_path):
 
 def test_list_inputs_carries_names_that_are_not_utf8_through_beam(tmp_path):
     """A glob and a text manifest over names that are not UTF-8 or end in a space give one element each."""
-    imgs = tmp_path / "imgs"
+    imgs = tmp_path / os.fsdecode(b"imgs \xe9")  # the pattern itself is not UTF-8 either
     imgs.mkdir()
     raw_names = [b"caf\xe9.jpg", b"\xff\xfe.jpg", b"space.jpg ", b"plain.jpg"]
     for raw in raw_names:

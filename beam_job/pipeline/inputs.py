@@ -32,6 +32,7 @@ import io
 import logging
 import os
 import re
+import stat
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -86,6 +87,18 @@ def text_to_path(text: str) -> str:
         pos = match.end()
     out += text[pos:].encode("utf-8")
     return out.decode("utf-8", "surrogateescape")
+
+
+def check_regular_file(path: str) -> None:
+    """Raise OSError unless a local path is a regular file (gs:// paths pass): a FIFO would block the read
+    forever and a device could stream without end, so they fail at the read stage like a missing file."""
+    if "://" in path:
+        return
+    mode = os.stat(path).st_mode  # FileNotFoundError for a missing file or a broken link
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"is a directory: {path_to_text(path)!r}")
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file (a FIFO, socket or device): {path_to_text(path)!r}")
 
 
 def derive_image_id(path: str) -> str:

@@ -22,7 +22,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from beam_job.pipeline import progress
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.handler import DelgModelHandler
-from beam_job.pipeline.inputs import match_paths, text_to_path
+from beam_job.pipeline.inputs import check_regular_file, match_paths, text_to_path
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.rows import failure_record, feature_record
 
@@ -216,7 +216,9 @@ class ReadBytesFn(beam.DoFn):
         t0 = time.perf_counter()
         try:
             limit = self._job.max_file_bytes
-            with FileSystems.open(text_to_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            real_path = text_to_path(path)
+            check_regular_file(real_path)
+            with FileSystems.open(real_path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
                 data = fh.read(limit + 1)
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
