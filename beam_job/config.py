@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -91,8 +92,11 @@ class ExtractionConfig:
         object.__setattr__(self, "global_scales_ind", tuple(int(i) for i in self.global_scales_ind))
         if not self.image_scales:
             raise ValueError("image_scales is empty: give at least one pyramid scale, e.g. 1.0")
-        if any(s <= 0 for s in self.image_scales):
-            raise ValueError(f"image_scales must all be > 0, got {list(self.image_scales)}")
+        if not all(math.isfinite(s) and s > 0 for s in self.image_scales):
+            raise ValueError(f"image_scales must all be > 0 and finite, got {list(self.image_scales)}")
+        object.__setattr__(self, "score_threshold", float(self.score_threshold))
+        if not math.isfinite(self.score_threshold):
+            raise ValueError(f"score_threshold must be a finite number, got {self.score_threshold}")
         if not (self.use_local_features or self.use_global_features):
             raise ValueError("use_local_features and use_global_features are both off: nothing to extract")
         if self.use_global_features:

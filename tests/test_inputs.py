@@ -1,4 +1,7 @@
-"""Inputs: image ids, manifest formats (CSV / text / Parquet), glob listing through a real Beam run."""
+"""Inputs: image ids, the stored form of paths, manifest formats (CSV / text / Parquet), glob listing in Beam."""
+
+import hashlib
+import os
 
 import apache_beam as beam
 import pyarrow as pa
@@ -7,7 +10,17 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_job.pipeline.inputs import ListInputs, check_inputs, derive_image_id, read_manifest
+from beam_job.pipeline.inputs import (
+    ListInputs,
+    check_inputs,
+    derive_image_id,
+    match_paths,
+    path_to_text,
+    read_manifest,
+    text_to_path,
+)
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # what os.listdir gives for these bytes (surrogate escapes)
 
 
 def test_derived_image_id_is_stable_sha1_prefix():
@@ -15,6 +28,23 @@ def test_derived_image_id_is_stable_sha1_prefix():
     assert derive_image_id("gs://b/a.jpg") != derive_image_id("gs://b/b.jpg")
     # Documented rule: first 16 hex digits of SHA-1 of the UTF-8 path.
     assert derive_image_id("abc") == "a9993e364706816a"
+    # A name that is not UTF-8: SHA-1 of its raw bytes (no "surrogates not allowed" error).
+    assert derive_image_id("/d/" + NOT_UTF8) == hashlib.sha1(b"/d/caf\xe9 \xff.jpg").hexdigest()[:16]
+
+
+@pytest.mark.parametrize("path,as_is", [
+    ("/data/a.jpg", True), ("gs://b/dir/photo 1.jpg ", True), ("/d/фото 東京.png", True), ("C:\\x\\y.jpg", True),
+    ("/d/a\\x41.jpg", True),  # "\x41" text is no escape (escapes are 80..ff only)
+    ("/d/" + NOT_UTF8, False), ("/d/a\\xe9.jpg", False), ("/d/a\\\\b.jpg", False),
+    (os.fsdecode(b"/d/\\xff\xff\\"), False), ("/d/\ud800.jpg", False),
+])
+def test_stored_form_is_utf8_and_gives_back_the_same_path(path, as_is):
+    text = path_to_text(path)
+    text.encode("utf-8")  # valid UTF-8: Beam coders and Parquet strings accept it
+    assert (text == path) == as_is
+    if path != "/d/\ud800.jpg":  # a lone surrogate that is no escaped byte is kept, not restored
+        assert text_to_path(text) == path
+    assert path_to_text(os.fsdecode(b"/d/caf\xe9.jpg")) == "/d/caf\\xe9.jpg"
 
 
 def test_csv_manifest_with_ids_quotes_and_extra_columns(tmp_path):
@@ -24,11 +54,24 @@ def test_csv_manifest_with_ids_quotes_and_extra_columns(tmp_path):
                                            ("D", "/data/d.jpg")]
 
 
-def test_plain_text_manifest_skips_blank_and_comment_lines(tmp_path):
+def test_csv_paths_are_verbatim_and_quoting_is_the_csv_modules(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_bytes(b'path,image_id\r\n/d/trailing.jpg ,T\r\n" /d/quoted .jpg ", Q \r\n"/d/two\nlines.jpg",\r\n'
+                  b'/d/caf\xe9.jpg,\r\n,orphan-id\r\n')
+    assert list(read_manifest(str(m))) == [
+        ("T", "/d/trailing.jpg "), ("Q", " /d/quoted .jpg "),
+        (derive_image_id("/d/two\nlines.jpg"), "/d/two\nlines.jpg"),
+        (derive_image_id(os.fsdecode(b"/d/caf\xe9.jpg")), "/d/caf\\xe9.jpg"),
+    ]  # the row without a path is skipped (logged, counted), it does not stop the job
+
+
+def test_plain_text_manifest_lines_are_paths_as_written(tmp_path):
     m = tmp_path / "list.txt"
-    m.write_text("# my images\n/data/a.jpg\n\n  /data/b.jpg  \n")
-    assert list(read_manifest(str(m))) == [(derive_image_id("/data/a.jpg"), "/data/a.jpg"),
-                                           (derive_image_id("/data/b.jpg"), "/data/b.jpg")]
+    m.write_bytes(b"\xef\xbb\xbf# my images\n/data/a.jpg\r\n\n   \n  /data/b.jpg  \n/data/c.jpg\r/d/caf\xe9.jpg\n"
+                  b" # not a comment\n/data/last.jpg")
+    expected = ["/data/a.jpg", "  /data/b.jpg  ", "/data/c.jpg", os.fsdecode(b"/d/caf\xe9.jpg"), " # not a comment",
+                "/data/last.jpg"]
+    assert list(read_manifest(str(m))) == [(derive_image_id(p), path_to_text(p)) for p in expected]
 
 
 def test_csv_without_path_column_is_refused_with_a_fix(tmp_path):
@@ -42,8 +85,11 @@ def test_csv_without_path_column_is_refused_with_a_fix(tmp_path):
 
 def test_parquet_manifest_such_as_a_failures_table(tmp_path):
     m = tmp_path / "failures.parquet"
-    pq.write_table(pa.table({"image_id": ["A", None], "path": ["/x/a.jpg", "/x/b.jpg"], "stage": ["read", "decode"]}), m)
-    assert list(read_manifest(str(m))) == [("A", "/x/a.jpg"), (derive_image_id("/x/b.jpg"), "/x/b.jpg")]
+    stored = path_to_text("/x/" + NOT_UTF8)
+    pq.write_table(pa.table({"image_id": ["A", None, None], "path": ["/x/a.jpg", "/x/b.jpg", stored],
+                             "stage": ["read", "decode", "decode"]}), m)
+    assert list(read_manifest(str(m))) == [("A", "/x/a.jpg"), (derive_image_id("/x/b.jpg"), "/x/b.jpg"),
+                                           (derive_image_id("/x/" + NOT_UTF8), stored)]
 
 
 def test_check_inputs_counts_and_rejects(tmp_path):
@@ -59,6 +105,24 @@ def test_check_inputs_counts_and_rejects(tmp_path):
         check_inputs([], [str(tmp_path / "nope.csv")])
 
 
+def test_local_glob_lists_every_entry_but_directories(tmp_path, monkeypatch):
+    names = ["a.jpg", "trailing.jpg ", " lead.jpg", NOT_UTF8, "x.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")  # Beam's own listing drops it silently
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "dir.jpg" / "inner.jpg").write_bytes(b"x")
+    (tmp_path / "linkdir.jpg").symlink_to(tmp_path / "dir.jpg")
+    expected = sorted(str(tmp_path / n) for n in [*names, "broken.jpg"] if n != "x.png")
+    assert match_paths(str(tmp_path / "*.jpg*")) == expected
+    assert match_paths(str(tmp_path / "**.jpg")) == sorted(
+        [p for p in expected if p.endswith(".jpg")] + [str(tmp_path / "dir.jpg" / "inner.jpg")])
+    assert match_paths(str(tmp_path / "broken.jpg")) == [str(tmp_path / "broken.jpg")]
+    assert match_paths(str(tmp_path / "dir.jpg")) == []
+    monkeypatch.chdir(tmp_path)  # a relative glob lists relative paths
+    assert match_paths("*.png") == ["x.png"]
+
+
 def test_list_inputs_expands_globs_and_manifest_patterns_in_beam(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -71,3 +135,20 @@ def test_list_inputs_expands_globs_and_manifest_patterns_in_beam(tmp_path):
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
         out = p | ListInputs([str(imgs / "*.jpg")], [str(tmp_path / "m*.txt")])
         assert_that(out, equal_to(expected))
+
+
+def test_list_inputs_carries_names_that_are_not_utf8_through_beam(tmp_path):
+    """A glob and a text manifest over names that are not UTF-8 or end in a space give one element each."""
+    imgs = tmp_path / os.fsdecode(b"imgs \xe9")  # the pattern itself is not UTF-8 either
+    imgs.mkdir()
+    raw_names = [b"caf\xe9.jpg", b"\xff\xfe.jpg", b"space.jpg ", b"plain.jpg"]
+    for raw in raw_names:
+        (imgs / os.fsdecode(raw)).write_bytes(b"x")
+    manifest = tmp_path / "list.txt"
+    manifest.write_bytes(b"".join(os.fsencode(str(imgs)) + b"/" + raw + b"\r\n" for raw in raw_names[:3]))
+    paths = [str(imgs / os.fsdecode(raw)) for raw in raw_names]
+    expected = [(derive_image_id(p), path_to_text(p)) for p in paths + paths[:3]]
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        out = p | ListInputs([str(imgs / "*")], [str(manifest)])
+        assert_that(out, equal_to(expected))
+    assert check_inputs([str(imgs / "*")], [str(manifest)], count=True) == 7

@@ -1,17 +1,28 @@
-"""Inputs: glob patterns and manifests (CSV, plain text, Parquet) turned into (image_id, path) pairs.
+r"""Inputs: glob patterns and manifests (CSV, plain text, Parquet) turned into (image_id, path) pairs.
 
 Manifest formats (detected per file):
   * Parquet (name ends in .parquet): columns `path` and optional `image_id`; the failures table of an
-    earlier run is such a manifest, so re-running it retries exactly the failed images.
+    earlier run is such a manifest, so re-running it retries exactly the failed images. Its `path` column
+    is in the stored form (`path_to_text`, below), as every table this job writes.
   * CSV with a header line that has a `path` column (optional `image_id`; other columns are ignored).
-  * plain text: one path a line; blank lines and lines starting with '#' are skipped.
+  * plain text: one path a line. Lines that are empty or only whitespace, and lines whose first character
+    is '#', are skipped; every other line is a path exactly as written, without its line ending.
+Paths are taken verbatim (CSV quoting by the csv module; nothing stripped). A text manifest's line ends
+with "\n", "\r\n" or "\r"; the line ending is not part of the path (names with CR or LF: use a quoted CSV).
+Text manifests are UTF-8 (a BOM is allowed); bytes that are not UTF-8 are kept as the raw bytes of the name.
 When `image_id` is absent or empty it is derived from the path: `derive_image_id(path)`, the first 16 hex
-digits of SHA-1 of the path string exactly as listed (so the same path always gets the same id).
+digits of SHA-1 of the path's bytes (its UTF-8 encoding; the raw bytes of a local name that is not UTF-8).
+
+Paths between the steps of the job and in the `path` column are text in the *stored form*: a path that is
+valid UTF-8 is kept as it is; a local name that is not (Linux names are bytes) is written with `\xHH` for
+each byte that is not UTF-8 (see `path_to_text` / `text_to_path` and docs/pipeline.md). Beam's coders and
+Parquet strings need valid UTF-8, so Python's surrogate-escaped str of such a name cannot travel as is.
 
 Listing happens in our own DoFns (one call per pattern / manifest file) rather than MatchFiles/ReadFromText,
 so that each worker can switch to anonymous credentials for a GCS emulator first, exact paths are never
-pushed through MatchFiles (which drops or rejects missing files), and CSV quoting is parsed properly.
-"""
+pushed through MatchFiles (which drops or rejects missing files), and CSV quoting is parsed properly. Local
+globs are listed with os.walk and Beam's own pattern rule (`FileSystem.translate_pattern`), because Beam's
+local listing silently drops entries it cannot stat (a broken symlink would get no row at all)."""
 
 from __future__ import annotations
 
@@ -19,10 +30,13 @@ import csv
 import hashlib
 import io
 import logging
+import os
+import re
+import stat
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -31,11 +45,73 @@ from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 _LOGGER = logging.getLogger(__name__)
 NAMESPACE = "delg"
 _GLOB_CHARS = "*?["
+# What `text_to_path` reads as an escape in the stored form: "\\" (one backslash) or "\x80".."\xff" (one byte).
+_ESCAPE = re.compile(r"\\(?:\\|x[89a-f][0-9a-f])")
+
+
+def path_bytes(path: str) -> bytes:
+    """The bytes of a path as the OS gives it (str with surrogate escapes for bytes that are not UTF-8)."""
+    try:
+        return path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: keep it rather than fail
+        return path.encode("utf-8", "surrogatepass")
+
+
+def path_to_text(path: str) -> str:
+    r"""The stored form of a path: valid UTF-8 text that `text_to_path` turns back into the same path.
+
+    A path that is valid UTF-8 and holds no "\\" or "\x80".."\xff" text is stored as it is (every ordinary
+    name, local or gs://). Otherwise every backslash is doubled and every byte that is not UTF-8 is
+    written as \xHH (Python's 'backslashreplace'), e.g. b"caf\xe9.jpg" -> "caf\\xe9.jpg" as text.
+    """
+    raw = path_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+        if not _ESCAPE.search(text):
+            return text
+    except UnicodeDecodeError:
+        pass
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def text_to_path(text: str) -> str:
+    """The path (as the OS takes it: str with surrogate escapes) of a stored-form text."""
+    if "\\" not in text or not _ESCAPE.search(text):
+        return text
+    out = bytearray()
+    pos = 0
+    for match in _ESCAPE.finditer(text):
+        out += text[pos:match.start()].encode("utf-8")
+        token = match.group(0)
+        out += b"\\" if token == "\\\\" else bytes([int(token[2:], 16)])
+        pos = match.end()
+    out += text[pos:].encode("utf-8")
+    return out.decode("utf-8", "surrogateescape")
+
+
+def check_regular_file(path: str) -> None:
+    """Raise OSError unless a local path is a regular file (gs:// paths pass): a FIFO would block the read
+    forever and a device could stream without end, so they fail at the read stage like a missing file."""
+    if "://" in path:
+        return
+    mode = os.stat(path).st_mode  # FileNotFoundError for a missing file or a broken link
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"is a directory: {path_to_text(path)!r}")
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file (a FIFO, socket or device): {path_to_text(path)!r}")
 
 
 def derive_image_id(path: str) -> str:
-    """Stable id of an input without an explicit image_id: 16 hex digits of SHA-1 of the path (UTF-8)."""
-    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+    """Stable id of an input without an explicit image_id: 16 hex digits of SHA-1 of the path's bytes.
+
+    `path` as the listing gives it (not the stored form); for every UTF-8 name these are its UTF-8 bytes.
+    """
+    return hashlib.sha1(path_bytes(path)).hexdigest()[:16]
+
+
+def listed(path: str, image_id: str = "") -> Tuple[str, str]:
+    """The (image_id, stored-form path) element of a path as listed (glob, CSV or text manifest)."""
+    return (image_id or derive_image_id(path)), path_to_text(path)
 
 
 def has_glob(pattern: str) -> bool:
@@ -56,12 +132,26 @@ def _header_columns(first_line: str) -> Optional[List[str]]:
     return names if "path" in names else None
 
 
+def _without_line_ending(line: str) -> str:
+    """A text manifest line without its "\\n", "\\r\\n" or "\\r" (nothing else is removed)."""
+    if line.endswith("\r\n"):
+        return line[:-2]
+    if line.endswith(("\n", "\r")):
+        return line[:-1]
+    return line
+
+
+def _is_entry(line: str) -> bool:
+    """A text manifest line that lists a path (not blank, not a '#' comment)."""
+    return bool(line.strip()) and not line.startswith("#")
+
+
 def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str]]:
-    """(image_id, path) from a text manifest stream (CSV with header, or one path a line)."""
+    """(image_id, stored-form path) from a text manifest stream (CSV with header, or one path a line)."""
     lines = iter(stream)
     first = None
     for line in lines:
-        if line.strip() and not line.lstrip().startswith("#"):
+        if _is_entry(line):
             first = line
             break
     if first is None:
@@ -70,28 +160,29 @@ def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str
     if header is None:
         if source.lower().endswith(".csv"):
             raise ValueError(f"CSV manifest {source} has no 'path' column in its header line: add a header 'path[,image_id]'")
-        path = first.strip()
-        yield derive_image_id(path), path
+        yield listed(_without_line_ending(first))
         for line in lines:
-            path = line.strip()
-            if path and not path.startswith("#"):
-                yield derive_image_id(path), path
+            if _is_entry(line):
+                yield listed(_without_line_ending(line))
         return
     path_col = header.index("path")
     id_col = header.index("image_id") if "image_id" in header else None
-    for lineno, cells in enumerate(csv.reader(lines), start=2):
+    reader = csv.reader(lines)
+    for cells in reader:
         if not cells or not any(c.strip() for c in cells):
             continue
-        if path_col >= len(cells):
-            raise ValueError(f"manifest {source} line {lineno}: no value in the 'path' column")
-        path = cells[path_col].strip()
-        if not path:
-            raise ValueError(f"manifest {source} line {lineno}: empty path")
+        path = cells[path_col] if path_col < len(cells) else ""
         image_id = cells[id_col].strip() if id_col is not None and id_col < len(cells) else ""
-        yield (image_id or derive_image_id(path)), path
+        if not path:
+            # Nothing to read: no row can be made for it, and a malformed line must not stop the job.
+            Metrics.counter(NAMESPACE, "manifest_lines_without_path").inc()
+            _LOGGER.warning("manifest %s: a line without a path was skipped: %r", source, cells)
+            continue
+        yield listed(path, path_to_text(image_id))
 
 
 def _parquet_records(fileobj, source: str) -> Iterator[Tuple[str, str]]:
+    """(image_id, path) from a Parquet manifest; its `path` column is already in the stored form."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(fileobj)
@@ -102,62 +193,77 @@ def _parquet_records(fileobj, source: str) -> Iterator[Tuple[str, str]]:
     for batch in pf.iter_batches(columns=columns, batch_size=65536):
         paths = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(paths)
-        for image_id, path in zip(ids, paths):
-            if path:
-                yield (image_id or derive_image_id(path)), path
+        for image_id, text in zip(ids, paths):
+            if text:
+                yield (image_id or derive_image_id(text_to_path(text))), text
 
 
 def read_manifest(path: str) -> Iterator[Tuple[str, str]]:
-    """Yield (image_id, path) for every entry of one manifest file (local or gs://)."""
+    """Yield (image_id, stored-form path) for every entry of one manifest file (local or gs://)."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         if is_parquet_manifest(path):
             yield from _parquet_records(raw, path)
             return
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        # newline="": lines keep their own ending (csv needs it for quoted newlines); see _without_line_ending.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
         yield from _text_records(text, path)
 
 
-def match_paths(pattern: str) -> List[str]:
-    """Files matching a glob (local or gs://), sorted; directories are left out."""
-    result = FileSystems.match([pattern])[0]
-    out = []
-    for meta in result.metadata_list:
-        p = meta.path
-        if p.endswith("/"):
-            continue
-        if "://" not in p:
-            import os
+def _match_local(pattern: str) -> List[str]:
+    """Local entries matching a Beam glob, as Beam matches them, but keeping entries that cannot be stat'ed.
 
-            if os.path.isdir(p):
-                continue
-        out.append(p)
-    return sorted(out)
+    Beam's local listing drops a file whose size it cannot read (a broken symlink) without a word; here
+    such an entry is listed and ends as a failure row. Directories (and links to them) are not listed.
+    """
+    if not has_glob(pattern):
+        return [pattern] if os.path.lexists(pattern) and not os.path.isdir(pattern) else []
+    if pattern.endswith("/"):
+        pattern += "*"
+    root = os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    out = []
+    for dirpath, _dirs, files in os.walk(root or os.curdir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not root:
+                path = os.path.relpath(path)
+            if matches(path):
+                out.append(path)
+    return out
+
+
+def match_paths(pattern: str) -> List[str]:
+    """Files matching a glob (local or gs://), sorted, as the file system names them; directories are left out."""
+    if "://" not in pattern:
+        return sorted(_match_local(pattern))
+    result = FileSystems.match([pattern])[0]
+    return sorted(meta.path for meta in result.metadata_list if not meta.path.endswith("/"))
 
 
 class ExpandGlobFn(beam.DoFn):
-    """pattern -> (image_id, path) for every file it matches (one FileSystems.match call per pattern)."""
+    """pattern -> (image_id, path) for every file it matches (one listing per pattern)."""
 
     def setup(self):
         use_anonymous_credentials_if_emulated()
         self._listed = Metrics.counter(NAMESPACE, "inputs_listed")
 
     def process(self, pattern: str):
-        paths = match_paths(pattern)
+        paths = match_paths(text_to_path(pattern))
         _LOGGER.info("input pattern %s matched %d files", pattern, len(paths))
         self._listed.inc(len(paths))
         for path in paths:
-            yield derive_image_id(path), path
+            yield listed(path)
 
 
 class ExpandManifestPatternFn(beam.DoFn):
-    """manifest file or pattern -> manifest file paths."""
+    """manifest file or pattern -> manifest file paths (stored form)."""
 
     def setup(self):
         use_anonymous_credentials_if_emulated()
 
     def process(self, pattern: str):
         if has_glob(pattern):
-            yield from match_paths(pattern)
+            yield from (path_to_text(p) for p in match_paths(text_to_path(pattern)))
         else:
             yield pattern
 
@@ -171,7 +277,7 @@ class ReadManifestFn(beam.DoFn):
 
     def process(self, manifest: str):
         n = 0
-        for record in read_manifest(manifest):
+        for record in read_manifest(text_to_path(manifest)):
             n += 1
             yield record
         self._listed.inc(n)
@@ -179,12 +285,15 @@ class ReadManifestFn(beam.DoFn):
 
 
 class ListInputs(beam.PTransform):
-    """Globs and manifests -> PCollection[(image_id, path)], one element per listed path (duplicates kept)."""
+    """Globs and manifests -> PCollection[(image_id, path)], one element per listed path (duplicates kept).
+
+    Paths are in the stored form (`path_to_text`); open them with `text_to_path(path)`.
+    """
 
     def __init__(self, inputs: Sequence[str], manifests: Sequence[str]):
         super().__init__()
-        self._inputs = list(inputs)
-        self._manifests = list(manifests)
+        self._inputs = [path_to_text(p) for p in inputs]
+        self._manifests = [path_to_text(p) for p in manifests]
 
     def expand(self, pbegin):
         parts = []

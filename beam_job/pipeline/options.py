@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -161,11 +162,22 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def _number(text: str, expected: str) -> float:
+    """float(text), refusing what is not a finite number (float() also takes 'nan', 'inf' and '1e999')."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _csv_floats(text: str) -> Tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.707,1.0, got {text!r}")
+        return tuple(_number(v, "") for v in text.split(",") if v.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
 
 
 def _csv_ints(text: str) -> Tuple[int, ...]:
@@ -175,11 +187,19 @@ def _csv_ints(text: str) -> Tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1, got {text!r}")
 
 
+def _finite(text: str) -> float:
+    return _number(text, "a finite number")
+
+
 def _ratio(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return _number(text, "a number between 0 and 1")
+
+
+def _seconds(text: str) -> float:
+    value = _number(text, "a number of seconds > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -234,7 +254,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--image_scales", type=_csv_floats, help="pyramid scales, e.g. 0.707,1.0,1.414")
     model_group.add_argument("--global_scales_ind", type=_csv_ints, help="indices of scales pooled for the global descriptor")
     model_group.add_argument("--max_feature_num", type=int, help="at most this many local features per image")
-    model_group.add_argument("--score_threshold", type=float, help="attention threshold for local features")
+    model_group.add_argument("--score_threshold", type=_finite, help="attention threshold for local features")
     model_group.add_argument("--max_image_size", type=int, help="shrink the longest side to this first (-1: off)")
     model_group.add_argument("--min_image_size", type=int, help="grow the longest side to this first (-1: off)")
     model_group.add_argument("--max_image_pixels", type=int, help="refuse images with more pixels (decompression bombs)")
@@ -248,7 +268,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--run_id", help="name of this run (default: UTC time + random suffix)")
     run_group.add_argument("--no_progress", action="store_true", help="no progress log lines on local runs")
-    run_group.add_argument("--progress_interval", type=float, default=10.0,
+    run_group.add_argument("--progress_interval", type=_seconds, default=10.0,
                            help="seconds between progress lines on local runs (default 10)")
     run_group.add_argument("--list_presets", action="store_true", help="print the presets and exit")
     return parser

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -21,7 +22,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from beam_job.pipeline import progress
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.handler import DelgModelHandler
-from beam_job.pipeline.inputs import match_paths
+from beam_job.pipeline.inputs import check_regular_file, match_paths, text_to_path
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.rows import failure_record, feature_record
 
@@ -64,9 +65,14 @@ class DuplicateImageIdError(ValueError):
     """Two different paths were listed with the same image_id."""
 
 
+def _valid_text(text: str) -> str:
+    """Text that Parquet can store: a character that is not valid UTF-8 (a surrogate) as a \\u escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
     Metrics.counter(NAMESPACE, f"failures_{stage}").inc()
-    record = failure_record(image_id, path, stage, type(exc).__name__, str(exc) or repr(exc),
+    record = failure_record(image_id, path, stage, type(exc).__name__, _valid_text(str(exc) or repr(exc)),
                             model=job.model_identity, preset=job.extraction.name)
     return beam.pvalue.TaggedOutput(FAILED, (record, dict(timings)))
 
@@ -84,6 +90,49 @@ def _message_from_repr(type_name: str, text: str) -> str:
             pass
         return inner
     return text
+
+
+# Lines of TensorFlow's wrapper text around an op's own error ("Graph execution error:", "Detected at node
+# ... (most recent call last):" followed by indented stack lines, "N root error(s) found.").
+_TF_WRAPPER_LINE = re.compile(r"^(Graph execution error:|Detected at node .*|<stack traces unavailable>|"
+                              r"\d+ root error\(s\) found\.?)$")
+
+
+def first_error_line(text: str) -> str:
+    r"""The first line of an error text that says what went wrong, without TensorFlow's wrapper lines.
+
+    'Graph execution error:\n\nDetected at node X defined at (most recent call last):\n  File ...\n
+    input depth must be ...\n\t [[{{node X}}]]' -> 'input depth must be ...'. Plain one-line texts are
+    returned as they are.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    in_stack = False
+    for line in lines:
+        if _TF_WRAPPER_LINE.match(line.strip()):
+            in_stack = line.startswith("Detected at node")
+            continue
+        if in_stack and line[:1].isspace():
+            continue  # a stack line under "Detected at node ..."
+        return line.strip()
+    return lines[0].strip() if lines else ""
+
+
+def exception_text(exc_type: type, exc_repr: str, formatted_traceback: Optional[Sequence[str]]) -> str:
+    """The exception's own text from a Beam dead letter (exc_type, repr(exc), traceback.format_exception lines).
+
+    repr() of a TensorFlow error is 'InvalidArgumentError()' (its text lives in __str__), so the text is
+    taken from the formatted traceback, whose exception line is '<module>.<Type>: <str(exc)>' (the last such
+    block: a chained exception's causes come first); repr() is the fallback.
+    """
+    name = getattr(exc_type, "__qualname__", str(exc_type))
+    module = getattr(exc_type, "__module__", None)
+    shown = name if module in (None, "builtins", "__main__") else f"{module}.{name}"
+    for block in reversed(list(formatted_traceback or [])):
+        if block.startswith(shown + ": "):
+            return block[len(shown) + 2:]
+        if block.rstrip("\n") == shown:
+            break  # raised with an empty text
+    return _message_from_repr(getattr(exc_type, "__name__", name), exc_repr)
 
 
 class ResolveInputsFn(beam.DoFn):
@@ -167,7 +216,9 @@ class ReadBytesFn(beam.DoFn):
         t0 = time.perf_counter()
         try:
             limit = self._job.max_file_bytes
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            real_path = text_to_path(path)
+            check_regular_file(real_path)
+            with FileSystems.open(real_path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
                 data = fh.read(limit + 1)
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
@@ -248,15 +299,20 @@ class ToRowsFn(beam.DoFn):
 
 
 class InferenceFailuresFn(beam.DoFn):
-    """RunInference dead letters (batch, (exc_type, repr, traceback)) -> failure records at "inference"."""
+    """RunInference dead letters (batch, (exc_type, repr, traceback)) -> failure records at "inference".
+
+    The message is the first line of the error's own text (for TensorFlow errors, the op's message); the
+    whole traceback goes to the worker log.
+    """
 
     def __init__(self, job: JobConfig):
         self._job = job
 
     def process(self, element):
-        batch, (exc_type, exc_repr, _tb) = element
+        batch, (exc_type, exc_repr, formatted_traceback) = element
         name = getattr(exc_type, "__name__", str(exc_type))
-        message = _message_from_repr(name, exc_repr)
+        message = _valid_text(first_error_line(exception_text(exc_type, exc_repr, formatted_traceback)))
+        _LOGGER.warning("inference failed for %d image(s): %s", len(batch), "".join(formatted_traceback or [])[-4000:])
         Metrics.counter(NAMESPACE, "failures_inference").inc(len(batch))
         for image_id, task in batch:
             record = failure_record(image_id, task.path, "inference", name, message,

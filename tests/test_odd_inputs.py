@@ -1,0 +1,311 @@
+"""No input kills or corrupts a run: the broken/odd corpus end to end, odd names, NaN/inf flags, TF error text.
+
+The corpus (every format and mode the imaging layer decodes, EXIF-rotated, panorama, big photo, unicode,
+spaces, names that are not UTF-8 or end in a space, and empty / truncated / random / text / bomb / missing /
+broken-link / directory entries) runs through `delg-extract` on the FnApiRunner with the tiny preset, once
+from a text + CSV manifest and once from a glob; every listed entry must end as exactly one row.
+"""
+
+import csv
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beam_job import cli
+from beam_job.config import ExtractionConfig, get_preset
+from beam_job.pipeline.inputs import derive_image_id, path_to_text, text_to_path
+from beam_job.pipeline.options import JobConfig, JobConfigError
+from test_imaging import _with_orientation, encode, raw_png, rgb_pattern
+from test_pipeline import huge_header_png, read_rows
+
+TINY = ["--preset", "tiny", "--no_progress"]
+OK = "features"
+
+
+def _img(h=24, w=36, mode="RGB"):
+    return Image.fromarray(rgb_pattern(h, w)).convert(mode)
+
+
+def _gradient(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8))
+
+
+def _good_corpus():
+    """{raw file name (bytes): (file bytes, expected (original_height, original_width))}."""
+    rgb = _img()
+    values16 = (np.arange(24 * 36, dtype=np.uint32).reshape(24, 36) * 77 % 65536).astype(np.uint16)
+    rows16 = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in np.repeat(values16[..., None], 3, -1))
+    hw = (24, 36)
+    files = {
+        # every format
+        b"fmt.jpg": encode(rgb, "JPEG"),
+        b"fmt.mpo": encode(rgb, "MPO", save_all=True, append_images=[_img(mode="RGB")]),
+        b"fmt.png": encode(rgb, "PNG"),
+        b"fmt.webp": encode(rgb, "WEBP", lossless=True),
+        b"fmt.bmp": encode(rgb, "BMP"),
+        b"fmt.dib": encode(rgb, "DIB"),
+        b"fmt.tif": encode(rgb, "TIFF", compression="tiff_lzw"),
+        b"fmt.gif": encode(rgb, "GIF", save_all=True, append_images=[_img()]),
+        b"fmt.ppm": encode(rgb, "PPM"),
+        # every mode
+        b"mode_1.png": encode(_img(mode="1"), "PNG"),
+        b"mode_L.jpg": encode(_img(mode="L"), "JPEG"),
+        b"mode_LA.png": encode(_img(mode="LA"), "PNG"),
+        b"mode_P.png": encode(_img(mode="P"), "PNG"),
+        b"mode_PA.tif": encode(_img(mode="PA"), "TIFF"),
+        b"mode_RGBA.png": encode(_img(mode="RGBA"), "PNG"),
+        b"mode_CMYK.jpg": encode(_img(mode="CMYK"), "JPEG"),
+        b"mode_CMYK.tif": encode(_img(mode="CMYK"), "TIFF"),
+        b"mode_YCbCr.jpg": encode(_img(mode="YCbCr"), "JPEG"),
+        b"mode_LAB.tif": encode(_img(mode="LAB"), "TIFF"),
+        b"mode_I16.png": encode(Image.fromarray(values16), "PNG"),
+        b"mode_I16B.tif": encode(Image.frombytes("I;16B", (36, 24), values16.astype(">u2").tobytes()), "TIFF"),
+        b"mode_I.tif": encode(Image.fromarray(values16.astype(np.int32), "I"), "TIFF"),
+        b"mode_F.tif": encode(Image.fromarray(values16.astype(np.float32) / 65535, "F"), "TIFF"),
+        b"rgb16.png": raw_png(36, 24, 16, 2, rows16),
+        # names: unicode, spaces, not UTF-8, a trailing / leading space
+        "фото 東京 é.png".encode(): encode(rgb, "PNG"),
+        b"my holiday photo.jpg": encode(rgb, "JPEG"),
+        b"trailing.jpg ": encode(rgb, "JPEG"),
+        b" leading.jpg": encode(rgb, "JPEG"),
+        b"caf\xe9 \xff.jpg": encode(rgb, "JPEG"),
+    }
+    out = {name: (data, hw) for name, data in files.items()}
+    out[b"exif_rotated.jpg"] = (_with_orientation(_img(40, 64), "JPEG", 6), (64, 40))  # 90 degrees clockwise
+    out[b"panorama.jpg"] = (encode(_gradient(400, 3000), "JPEG"), (400, 3000))  # 13x96 px after the tiny resize
+    out[b"big photo.jpg"] = (encode(_gradient(2000, 3000), "JPEG", quality=80), (2000, 3000))
+    return out
+
+
+def _bad_corpus(good_jpeg: bytes):
+    """{raw name: (bytes or None for a special entry, expected failure stage)}."""
+    rng = np.random.default_rng(7)
+    return {
+        b"empty.jpg": (b"", "decode"),
+        b"truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "decode"),
+        b"random.jpg": (rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), "decode"),
+        b"notes.txt": (b"this is a text file, not an image\n", "decode"),
+        b"bomb 50000x50000.png": (huge_header_png(), "decode"),
+        b"bad \xff\xfe.jpg": (good_jpeg[:40], "decode"),
+        b"broken link.jpg": (None, "read"),
+        b"pipe.jpg": (None, "read"),
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    rootb = os.fsencode(str(root / "img"))
+    os.makedirs(rootb)
+    good = _good_corpus()
+    bad = _bad_corpus(good[b"fmt.jpg"][0])
+    for name, (data, _) in {**good, **bad}.items():
+        if data is not None:
+            with open(rootb + b"/" + name, "wb") as fh:
+                fh.write(data)
+    os.symlink(rootb + b"/gone.jpg", rootb + b"/broken link.jpg")
+    os.mkdir(rootb + b"/folder.jpg")  # a directory: a failure row from a manifest, never listed by a glob
+    os.mkfifo(rootb + b"/pipe.jpg")  # opening it for reading would block forever
+    path = {name: os.fsdecode(rootb + b"/" + name) for name in [*good, *bad, b"folder.jpg", b"missing.jpg"]}
+    expect = {path[n]: OK for n in good}
+    expect.update({path[n]: stage for n, (_, stage) in bad.items()})
+
+    # Manifest run: half the entries in a plain-text manifest (raw bytes, CRLF and LF line ends), the other
+    # half in a CSV written by the csv module (quoting where needed), plus a missing file and a directory.
+    listed = sorted(expect) + [path[b"folder.jpg"], path[b"missing.jpg"]]
+    text_part, csv_part = listed[::2], listed[1::2]
+    with open(root / "list.txt", "wb") as fh:
+        for i, p in enumerate(text_part):
+            fh.write(os.fsencode(p) + (b"\r\n" if i % 2 else b"\n"))
+    with open(root / "list.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "image_id"])
+        writer.writerows([p, ""] for p in csv_part)
+    manifest_expect = dict(expect, **{path[b"folder.jpg"]: "read", path[b"missing.jpg"]: "read"})
+    runs = {}
+    for kind, args, expected in (
+        ("manifest", ["--manifest", str(root / "list.txt"), "--manifest", str(root / "list.csv")], manifest_expect),
+        ("glob", ["--input", str(root / "img" / "*")], expect),
+    ):
+        out = str(root / f"out-{kind}")
+        code = cli.main([*args, "--output", out, *TINY])
+        runs[kind] = {"code": code, "out": out, "expect": expected}
+    return {"root": root, "path": path, "good": good, "runs": runs}
+
+
+@pytest.mark.parametrize("kind", ["manifest", "glob"])
+def test_odd_corpus_ends_with_exit_0_and_every_entry_exactly_once(corpus, kind):
+    run = corpus["runs"][kind]
+    assert run["code"] == 0
+    features = read_rows(os.path.join(run["out"], "features")).to_pylist()
+    failures = read_rows(os.path.join(run["out"], "failures")).to_pylist()
+    ids = sorted(r["image_id"] for r in features + failures)
+    assert ids == sorted(derive_image_id(p) for p in run["expect"])  # every entry once, nothing else
+    outcome = {text_to_path(r["path"]): OK for r in features}
+    outcome.update({text_to_path(r["path"]): r["stage"] for r in failures})
+    assert outcome == run["expect"]
+    for row in failures:
+        assert row["error_type"] and row["message"] and row["message"] != row["error_type"], row
+    for row in features + failures:
+        assert row["path"] == path_to_text(text_to_path(row["path"]))  # stored form, valid UTF-8
+        assert row["image_id"] == derive_image_id(text_to_path(row["path"]))
+
+
+def test_odd_names_and_sizes_come_out_right(corpus):
+    out = corpus["runs"]["glob"]["out"]
+    rows = {text_to_path(r["path"]): r for r in read_rows(os.path.join(out, "features")).to_pylist()}
+    for name, (_, hw) in corpus["good"].items():
+        row = rows[corpus["path"][name]]
+        assert (row["original_height"], row["original_width"]) == hw, name
+    not_utf8 = corpus["path"][b"caf\xe9 \xff.jpg"]
+    assert rows[not_utf8]["path"].endswith("caf\\xe9 \\xff.jpg")  # the documented stored form
+    assert rows[corpus["path"][b"trailing.jpg "]]["path"].endswith("/trailing.jpg ")
+    assert rows[corpus["path"][b"panorama.jpg"]]["processed_width"] == 96
+    failures = {text_to_path(r["path"]): r for r in read_rows(os.path.join(out, "failures")).to_pylist()}
+    assert failures[corpus["path"][b"bomb 50000x50000.png"]]["error_type"] == "ImageTooLargeError"
+    assert failures[corpus["path"][b"broken link.jpg"]]["error_type"] == "FileNotFoundError"
+    manifest_failures = read_rows(os.path.join(corpus["runs"]["manifest"]["out"], "failures")).to_pylist()
+    folder = next(r for r in manifest_failures if text_to_path(r["path"]) == corpus["path"][b"folder.jpg"])
+    assert folder["error_type"] == "IsADirectoryError"
+    assert "not a regular file" in failures[corpus["path"][b"pipe.jpg"]]["message"]
+
+
+def test_failures_table_as_manifest_reaches_the_same_files(corpus):
+    """The failures table (stored-form paths) fed back as a manifest: a repaired file whose name is not UTF-8
+    gets its feature row under the same id and path; every other failure fails again under its own id."""
+    first = corpus["runs"]["manifest"]["out"]
+    before = read_rows(os.path.join(first, "failures")).to_pylist()
+    repaired = corpus["path"][b"bad \xff\xfe.jpg"]
+    with open(repaired, "wb") as fh:
+        fh.write(corpus["good"][b"fmt.jpg"][0])
+    out = str(corpus["root"] / "out-retry")
+    code = cli.main(["--manifest", os.path.join(first, "failures", "*.parquet"), "--output", out, *TINY,
+                     "--max_failure_ratio", "1"])
+    assert code == 0
+    features = read_rows(os.path.join(out, "features")).to_pylist()
+    failures = read_rows(os.path.join(out, "failures")).to_pylist()
+    repaired_row = next(r for r in before if text_to_path(r["path"]) == repaired)
+    assert [(r["image_id"], r["path"]) for r in features] == [(repaired_row["image_id"], repaired_row["path"])]
+    assert sorted((r["image_id"], r["path"]) for r in failures) == sorted(
+        (r["image_id"], r["path"]) for r in before if r is not repaired_row)
+
+
+# ----------------------------------------------------------------------------- float options
+
+@pytest.mark.parametrize("flag,value", [
+    ("--image_scales", "nan,1"), ("--image_scales", "inf,1"), ("--image_scales", "1,-inf"),
+    ("--image_scales", "1e999"), ("--score_threshold", "nan"), ("--score_threshold", "inf"),
+    ("--score_threshold", "-Infinity"), ("--max_failure_ratio", "nan"), ("--max_failure_ratio", "inf"),
+    ("--progress_interval", "nan"), ("--progress_interval", "inf"), ("--progress_interval", "0"),
+])
+def test_float_flags_refuse_nan_and_infinities_before_any_work(tmp_path, capsys, flag, value):
+    (tmp_path / "a.jpg").write_bytes(encode(_img(), "JPEG"))
+    out = tmp_path / "out"
+    code = cli.main(["--input", str(tmp_path / "*.jpg"), "--output", str(out), *TINY, f"{flag}={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and flag in err[0] and repr(value) in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("image_scales", (float("nan"), 1.0)), ("image_scales", (1.0, float("inf"))),
+    ("score_threshold", float("nan")), ("score_threshold", float("-inf")),
+])
+def test_extraction_config_refuses_nan_and_infinities(field, value):
+    with pytest.raises(ValueError, match=f"{field} must") as info:
+        get_preset("tiny", **{field: value})
+    assert "\n" not in str(info.value)
+    assert get_preset("tiny", score_threshold=-1).score_threshold == -1.0  # finite values stay accepted
+    with pytest.raises(ValueError, match="score_threshold"):
+        ExtractionConfig.from_dict(dict(get_preset("tiny").to_dict(), score_threshold=float("nan")))
+
+
+def test_job_config_refuses_a_nan_failure_ratio():
+    with pytest.raises(JobConfigError, match="max_failure_ratio"):
+        JobConfig(inputs=("x",), manifests=(), output="o", extraction=get_preset("tiny"), max_failure_ratio=float("nan"))
+
+
+# ----------------------------------------------------------------------------- inference failure text
+
+def _tf_error(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the error is what we want
+        return exc
+    raise AssertionError("no error")
+
+
+def _graph_reshape():
+    """A real TensorFlow graph-execution error (wrapped in 'Graph execution error: ... Detected at node')."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    def reshape(x):
+        return tf.reshape(x, [7, -1, 5])
+
+    return reshape
+
+
+def test_exception_text_from_beam_dead_letters_of_real_tensorflow_errors():
+    import traceback
+
+    import tensorflow as tf
+
+    from beam_job.pipeline.transforms import exception_text, first_error_line
+
+    def dead_letter_message(exc):  # what Beam's with_exception_handling() puts in the dead letter
+        info = (type(exc), repr(exc), traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return first_error_line(exception_text(*info))
+
+    eager = _tf_error(lambda: tf.reshape(tf.zeros([3]), [2]))
+    assert repr(eager) == "InvalidArgumentError()"  # why repr() is not enough
+    assert dead_letter_message(eager) == str(eager).splitlines()[0]
+    assert "Input to reshape is a tensor with 3 values" in dead_letter_message(eager)
+    graph = _tf_error(lambda: _graph_reshape()(np.zeros((4, 5, 3), np.uint8)))
+    text = str(graph)
+    assert text.startswith("Graph execution error:")
+    expected = next(line for line in text.splitlines() if line.startswith("Input to reshape"))
+    assert dead_letter_message(graph) == expected
+    assert dead_letter_message(ValueError("plain\nsecond")) == "plain"
+    assert dead_letter_message(KeyError()) == ""  # empty text: failure_record falls back to the type name
+
+
+def test_inference_failure_row_carries_the_tensorflow_error_line(tmp_path):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beam_job.pipeline.handler import DelgModelHandler
+    from beam_job.pipeline.transforms import ExtractFeatures
+
+    class TfErrorHandler(DelgModelHandler):
+        """The real handler, but image 'boom' goes through a TensorFlow op that fails at run time."""
+
+        def run_inference(self, batch, model, inference_args=None):
+            for task in batch:
+                if task.image_id == "boom":
+                    _graph_reshape()(task.prepared.image)
+            return super().run_inference(batch, model, inference_args)
+
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(_img(), "PNG"))
+    from beam_job.imaging import decode_image, prepare_image
+
+    prepared = prepare_image(decode_image(good.read_bytes()), get_preset("tiny"))
+    text = str(_tf_error(lambda: _graph_reshape()(prepared.image)))
+    expected = next(line for line in text.splitlines() if line.startswith("Input to reshape"))
+    job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
+                    extraction=get_preset("tiny"), model_identity="embedded:tiny")
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        out = (p | beam.Create([("boom", str(good)), ("fine", str(good))])
+               | ExtractFeatures(job, TfErrorHandler(job.extraction)))
+        failures = out["failures"] | "Fields" >> beam.Map(
+            lambda e: (e[0]["image_id"], e[0]["stage"], e[0]["error_type"], e[0]["message"]))
+        assert_that(failures, equal_to([("boom", "inference", "InvalidArgumentError", expected)]), label="Failures")
+        ids = out["features"] | "Ids" >> beam.Map(lambda e: e[0]["image_id"])
+        assert_that(ids, equal_to(["fine"]), label="Features")
