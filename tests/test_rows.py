@@ -102,12 +102,14 @@ def test_failure_record_is_one_line_and_checks_stage():
 
 def test_shard_schema_footer_names_version_model_preset():
     job = JobConfig(inputs=("x/*.jpg",), manifests=(), output="/tmp/o", extraction=get_preset("tiny"),
-                    descriptor_dtype="float16")
-    schema = shard_schema("features", job, "embedded:tiny@sha256:abc")
+                    descriptor_dtype="float16", model_identity="embedded:tiny@sha256:abc", run_id="r1",
+                    started_at="2026-12-02T00:00:00+00:00")
+    schema = shard_schema("features", job)
     meta = schema.metadata
     assert meta[b"delg.schema_version"] == b"delg_v1"
     assert meta[b"delg.model"] == b"embedded:tiny@sha256:abc"
     assert meta[b"delg.preset"] == b"tiny"
     assert meta[b"delg.descriptor_dtype"] == b"float16"
     assert meta[b"delg.untrained_model"] == b"true"
+    assert (meta[b"delg.run_id"], meta[b"delg.run_started_at"]) == (b"r1", b"2026-12-02T00:00:00+00:00")
     assert schema.field("descriptors").type.value_type.value_type == pa.float16()
