@@ -115,7 +115,7 @@ def _is_dry_run(options) -> bool:
     return bool(value) and str(value).lower() not in ("false", "0")
 
 
-def prepare_job(args, beam_args: Sequence[str]):
+def prepare_job(args, pipeline_args: Sequence[str]):
     """Validate everything before launch and claim the output.
 
     Returns (JobConfig, PipelineOptions, is_local, total or None, Claim or None). The caller must release
@@ -131,7 +131,7 @@ def prepare_job(args, beam_args: Sequence[str]):
     from beam_job.pipeline.resume import clear_outputs, has_shards
 
     job = job_config_from_args(args)  # config-level checks (one line each)
-    options = PipelineOptions(with_default_runner(beam_args))
+    options = PipelineOptions(with_default_runner(pipeline_args))
     local = is_local_runner(options)
     dry_run = _is_dry_run(options)
     use_anonymous_credentials_if_emulated()
@@ -193,25 +193,25 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     if argv[:1] == ["presets"]:
         print(describe_presets())
         return None
-    args, beam_args = parse_job_args(argv)
+    args, pipeline_args = parse_job_args(argv)
     if args.list_presets:
         print(describe_presets())
         return None
-    job, options, local, total, held = prepare_job(args, beam_args)
+    job, options, local, total, held = prepare_job(args, pipeline_args)
 
     from beam_job.pipeline import claim as output_claim
     from beam_job.pipeline.pipeline import run_pipeline, with_default_runner
 
     if _is_dry_run(options):
-        result = run_pipeline(job, with_default_runner(beam_args), test_pipeline)
+        result = run_pipeline(job, with_default_runner(pipeline_args), test_pipeline)
         return RunOutcome(job=job, summary={}, result=result, metrics=[])
     try:
-        return _run_claimed(job, args, beam_args, local, total, test_pipeline)
+        return _run_claimed(job, args, pipeline_args, local, total, test_pipeline)
     finally:
         output_claim.release(held)
 
 
-def _run_claimed(job: JobConfig, args, beam_args: Sequence[str], local: bool, total: Optional[int],
+def _run_claimed(job: JobConfig, args, pipeline_args: Sequence[str], local: bool, total: Optional[int],
                  test_pipeline) -> RunOutcome:
     """Run the job on a claimed output; the exit status comes from the run summary's status."""
     from apache_beam.io.filesystems import FileSystems
@@ -229,9 +229,9 @@ def _run_claimed(job: JobConfig, args, beam_args: Sequence[str], local: bool, to
     try:
         if progress_dir:
             with ProgressMonitor(progress_dir, total, args.progress_interval):
-                result = run_pipeline(job, beam_args, test_pipeline)
+                result = run_pipeline(job, pipeline_args, test_pipeline)
         else:
-            result = run_pipeline(job, beam_args, test_pipeline)
+            result = run_pipeline(job, pipeline_args, test_pipeline)
     except Exception as exc:
         # Shards may have been committed before the failure: the output is not known to be complete.
         if FileSystems.exists(job.success_path):

@@ -1,7 +1,7 @@
-"""Job flags and the frozen JobConfig that every step of the Beam job receives (no Beam flags here).
+"""Job flags (one table, FLAGS, registered with Beam as DelgOptions) and the frozen JobConfig every step receives.
 
-`parse_job_args(argv)` splits argv into our flags (a JobConfig) and Beam's own flags (returned untouched,
-so `--runner`, `--direct_num_workers`, `--project`, ... pass straight through to PipelineOptions).
+`parse_job_args(argv)` parses our flags (one-line errors) and returns argv whole for PipelineOptions, which
+parses Beam's flags (`--runner`, `--direct_num_workers`, `--project`, ...) and ours alike.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import logging
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_job.config import PRESETS, ExtractionConfig, get_preset
 
@@ -32,6 +35,180 @@ def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus 6 random hex digits, e.g. 20261123T211400Z-3f9a1c."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _number(text: str, expected: str) -> float:
+    """float(text), refusing what is not a finite number (float() also takes 'nan', 'inf' and '1e999')."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _csv_floats(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(_number(v, "") for v in text.split(",") if v.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
+
+
+def _csv_ints(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1, got {text!r}")
+
+
+def _finite(text: str) -> float:
+    return _number(text, "a finite number")
+
+
+def _ratio(text: str) -> float:
+    return _number(text, "a number between 0 and 1")
+
+
+def _seconds(text: str) -> float:
+    value = _number(text, "a number of seconds > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises JobConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise JobConfigError(message)
+
+
+# ----------------------------------------------------------------------------- the flags, defined once
+
+IO, MODEL, RUN = "inputs and outputs", "model and extraction settings", "run"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One delg-extract flag. argparse (through DelgOptions, Beam's options registry), the JobConfig /
+    ExtractionConfig it fills, the run summary and the docs table are all derived from FLAGS.
+
+    target: "job" (JobConfig field `dest`), "extraction" (ExtractionConfig override `dest`; `invert` for
+    --no_x switches of a boolean setting) or "launcher" (read by the launcher only).
+    Values must survive Beam's options round trip (workers re-parse the options as `--name=value`), so
+    list-valued settings are kept as their comma-separated text and converted in `job_config_from_args`.
+    """
+
+    name: str
+    help: str
+    group: str
+    target: str
+    dest: str = ""
+    default: Any = None
+    type: Optional[Callable[[str], Any]] = None
+    action: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    metavar: Optional[str] = None
+    invert: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.dest or self.name
+
+    @property
+    def shown_metavar(self) -> Optional[str]:
+        if self.action == "store_true":
+            return None
+        if self.metavar:
+            return self.metavar
+        if self.choices:
+            return "{" + ",".join(self.choices) + "}" if len(self.choices) <= 3 else "NAME"
+        return {int: "N", float: "X"}.get(self.type, "VALUE" if self.type is None else "X")
+
+    def add_to(self, parser) -> None:
+        kwargs: Dict[str, Any] = {"help": self.help, "default": self.default, "dest": self.name}
+        for key in ("type", "action", "choices"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
+        if self.shown_metavar:
+            kwargs["metavar"] = self.shown_metavar
+        parser.add_argument(f"--{self.name}", **kwargs)
+
+
+def _csv_text(parse: Callable[[str], Tuple[Any, ...]]) -> Callable[[str], str]:
+    """argparse type that validates a comma-separated list but keeps its text (see Flag)."""
+
+    def check(text: str) -> str:
+        parse(text)
+        return text
+
+    return check
+
+
+FLAGS: Tuple[Flag, ...] = (
+    Flag("input", "glob of image files, local or gs:// (repeatable; quote it), e.g. 'photos/*.jpg'; Beam's glob "
+         "rules: dir/** matches every file below dir, dir/**/*.jpg only files inside subdirectories", IO, "job",
+         dest="inputs", action="append", metavar="PATTERN"),
+    Flag("manifest", "manifest file or pattern (repeatable): CSV with a 'path' header and optional 'image_id', "
+         "plain text with one path a line, or Parquet (e.g. <output>/failures/*.parquet)", IO, "job",
+         dest="manifests", action="append", metavar="FILE"),
+    Flag("output", "output directory or gs:// prefix (required)", IO, "job", metavar="DIR"),
+    Flag("descriptor_dtype", "storage type of the local descriptors", IO, "job", default="float32",
+         choices=("float32", "float16")),
+    Flag("rows_per_shard", "feature rows per Parquet file at most", IO, "job", default=DEFAULT_ROWS_PER_SHARD,
+         type=int),
+    Flag("row_group_size", "feature rows per Parquet row group (bounds writer memory: a row can hold 512 KB)",
+         IO, "job", default=DEFAULT_ROW_GROUP_SIZE, type=int),
+    Flag("skip_existing", "resume: leave out images whose image_id is already in <output>/features", IO, "job",
+         default=False, action="store_true"),
+    Flag("overwrite", "delete earlier features, failures, _output.json and _SUCCESS under --output first", IO,
+         "job", default=False, action="store_true"),
+    Flag("allow_config_change", "with --skip_existing: accept another model or other extraction settings than "
+         "the output was made with (refused by default; the summary records both)", IO, "job", default=False,
+         action="store_true"),
+    Flag("take_over_claim", "take over the output's claim left by the crashed run RUN_ID (named in the error)",
+         IO, "job", metavar="RUN_ID"),
+    Flag("max_failure_ratio", "the run fails when the output's current failures, or this run's new images, "
+         "fail above this ratio (1 disables)", IO, "job", default=DEFAULT_MAX_FAILURE_RATIO, type=_ratio),
+    Flag("max_file_bytes", "files larger than this fail at the read stage", IO, "job",
+         default=DEFAULT_MAX_FILE_BYTES, type=int),
+    Flag("preset", "extraction preset; list them with 'delg-extract presets'", MODEL, "extraction",
+         default=DEFAULT_PRESET, choices=tuple(sorted(PRESETS))),
+    Flag("model", "model URI: SavedModel dir, .tar.gz (local, gs:// or http(s)://), gs:// dir, or "
+         "embedded:<arch>", MODEL, "extraction", metavar="URI"),
+    Flag("image_scales", "pyramid scales, e.g. 0.707,1.0,1.414", MODEL, "extraction", type=_csv_text(_csv_floats),
+         metavar="LIST"),
+    Flag("global_scales_ind", "indices of scales pooled for the global descriptor, e.g. 3,4,5", MODEL,
+         "extraction", type=_csv_text(_csv_ints), metavar="LIST"),
+    Flag("max_feature_num", "at most this many local features per image", MODEL, "extraction", type=int),
+    Flag("score_threshold", "attention threshold for local features", MODEL, "extraction", type=_finite),
+    Flag("max_image_size", "shrink the longest side to this first (-1: off)", MODEL, "extraction", type=int),
+    Flag("min_image_size", "grow the longest side to this first (-1: off)", MODEL, "extraction", type=int),
+    Flag("max_image_pixels", "refuse images with more pixels, checked on the header before decoding "
+         "(decompression bombs)", MODEL, "extraction", type=int),
+    Flag("no_exif", "do not rotate images by their EXIF orientation (the reference extractor does not)", MODEL,
+         "extraction",
+         dest="apply_exif_orientation", default=False, action="store_true", invert=True),
+    Flag("no_local_features", "global descriptors only", MODEL, "extraction", dest="use_local_features",
+         default=False, action="store_true", invert=True),
+    Flag("share_model_across_processes", "one model copy per machine (Beam large_model) instead of one per "
+         "process", MODEL, "job", default=False, action="store_true"),
+    Flag("skip_model_check", "do not check the model on the launcher before launch", MODEL, "launcher",
+         default=False, action="store_true"),
+    Flag("run_id", "name of this run (default: UTC time + random suffix)", RUN, "job", metavar="ID"),
+    Flag("no_progress", "no progress log lines on local runs", RUN, "launcher", default=False,
+         action="store_true"),
+    Flag("progress_interval", "seconds between progress lines on local runs", RUN, "launcher", default=10.0,
+         type=_seconds),
+    Flag("list_presets", "print the presets and exit", RUN, "launcher", default=False, action="store_true"),
+)
+_EXTRACTION_LISTS = {"image_scales": _csv_floats, "global_scales_ind": _csv_ints}
+
+
+def flag_default(name: str) -> Any:
+    """The default of a flag, for the JobConfig field it fills (so the two cannot disagree)."""
+    return next(f.default for f in FLAGS if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -67,16 +244,16 @@ class JobConfig:
     manifests: Tuple[str, ...]
     output: str
     extraction: ExtractionConfig
-    descriptor_dtype: str = "float32"
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
-    skip_existing: bool = False
-    overwrite: bool = False
-    allow_config_change: bool = False
-    take_over_claim: Optional[str] = None
-    max_failure_ratio: float = DEFAULT_MAX_FAILURE_RATIO
-    share_model_across_processes: bool = False
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    descriptor_dtype: str = flag_default("descriptor_dtype")
+    rows_per_shard: int = flag_default("rows_per_shard")
+    row_group_size: int = flag_default("row_group_size")
+    skip_existing: bool = flag_default("skip_existing")
+    overwrite: bool = flag_default("overwrite")
+    allow_config_change: bool = flag_default("allow_config_change")
+    take_over_claim: Optional[str] = flag_default("take_over_claim")
+    max_failure_ratio: float = flag_default("max_failure_ratio")
+    share_model_across_processes: bool = flag_default("share_model_across_processes")
+    max_file_bytes: int = flag_default("max_file_bytes")
     run_id: str = field(default_factory=new_run_id)
     model_identity: str = ""
     progress_dir: Optional[str] = None
@@ -135,23 +312,13 @@ class JobConfig:
         return join(self.output, "_SUCCESS")
 
     def to_summary_dict(self) -> Dict[str, Any]:
-        """The job settings recorded in the run summary (JSON-serialisable)."""
-        return {
-            "inputs": list(self.inputs),
-            "manifests": list(self.manifests),
-            "output": self.output,
-            "preset": self.extraction.name,
-            "descriptor_dtype": self.descriptor_dtype,
-            "rows_per_shard": self.rows_per_shard,
-            "row_group_size": self.row_group_size,
-            "skip_existing": self.skip_existing,
-            "overwrite": self.overwrite,
-            "allow_config_change": self.allow_config_change,
-            "take_over_claim": self.take_over_claim,
-            "max_failure_ratio": self.max_failure_ratio,
-            "share_model_across_processes": self.share_model_across_processes,
-            "max_file_bytes": self.max_file_bytes,
-        }
+        """The job settings recorded in the run summary (JSON-serialisable): every job flag, plus the preset."""
+        out: Dict[str, Any] = {"preset": self.extraction.name}
+        for flag in FLAGS:
+            if flag.target == "job":
+                value = getattr(self, flag.field)
+                out[flag.field] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 def join(base: str, *parts: str) -> str:
@@ -162,131 +329,53 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _number(text: str, expected: str) -> float:
-    """float(text), refusing what is not a finite number (float() also takes 'nan', 'inf' and '1e999')."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
 
 
-def _csv_floats(text: str) -> Tuple[float, ...]:
-    try:
-        return tuple(_number(v, "") for v in text.split(",") if v.strip())
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
+def add_flags(parser) -> None:
+    """Add every delg-extract flag, in its group, to an argparse parser (Beam's or ours)."""
+    groups: Dict[str, Any] = {}
+    for flag in FLAGS:
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        flag.add_to(groups[flag.group])
 
 
-def _csv_ints(text: str) -> Tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1, got {text!r}")
+class DelgOptions(PipelineOptions):
+    """The job's flags as Beam pipeline options: Beam parses them with its own, lists them in the job's
+    pipeline options (and Dataflow's options panel), and `view_as(DelgOptions)` reads them."""
 
-
-def _finite(text: str) -> float:
-    return _number(text, "a finite number")
-
-
-def _ratio(text: str) -> float:
-    return _number(text, "a number between 0 and 1")
-
-
-def _seconds(text: str) -> float:
-    value = _number(text, "a number of seconds > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that raises JobConfigError (one line) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise JobConfigError(message)
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # Beam's documented hook for custom options
+        add_flags(parser)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The job's own flags. Beam flags are not declared here; unknown flags go to Beam."""
+    """The parser behind `delg-extract --help` and the launcher's one-line errors: the same flags as DelgOptions."""
     parser = _OneLineParser(
         prog="delg-extract",
         description="Extract DELG global + local features from images into Parquet shards (Apache Beam).",
         epilog="Other --flags are Apache Beam pipeline options and pass through unchanged (--runner, "
         "--direct_num_workers, --direct_running_mode, --project, --region, --temp_location, ...). The default "
-        "runner is the offline FnApiRunner. 'delg-extract presets' lists the presets. See docs/pipeline.md.",
+        "runner is the offline FnApiRunner. 'delg-extract presets' lists the presets; 'delg-extract report "
+        "<output>' writes a run's HTML report. See docs/pipeline.md.",
         allow_abbrev=False,
     )
-    io_group = parser.add_argument_group("inputs and outputs")
-    io_group.add_argument("--input", action="append", default=[], metavar="PATTERN",
-                          help="glob of image files, local or gs:// (repeatable), e.g. 'photos/**/*.jpg'")
-    io_group.add_argument("--manifest", action="append", default=[], metavar="FILE",
-                          help="manifest file or pattern (repeatable): CSV with a 'path' header and optional "
-                          "'image_id', plain text with one path a line, or Parquet (e.g. <output>/failures/*.parquet)")
-    io_group.add_argument("--output", required=False, help="output directory or gs:// prefix")
-    io_group.add_argument("--descriptor_dtype", choices=("float32", "float16"), default="float32",
-                          help="storage type of the local descriptors (default float32)")
-    io_group.add_argument("--rows_per_shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
-                          help=f"feature rows per Parquet file (default {DEFAULT_ROWS_PER_SHARD})")
-    io_group.add_argument("--row_group_size", type=int, default=DEFAULT_ROW_GROUP_SIZE,
-                          help=f"feature rows per Parquet row group (default {DEFAULT_ROW_GROUP_SIZE})")
-    io_group.add_argument("--skip_existing", action="store_true",
-                          help="resume: leave out images whose image_id is already in <output>/features")
-    io_group.add_argument("--overwrite", action="store_true",
-                          help="delete earlier features, failures and _SUCCESS under --output first")
-    io_group.add_argument("--allow_config_change", action="store_true",
-                          help="with --skip_existing: accept another model or other extraction settings than the "
-                          "output was made with (refused by default; the summary records both)")
-    io_group.add_argument("--take_over_claim", metavar="RUN_ID",
-                          help="take over the output's claim left by the crashed run RUN_ID (named in the error)")
-    io_group.add_argument("--max_failure_ratio", type=_ratio, default=DEFAULT_MAX_FAILURE_RATIO,
-                          help="fail the job when failed/processed images exceeds this "
-                          f"(default {DEFAULT_MAX_FAILURE_RATIO}; 1 disables)")
-    io_group.add_argument("--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
-                          help="files larger than this fail at the read stage (default 256 MiB)")
-
-    model_group = parser.add_argument_group("model and extraction settings")
-    model_group.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                             help=f"extraction preset (default {DEFAULT_PRESET}); list them with 'delg-extract presets'")
-    model_group.add_argument("--model", help="model URI: SavedModel dir, .tar.gz, gs:// or embedded:<arch>")
-    model_group.add_argument("--image_scales", type=_csv_floats, help="pyramid scales, e.g. 0.707,1.0,1.414")
-    model_group.add_argument("--global_scales_ind", type=_csv_ints, help="indices of scales pooled for the global descriptor")
-    model_group.add_argument("--max_feature_num", type=int, help="at most this many local features per image")
-    model_group.add_argument("--score_threshold", type=_finite, help="attention threshold for local features")
-    model_group.add_argument("--max_image_size", type=int, help="shrink the longest side to this first (-1: off)")
-    model_group.add_argument("--min_image_size", type=int, help="grow the longest side to this first (-1: off)")
-    model_group.add_argument("--max_image_pixels", type=int, help="refuse images with more pixels (decompression bombs)")
-    model_group.add_argument("--no_exif", action="store_true", help="do not rotate images by their EXIF orientation")
-    model_group.add_argument("--no_local_features", action="store_true", help="global descriptors only")
-    model_group.add_argument("--skip_model_check", action="store_true",
-                             help="do not load the model on the launcher before launch")
-    model_group.add_argument("--share_model_across_processes", action="store_true",
-                             help="one model copy per machine (Beam large_model) instead of one per process")
-
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--run_id", help="name of this run (default: UTC time + random suffix)")
-    run_group.add_argument("--no_progress", action="store_true", help="no progress log lines on local runs")
-    run_group.add_argument("--progress_interval", type=_seconds, default=10.0,
-                           help="seconds between progress lines on local runs (default 10)")
-    run_group.add_argument("--list_presets", action="store_true", help="print the presets and exit")
+    add_flags(parser)
     return parser
-
-
-_OVERRIDE_FLAGS = (
-    "model", "image_scales", "global_scales_ind", "max_feature_num", "score_threshold",
-    "max_image_size", "min_image_size", "max_image_pixels",
-)
 
 
 def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     """The preset with the flag overrides applied; raises JobConfigError with the validation message."""
-    overrides: Dict[str, Any] = {name: getattr(args, name) for name in _OVERRIDE_FLAGS if getattr(args, name) is not None}
-    if args.no_exif:
-        overrides["apply_exif_orientation"] = False
-    if args.no_local_features:
-        overrides["use_local_features"] = False
+    overrides: Dict[str, Any] = {}
+    for flag in FLAGS:
+        value = getattr(args, flag.name)
+        if flag.target != "extraction" or flag.name == "preset" or value is None:
+            continue
+        if flag.invert:
+            if value:
+                overrides[flag.field] = False
+            continue
+        overrides[flag.field] = _EXTRACTION_LISTS[flag.name](value) if flag.name in _EXTRACTION_LISTS else value
     try:
         return get_preset(args.preset, **overrides)
     except ValueError as exc:
@@ -294,54 +383,72 @@ def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
 
 
 def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
-    """Split argv into (our parsed flags, Beam's flags)."""
-    parser = build_arg_parser()
-    args, beam_args = parser.parse_known_args(list(argv))
-    unknown = unknown_beam_args(beam_args)
+    """(our parsed flags, the whole argv for PipelineOptions): Beam parses our flags too, through DelgOptions,
+    so they are part of the job's pipeline options. Unknown flags and stray arguments fail in one line."""
+    argv = list(argv)
+    args, rest = build_arg_parser().parse_known_args(argv)
+    unknown = unknown_beam_args(rest)
     if unknown:
         what = "unexpected argument" if not unknown[0].startswith("-") else "unknown flag"
         raise JobConfigError(f"{what} {unknown[0]!r}: neither a delg-extract flag nor a Beam pipeline option (see --help)")
-    return args, beam_args
+    return args, argv
 
 
 def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
-    """The args that no registered Beam PipelineOptions class accepts (Beam itself only warns and drops them)."""
-    try:
-        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    """The args no registered Beam PipelineOptions class accepts (Beam itself only warns and drops them).
 
-        parser = _BeamArgumentParser(allow_abbrev=False)
-        for cls in PipelineOptions.__subclasses__():
-            cls._add_argparse_args(parser)  # the same registry Beam parses with
-        _, unknown = parser.parse_known_args(list(beam_args))
-    except Exception:  # a Beam-internal change must not block launches; Beam will warn instead
-        return []
-    return list(unknown)
+    Flags: those Beam keeps only with `retain_unknown_options=True`. Stray words: a word that is neither a
+    flag nor the value following a flag without '='.
+    """
+    beam_args = list(beam_args)
+    strays = [a for i, a in enumerate(beam_args)
+              if not a.startswith("-") and (i == 0 or not beam_args[i - 1].startswith("-") or "=" in beam_args[i - 1])]
+    if strays:
+        return strays
+    quiet = logging.getLogger("apache_beam.options.pipeline_options")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "Discarding unparseable args": we report them ourselves
+    try:
+        options = PipelineOptions(beam_args)
+        names = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    finally:
+        quiet.setLevel(level)
+    names = {n.split("=", 1)[0] for n in names}
+    return [a for a in beam_args if a.startswith("--") and a[2:].split("=", 1)[0] in names]
 
 
 def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:
     """A JobConfig from parsed flags (extra: launcher-decided fields such as model_identity)."""
     if not args.output:
         raise JobConfigError("--output is required: an output directory or gs:// prefix")
-    kwargs: Dict[str, Any] = dict(
-        inputs=tuple(args.input),
-        manifests=tuple(args.manifest),
-        output=args.output,
-        extraction=extraction_config_from_args(args),
-        descriptor_dtype=args.descriptor_dtype,
-        rows_per_shard=args.rows_per_shard,
-        row_group_size=args.row_group_size,
-        skip_existing=args.skip_existing,
-        overwrite=args.overwrite,
-        allow_config_change=args.allow_config_change,
-        take_over_claim=args.take_over_claim,
-        max_failure_ratio=args.max_failure_ratio,
-        share_model_across_processes=args.share_model_across_processes,
-        max_file_bytes=args.max_file_bytes,
-    )
-    if args.run_id:
-        kwargs["run_id"] = args.run_id
+    kwargs: Dict[str, Any] = {"extraction": extraction_config_from_args(args)}
+    for flag in FLAGS:
+        value = getattr(args, flag.name)
+        if flag.target == "job" and flag.action == "append":
+            kwargs[flag.field] = tuple(value or ())
+        elif flag.target == "job" and value is not None:
+            kwargs[flag.field] = value
     kwargs.update(extra)
     return JobConfig(**kwargs)
+
+
+def flags_markdown() -> str:
+    """The flags table of docs/pipeline.md (a test keeps the docs equal to it)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for flag in FLAGS:
+        if flag.action == "store_true":
+            default = "off"
+        elif flag.action == "append":
+            default = "(repeatable)"
+        elif flag.default is None:
+            default = {"extraction": "preset's", "job": ""}.get(flag.target, "")
+        else:
+            default = f"`{flag.default}`"
+        if flag.name == "run_id":
+            default = "UTC time + random"
+        name = f"`--{flag.name}`" if not flag.shown_metavar else f"`--{flag.name} {flag.shown_metavar}`"
+        rows.append(f"| {name} | {default} | {flag.help} |")
+    return "\n".join(rows)
 
 
 def describe_presets() -> str:
