@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from beam_job.delg.architecture import ARCHITECTURES  # pure Python: names and sizes, no TensorFlow
+
 # The seven pyramid scales of every official DELG config (0.25 ... 2.0, powers of sqrt(2)).
 OFFICIAL_SCALES: Tuple[float, ...] = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
 KAGGLE_SCALES: Tuple[float, ...] = (0.70710677, 1.0, 1.4142135)
@@ -115,8 +117,8 @@ class ExtractionConfig:
                 raise ValueError(f"{name} must be -1 (off) or a positive size, got {value}")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
-        if self.architecture not in ("r50", "r101", "tiny"):
-            raise ValueError(f"architecture must be r50, r101 or tiny, got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
 
     @property
     def is_embedded_model(self) -> bool:

@@ -11,9 +11,9 @@ from typing import Dict, Mapping, Optional
 
 import pyarrow as pa
 
+from beam_job.features import GLOBAL_DIM, LOCAL_DIM  # noqa: F401 - the model's output sizes, stored as they are
+
 SCHEMA_VERSION = "delg_v1"
-GLOBAL_DIM = 2048
-LOCAL_DIM = 128
 
 COORDINATE_CONVENTION = (
     "locations are (y, x) = (row, col) keypoint centres in pixels of the original decoded image "

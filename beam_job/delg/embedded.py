@@ -12,11 +12,12 @@ import logging
 import os
 from typing import Optional, Set
 
+from beam_job.delg.architecture import ARCHITECTURES as _ARCHITECTURE_SPECS
 from beam_job.delg.loader import SAVED_MODEL_FILE, build_once, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("r50", "r101", "tiny")
+ARCHITECTURES = tuple(_ARCHITECTURE_SPECS)  # the names embedded:<arch> accepts
 # Bump when the export layout changes; the source hash below also invalidates the cache on model-code edits.
 EMBEDDED_FORMAT_VERSION = 1
 _MODEL_MODULES = ("architecture", "keras_model", "graph", "export")

@@ -42,9 +42,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from beam_job.config import EMBEDDED_MODEL_PREFIX
+
 logger = logging.getLogger(__name__)
 
-EMBEDDED_PREFIX = "embedded:"
 SAVED_MODEL_FILE = "saved_model.pb"
 _TARBALL_SUFFIXES = (".tar.gz", ".tgz")
 
@@ -289,10 +290,10 @@ def resolve_model_path(uri: str, *, cache_dir: Optional[str] = None) -> str:
     if not uri or not isinstance(uri, str):
         raise ModelLoadError("no model given: pass --model with a SavedModel directory, .tar.gz, gs:// URI or embedded:<arch>")
     cache = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    if uri.startswith(EMBEDDED_PREFIX):
+    if uri.startswith(EMBEDDED_MODEL_PREFIX):
         from beam_job.delg.embedded import embedded_model_path
 
-        arch = uri[len(EMBEDDED_PREFIX) :] or "r50"
+        arch = uri[len(EMBEDDED_MODEL_PREFIX) :] or "r50"
         try:
             return embedded_model_path(arch, cache_dir=cache)
         except ValueError as err:
@@ -344,7 +345,7 @@ class LoadedDelgModel:
 
     @property
     def is_embedded(self) -> bool:
-        return self.uri.startswith(EMBEDDED_PREFIX)
+        return self.uri.startswith(EMBEDDED_MODEL_PREFIX)
 
     def run(
         self,

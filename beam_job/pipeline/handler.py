@@ -17,11 +17,11 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.config import ExtractionConfig
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "delg"
 
 # Model loads in this process not yet reported as a Beam counter. load_model runs in DoFn.setup(), where
 # metric updates are not attributed to a bundle, so the count is carried into the next run_inference call.
@@ -86,8 +86,8 @@ class DelgModelHandler(ModelHandler):
     ) -> Iterable[PredictionResult]:
         loads = _take_pending_loads()
         if loads:
-            Metrics.counter(NAMESPACE, "model_loads").inc(loads)
-        infer_ms = Metrics.distribution(NAMESPACE, "inference_ms")
+            Metrics.counter(METRICS_NAMESPACE, "model_loads").inc(loads)
+        infer_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_ms")
         identity = model.identity()
         out = []
         for task in batch:

@@ -40,10 +40,10 @@ from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "delg"
 _GLOB_CHARS = "*?["
 # What `text_to_path` reads as an escape in the stored form: "\\" (one backslash) or "\x80".."\xff" (one byte).
 _ESCAPE = re.compile(r"\\(?:\\|x[89a-f][0-9a-f])")
@@ -175,7 +175,7 @@ def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str
         image_id = cells[id_col].strip() if id_col is not None and id_col < len(cells) else ""
         if not path:
             # Nothing to read: no row can be made for it, and a malformed line must not stop the job.
-            Metrics.counter(NAMESPACE, "manifest_lines_without_path").inc()
+            Metrics.counter(METRICS_NAMESPACE, "manifest_lines_without_path").inc()
             _LOGGER.warning("manifest %s: a line without a path was skipped: %r", source, cells)
             continue
         yield listed(path, path_to_text(image_id))
@@ -245,7 +245,7 @@ class ExpandGlobFn(beam.DoFn):
 
     def setup(self):
         use_anonymous_credentials_if_emulated()
-        self._listed = Metrics.counter(NAMESPACE, "inputs_listed")
+        self._listed = Metrics.counter(METRICS_NAMESPACE, "inputs_listed")
 
     def process(self, pattern: str):
         paths = match_paths(text_to_path(pattern))
@@ -273,7 +273,7 @@ class ReadManifestFn(beam.DoFn):
 
     def setup(self):
         use_anonymous_credentials_if_emulated()
-        self._listed = Metrics.counter(NAMESPACE, "inputs_listed")
+        self._listed = Metrics.counter(METRICS_NAMESPACE, "inputs_listed")
 
     def process(self, manifest: str):
         n = 0

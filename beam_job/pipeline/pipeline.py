@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline.inputs import ListInputs
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.resume import shard_glob
@@ -125,14 +126,14 @@ def metrics_report(result) -> List[str]:
         return ["(metrics unavailable on this runner)"]
     counters: Dict[str, int] = {}
     for c in metrics.get("counters", []):
-        if c.key.metric.namespace in ("delg", "RunInference"):
+        if c.key.metric.namespace in (METRICS_NAMESPACE, "RunInference"):
             name = f"{c.key.metric.namespace}/{c.key.metric.name}"
             counters[name] = counters.get(name, 0) + int(c.committed or 0)
     for name in sorted(counters):
         lines.append(f"counter {name} = {counters[name]}")
     dists: Dict[str, List[float]] = {}
     for d in metrics.get("distributions", []):
-        if d.key.metric.namespace in ("delg", "RunInference") and d.committed is not None:
+        if d.key.metric.namespace in (METRICS_NAMESPACE, "RunInference") and d.committed is not None:
             name = f"{d.key.metric.namespace}/{d.key.metric.name}"
             v = d.committed
             cur = dists.setdefault(name, [0, 0, None, None])
@@ -147,7 +148,7 @@ def metrics_report(result) -> List[str]:
     return lines
 
 
-def counter_value(result, name: str, namespace: str = "delg") -> int:
+def counter_value(result, name: str, namespace: str = METRICS_NAMESPACE) -> int:
     """Sum of a committed counter over all steps (0 when absent)."""
     from apache_beam.metrics.metric import MetricsFilter
 

@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.handler import DelgModelHandler
@@ -27,7 +28,6 @@ from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.rows import failure_record, feature_record
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "delg"
 FAILED = "failed"
 SKIPPED = "skipped"
 DUPLICATE = "duplicate"
@@ -71,7 +71,7 @@ def _valid_text(text: str) -> str:
 
 
 def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
-    Metrics.counter(NAMESPACE, f"failures_{stage}").inc()
+    Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}").inc()
     record = failure_record(image_id, path, stage, type(exc).__name__, _valid_text(str(exc) or repr(exc)),
                             model=job.model_identity, preset=job.extraction.name)
     return beam.pvalue.TaggedOutput(FAILED, (record, dict(timings)))
@@ -148,8 +148,8 @@ class ResolveInputsFn(beam.DoFn):
 
     def setup(self):
         self._progress = progress.ProgressReporter(self._job.progress_dir)
-        self._skipped = Metrics.counter(NAMESPACE, "skipped_existing")
-        self._dups = Metrics.counter(NAMESPACE, "duplicate_inputs")
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "skipped_existing")
+        self._dups = Metrics.counter(METRICS_NAMESPACE, "duplicate_inputs")
 
     def process(self, element):
         image_id, groups = element
@@ -206,9 +206,9 @@ class ReadBytesFn(beam.DoFn):
 
     def setup(self):
         use_anonymous_credentials_if_emulated()
-        self._read_ms = Metrics.distribution(NAMESPACE, "read_ms")
-        self._bytes = Metrics.distribution(NAMESPACE, "image_file_bytes")
-        self._count = Metrics.counter(NAMESPACE, "images_read")
+        self._read_ms = Metrics.distribution(METRICS_NAMESPACE, "read_ms")
+        self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_file_bytes")
+        self._count = Metrics.counter(METRICS_NAMESPACE, "images_read")
 
     def process(self, element):
         image_id, path = element
@@ -242,8 +242,8 @@ class DecodeAndResizeFn(beam.DoFn):
         self._job = job
 
     def setup(self):
-        self._decode_ms = Metrics.distribution(NAMESPACE, "decode_ms")
-        self._count = Metrics.counter(NAMESPACE, "images_decoded")
+        self._decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
+        self._count = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
 
     def process(self, element):
         from beam_job.imaging import decode_image, prepare_image
@@ -277,8 +277,8 @@ class ToRowsFn(beam.DoFn):
         self._job = job
 
     def setup(self):
-        self._keypoints = Metrics.distribution(NAMESPACE, "keypoints_per_image")
-        self._count = Metrics.counter(NAMESPACE, "images_extracted")
+        self._keypoints = Metrics.distribution(METRICS_NAMESPACE, "keypoints_per_image")
+        self._count = Metrics.counter(METRICS_NAMESPACE, "images_extracted")
 
     def process(self, element):
         image_id, result = element
@@ -313,7 +313,7 @@ class InferenceFailuresFn(beam.DoFn):
         name = getattr(exc_type, "__name__", str(exc_type))
         message = _valid_text(first_error_line(exception_text(exc_type, exc_repr, formatted_traceback)))
         _LOGGER.warning("inference failed for %d image(s): %s", len(batch), "".join(formatted_traceback or [])[-4000:])
-        Metrics.counter(NAMESPACE, "failures_inference").inc(len(batch))
+        Metrics.counter(METRICS_NAMESPACE, "failures_inference").inc(len(batch))
         for image_id, task in batch:
             record = failure_record(image_id, task.path, "inference", name, message,
                                     model=self._job.model_identity, preset=self._job.extraction.name)

@@ -31,6 +31,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
@@ -39,7 +40,6 @@ from beam_job.pipeline.stats import StageStats
 from schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
-NAMESPACE = "delg"
 FEATURES, FAILURES = "features", "failures"
 STATS = "stats"
 SHARD_SUFFIX = ".parquet"
@@ -138,8 +138,8 @@ class ToTablesFn(beam.DoFn):
 
     def setup(self):
         self._schema = shard_schema(self._kind, self._job)
-        self._build_ms = Metrics.distribution(NAMESPACE, f"table_ms_per_{self._kind}_group")
-        self._rows = Metrics.counter(NAMESPACE, f"{self._kind}_rows_written")
+        self._build_ms = Metrics.distribution(METRICS_NAMESPACE, f"table_ms_per_{self._kind}_group")
+        self._rows = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}_rows_written")
         self._progress = progress.ProgressReporter(self._job.progress_dir)
 
     def start_bundle(self):
