@@ -150,10 +150,18 @@ def compute_map(
 def evaluate_revisitop(
     rankings: Sequence[np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = DEFAULT_KAPPAS
 ) -> Dict[str, Dict]:
-    """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}."""
-    out = {}
+    """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}.
+
+    A setting in which no query has a positive (e.g. a ground truth without hard images) gets mAP None,
+    empty mP@k and num_queries 0; the other settings are still scored."""
+    out: Dict[str, Dict] = {}
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(gnd, protocol)
+        if not any(len(g["ok"]) for g in gt):
+            if len(rankings) != len(gt):
+                raise ValueError(f"{len(rankings)} rankings for {len(gt)} ground-truth queries: give one ranking per query")
+            out[protocol] = {"mAP": None, "mP@k": {}, "num_queries": 0}
+            continue
         mean_ap, aps, mpr, _ = compute_map(rankings, gt, kappas)
         out[protocol] = {
             "mAP": mean_ap,
@@ -190,6 +198,9 @@ def format_revisitop(metrics: Mapping[str, Mapping]) -> str:
     """One line per protocol, DELF-style: `medium: mAP=64.67 mP@k[1 5 10] 95.71 92.00 86.86`."""
     lines = []
     for protocol, m in metrics.items():
+        if m["mAP"] is None:
+            lines.append(f"{protocol}: no query has a positive image in this setting (queries=0)")
+            continue
         ks = list(m["mP@k"])
         lines.append(
             f"{protocol}: mAP={100 * m['mAP']:.2f} mP@k{ks} "
@@ -227,11 +238,19 @@ def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
 
 
 def read_gldv2_predictions(path: str) -> Dict[str, List[str]]:
-    """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}."""
+    """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}.
+
+    A query id given on two rows is an error (the reference refuses it too), never silently overwritten."""
     rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
     if rows and ("id" not in rows[0] or "images" not in rows[0]):
         raise ValueError(f"{path}: a GLDv2 submission needs the columns id,images")
-    return {row["id"].strip(): _split_ids(row["images"]) for row in rows}
+    out: Dict[str, List[str]] = {}
+    for line, row in enumerate(rows, start=2):
+        qid = row["id"].strip()
+        if qid in out:
+            raise ValueError(f"{path}: line {line} repeats query id {qid!r}: give each query one row")
+        out[qid] = _split_ids(row["images"])
+    return out
 
 
 def gldv2_map_at_k(
