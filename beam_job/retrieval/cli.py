@@ -144,7 +144,8 @@ def _cmd_build(args) -> int:
                       nprobe=args.nprobe, train_size=args.train_size, allow_mixed_models=args.allow_mixed_models)
     report = build_index(args.shards, args.index_dir, cfg)
     print(json.dumps({"index_dir": report.index_dir, "num_indexed": report.num_indexed,
-                      "num_null_skipped": report.num_null_skipped, "num_shards": report.num_shards,
+                      "num_null_skipped": report.num_null_skipped,
+                      "num_duplicate_ids": report.num_duplicate_ids, "num_shards": report.num_shards,
                       "params": report.params, "seconds": {k: round(v, 3) for k, v in report.seconds.items()}},
                      indent=1))
     return 0

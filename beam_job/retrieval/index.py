@@ -168,6 +168,7 @@ class BuildReport:
     num_shards: int
     params: Dict
     seconds: Dict[str, float] = field(default_factory=dict)
+    num_duplicate_ids: int = 0  # indexed rows whose image_id was already indexed (another shard or row)
 
 
 def _check_consistent(infos: Sequence[ShardInfo], allow_mixed: bool) -> None:
@@ -230,12 +231,14 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
     idmap_path = os.path.join(out_dir, IDMAP_FILE)
     num_null = 0
     position = 0
+    id_hashes: List[np.ndarray] = []  # 8 bytes per row: duplicate ids are looked for after the loop
     t = time.perf_counter()
     with pq.ParquetWriter(idmap_path, IDMAP_SCHEMA) as writer:
         for batch in shards_mod.iter_global_batches(uris, infos):
             num_null += batch.num_null
             n = len(batch.image_ids)
             if n:
+                id_hashes.append(np.fromiter((hash(i) for i in batch.image_ids), np.int64, count=n))
                 index.add(batch.matrix)
                 writer.write_table(
                     pa.table(
@@ -254,6 +257,8 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         raise ValueError(f"every row under {shards_uri!r} has a null global descriptor: nothing to index")
     if num_null:
         logger.warning("skipped %d rows with a null global descriptor", num_null)
+    num_duplicates = _warn_duplicate_ids(idmap_path, np.concatenate(id_hashes))
+    del id_hashes
 
     apply_search_params(index, params, cfg.k_factor_rf, cfg.ef_search)
     t = time.perf_counter()
@@ -266,6 +271,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         "num_indexed": position,
         "num_rows": total,
         "num_null_skipped": num_null,
+        "num_duplicate_ids": num_duplicates,
         "params": params,
         "search": {"k_factor_rf": cfg.k_factor_rf, "ef_search": cfg.ef_search},
         "index_config": asdict(cfg),
@@ -286,7 +292,26 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     logger.info("indexed %d vectors (%d null skipped) in %.2f s", position, num_null, seconds["total"])
-    return BuildReport(index_dir, position, num_null, len(uris), params, seconds)
+    return BuildReport(index_dir, position, num_null, len(uris), params, seconds, num_duplicates)
+
+
+def _warn_duplicate_ids(idmap_path: str, hashes: np.ndarray) -> int:
+    """Count indexed rows repeating an earlier image_id and log a warning naming a few (0 when all unique).
+
+    Only when the per-row hashes collide are the ids themselves read back from the id map to confirm."""
+    if len(np.unique(hashes)) == len(hashes):
+        return 0
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(pq.read_table(idmap_path, columns=["image_id"]).column("image_id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return 0
+    extra = int(pc.sum(repeated.field("counts")).as_py()) - len(repeated)
+    examples = repeated.field("values").to_pylist()[:3]
+    logger.warning("%d indexed rows repeat an image_id already indexed (%d ids, e.g. %s): results may list an id "
+                   "twice; give every image a unique id (e.g. a manifest image_id column)", extra, len(repeated), examples)
+    return extra
 
 
 def _local_output_dir(index_dir: str) -> Tuple[Optional[str], str]:
@@ -322,6 +347,7 @@ class RetrievalIndex:
         self.rows = rows
         self.config = config
         self._positions: Optional[Dict[str, int]] = None
+        self._counts: Optional[Dict[str, int]] = None
 
     @classmethod
     def load(cls, index_dir: str, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> "RetrievalIndex":
@@ -381,6 +407,14 @@ class RetrievalIndex:
         if image_id not in self._positions:
             raise KeyError(f"image id {image_id!r} is not in the index")
         return self._positions[image_id]
+
+    def count_of(self, image_id: str) -> int:
+        """How many index positions hold this image id (more than 1 when ids repeat across shards)."""
+        if self._counts is None:
+            self._counts = {}
+            for iid in self.image_ids:
+                self._counts[iid] = self._counts.get(iid, 0) + 1
+        return self._counts.get(image_id, 0)
 
     def ref(self, position: int) -> Tuple[str, int]:
         """(shard URI, row) of an index position."""

@@ -144,7 +144,8 @@ class QueryEngine:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         globals_ = np.stack([np.asarray(q.global_descriptor, np.float32) for q in queries])
-        extra = 1 if any(q.exclude_id for q in queries) else 0
+        # The excluded id may sit at several positions (ids repeated across shards): fetch that many more.
+        extra = max((self.index.count_of(q.exclude_id) for q in queries if q.exclude_id), default=0)
         scores, positions = self.index.search(globals_, k + extra)
         out = []
         for qi, query in enumerate(queries):

@@ -95,19 +95,40 @@ def read_bytes(uri: str) -> bytes:
         return stream.read()
 
 
+def _has_wildcard(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _glob(fs: pafs.FileSystem, pattern: str) -> List[str]:
+    """Files matching a glob whose wildcards may sit in any path segment (`*` never crosses a `/`).
+
+    Lists recursively from the last folder before the first wildcard segment, then matches segment by segment."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+    base = "/".join(parts[:first]) or "/"
+    wanted = parts[first:]
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=len(wanted) > 1))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(base) :].lstrip("/").split("/")
+        if len(rel) == len(wanted) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, wanted)):
+            out.append(info.path)
+    return out
+
+
 def list_shards(uri: str) -> List[str]:
     """Sorted feature-shard URIs under `uri`.
 
     `uri` may be a job output directory (its `features/` subfolder is used), a folder of `*.parquet`
-    files, a glob such as `gs://b/out/features/*.parquet`, or one `.parquet` file.
+    files, a glob such as `gs://b/out/features/*.parquet` or `out/run-*/features/*.parquet` (wildcards in
+    folder names too), or one `.parquet` file.
     Raises ValueError when nothing matches.
     """
     fs, path = resolve(uri)
-    if any(ch in path for ch in "*?["):
-        base = posixpath.dirname(path)
-        pattern = posixpath.basename(path)
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]
+    if _has_wildcard(path):
+        files = _glob(fs, path)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
