@@ -151,10 +151,11 @@ def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
     assert out.read_text().splitlines() == ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
     capsys.readouterr()
     # a results file holding RANKINGS under the query names evaluates to the hand-computed values
-    rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": []}
+    rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": [],
+            "verified": []}
     for qname, ranking in zip(["qa", "qb"], RANKINGS):
         for r, idx in enumerate(ranking):
-            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1]):
+            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1, True]):
                 rows[key].append(val)
     results = str(tmp_path / "results.parquet")
     query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
@@ -181,7 +182,8 @@ def test_ground_truth_without_hard_positives_still_scores_easy_and_medium(tmp_pa
     with open(tmp_path / "gnd.pkl", "wb") as fh:
         pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": gnd}, fh)
     rows = {"query_id": ["qa"] * 3 + ["qb"] * 3, "rank": [1, 2, 3] * 2, "image_id": ["im0", "im1", "im2", "im2", "im0", "im1"],
-            "global_score": [0.9, 0.8, 0.7] * 2, "inliers": [0] * 6, "final_rank": [1, 2, 3] * 2}
+            "global_score": [0.9, 0.8, 0.7] * 2, "inliers": [0] * 6, "final_rank": [1, 2, 3] * 2,
+            "verified": [True] * 6}
     results = str(tmp_path / "results.parquet")
     query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
     assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd.pkl")]) == 0

@@ -64,7 +64,8 @@ def test_flat_index_equals_bruteforce_and_idmap_points_at_rows(tmp_path):
     assert cfg["params"]["factory"] == "Flat" and cfg["num_indexed"] == 600 and cfg["preset"] == "tiny"
     assert cfg["shards"] == uris and cfg["extraction_config"] == {"name": "tiny"}
     idmap = pq.read_table(tmp_path / "idx" / "idmap.parquet")
-    assert idmap.schema.names == ["position", "image_id", "shard", "row"]
+    assert idmap.schema.names == ["position", "image_id", "shard", "row", "path"]
+    assert idmap.column("path").to_pylist() == [f"/images/{i}.jpg" for i in idmap.column("image_id").to_pylist()]
     assert idmap.column("position").to_pylist() == list(range(600))
 
 

@@ -2,7 +2,8 @@
 
 Layout of an index directory:
   index.faiss         the FAISS index (inner product; global descriptors are unit vectors, so cosine)
-  idmap.parquet       position (int64) -> image_id, shard (URI), row (row number inside the shard)
+  idmap.parquet       position (int64) -> image_id, shard (URI), row (row number inside the shard), path
+                      (the image's URI from the shards, so that a query may name an indexed image by path)
   build_config.json   how it was built: index kind + factory string, search parameters, counts,
                       the shards, and the model / preset / extraction config recorded in their footers
 
@@ -50,6 +51,7 @@ IDMAP_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("row", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
     ]
 )
 
@@ -247,6 +249,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
                             "image_id": pa.array(batch.image_ids, pa.string()),
                             "shard": pa.array([uris[batch.shard_index]] * n, pa.string()),
                             "row": pa.array(batch.rows),
+                            "path": pa.array(batch.paths, pa.string()),
                         },
                         schema=IDMAP_SCHEMA,
                     )
@@ -339,8 +342,11 @@ class RetrievalIndex:
     it; rows: (n,) int64 row inside that shard.
     """
 
-    def __init__(self, index, image_ids: np.ndarray, shard_uris: List[str], shard_of: np.ndarray, rows: np.ndarray, config: Dict):
+    def __init__(self, index, image_ids: np.ndarray, shard_uris: List[str], shard_of: np.ndarray, rows: np.ndarray,
+                 config: Dict, paths: Optional[np.ndarray] = None):
         self.index = index
+        self.paths = paths if paths is not None else np.full(len(image_ids), "", dtype=object)
+        self._by_path: Optional[Dict[str, int]] = None
         self.image_ids = image_ids
         self.shard_uris = shard_uris
         self.shard_of = shard_of
@@ -391,6 +397,8 @@ class RetrievalIndex:
             shard_of=shard_col.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order],
             rows=table.column("row").to_numpy()[order],
             config=config,
+            paths=(np.asarray(table.column("path").to_pylist(), dtype=object)[order]
+                   if "path" in table.column_names else None),  # indexes built before the path column: none
         )
 
     def __len__(self) -> int:
@@ -407,6 +415,17 @@ class RetrievalIndex:
         if image_id not in self._positions:
             raise KeyError(f"image id {image_id!r} is not in the index")
         return self._positions[image_id]
+
+    def position_of_path(self, path: str) -> int:
+        """Position of the image stored under this path (as the job recorded it; a local path may also be
+        given relative to the working directory). Raises KeyError when no indexed image has that path."""
+        if self._by_path is None:
+            self._by_path = {p: i for i, p in enumerate(self.paths) if p}
+        candidates = [path] if "://" in path else [path, os.path.abspath(path)]
+        for candidate in candidates:
+            if candidate in self._by_path:
+                return self._by_path[candidate]
+        raise KeyError(f"no indexed image has the path {path!r}")
 
     def count_of(self, image_id: str) -> int:
         """How many index positions hold this image id (more than 1 when ids repeat across shards)."""
