@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 # The seven pyramid scales of every official DELG config (0.25 ... 2.0, powers of sqrt(2)).

@@ -10,7 +10,8 @@ from beam_job.delg import datum
 
 def _datum_classes(packed: bool = True):
     """Build delf.protos.DatumProto dynamically (from the .proto facts) to cross-check our hand-written codec."""
-    fdp = descriptor_pb2.FileDescriptorProto(name=f"datum_test_{packed}.proto", package=f"t{int(packed)}", syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name=f"datum_test_{packed}.proto", package=f"t{int(packed)}", syntax="proto2")
     F = descriptor_pb2.FieldDescriptorProto
 
     def message(name, fields):

@@ -42,7 +42,8 @@ def test_csv_without_path_column_is_refused_with_a_fix(tmp_path):
 
 def test_parquet_manifest_such_as_a_failures_table(tmp_path):
     m = tmp_path / "failures.parquet"
-    pq.write_table(pa.table({"image_id": ["A", None], "path": ["/x/a.jpg", "/x/b.jpg"], "stage": ["read", "decode"]}), m)
+    pq.write_table(
+        pa.table({"image_id": ["A", None], "path": ["/x/a.jpg", "/x/b.jpg"], "stage": ["read", "decode"]}), m)
     assert list(read_manifest(str(m))) == [("A", "/x/a.jpg"), (derive_image_id("/x/b.jpg"), "/x/b.jpg")]
 
 

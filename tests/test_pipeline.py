@@ -154,7 +154,8 @@ def test_features_equal_the_extractor_on_each_image_alone(mixed_run):
     table = read_rows(os.path.join(mixed_run["out"], "features"))
     rows = {r["path"]: r for r in table.to_pylist()}
     for path, data in mixed_run["good"].items():
-        expected = extractor.extract(decode_image(data, apply_exif_orientation=True, max_pixels=config.max_image_pixels))
+        expected = extractor.extract(
+            decode_image(data, apply_exif_orientation=True, max_pixels=config.max_image_pixels))
         row = rows[path]
         assert row["image_id"] == mixed_run["ids"][path]
         np.testing.assert_array_equal(np.asarray(row["global_descriptor"], np.float32), expected.global_descriptor)
@@ -207,7 +208,8 @@ def test_shards_open_in_pyarrow_pandas_and_duckdb(mixed_run):
     total = duckdb.sql(f"SELECT sum(len(descriptors)) FROM read_parquet('{pattern}')").fetchall()[0][0]
     assert total == frame["num_features"].sum()
     fails = duckdb.sql(
-        f"SELECT count(*) FROM read_parquet('{os.path.join(mixed_run['out'], 'failures', '*.parquet')}')").fetchall()[0][0]
+        f"SELECT count(*) FROM read_parquet('{os.path.join(mixed_run['out'], 'failures', '*.parquet')}')"
+    ).fetchall()[0][0]
     assert fails == len(mixed_run["bad"])
 
 
@@ -289,7 +291,8 @@ def test_model_loaded_once_per_worker_process(tmp_path, mode, workers, loads, sh
                            "ORDER BY image_id LIMIT 1").fetchall()[0][0]
         ordered = table.sort_by("image_id").filter(table.sort_by("image_id").column("num_features").to_numpy() > 0)
         np.testing.assert_array_equal(np.asarray(first, np.float32),
-                                      np.asarray(ordered.column("descriptors")[0].as_py()[0], np.float16).astype(np.float32))
+                                      np.asarray(ordered.column("descriptors")[0].as_py()[0], np.float16)
+                                      .astype(np.float32))
 
 
 class _FailsOnOneImage:

@@ -148,7 +148,8 @@ def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
         pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": GND}, fh)
     out = tmp_path / "queries.csv"
     assert cli.main(["revisitop-queries", str(tmp_path / "gnd_t.pkl"), "/data/jpg/", str(out)]) == 0
-    assert out.read_text().splitlines() == ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
+    expected = ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
+    assert out.read_text().splitlines() == expected
     capsys.readouterr()
     # a results file holding RANKINGS under the query names evaluates to the hand-computed values
     rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": [],
@@ -181,7 +182,8 @@ def test_ground_truth_without_hard_positives_still_scores_easy_and_medium(tmp_pa
     imlist = ["im0", "im1", "im2", "im3"]
     with open(tmp_path / "gnd.pkl", "wb") as fh:
         pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": gnd}, fh)
-    rows = {"query_id": ["qa"] * 3 + ["qb"] * 3, "rank": [1, 2, 3] * 2, "image_id": ["im0", "im1", "im2", "im2", "im0", "im1"],
+    rows = {"query_id": ["qa"] * 3 + ["qb"] * 3, "rank": [1, 2, 3] * 2,
+            "image_id": ["im0", "im1", "im2", "im2", "im0", "im1"],
             "global_score": [0.9, 0.8, 0.7] * 2, "inliers": [0] * 6, "final_rank": [1, 2, 3] * 2,
             "verified": [True] * 6}
     results = str(tmp_path / "results.parquet")

@@ -46,7 +46,8 @@ def collection(tmp_path_factory):
                  "locations": pb_loc, "descriptors": pb_desc})
     for i, sim in enumerate([0.9, 0.8, 0.7]):
         rows.append({"image_id": f"decoy_{i}", "global_descriptor": _with_similarity(rng, g, sim),
-                     "locations": rng.random((300, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 300, 128)})
+                     "locations": rng.random((300, 2)) * [768, 1024],
+                     "descriptors": synthetic.unit_rows(rng, 300, 128)})
     for i in range(40):
         rows.append({"image_id": f"filler_{i:02d}", "global_descriptor": _with_similarity(rng, g, 0.1 + 0.005 * i),
                      "locations": rng.random((50, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 50, 128)})
@@ -276,7 +277,8 @@ def test_whole_database_ranking_and_reranking_that_skips_each_protocols_junk(col
     capsys.readouterr()
     table = qm.read_results(out)
     assert table.num_rows == len(names)  # the whole database but the query itself
-    verified = sorted(i for i, v in zip(table.column("image_id").to_pylist(), table.column("verified").to_pylist()) if v)
+    flags = zip(table.column("image_id").to_pylist(), table.column("verified").to_pylist())
+    verified = sorted(i for i, v in flags if v)
     assert verified == ["decoy_1", "decoy_2", "match_a", "match_b"]  # union over protocols; decoy_0 (junk) skipped
     assert cli.main(["eval-revisitop", out, gnd_path, "--rerank", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -335,7 +337,8 @@ def test_documented_reader_and_duckdb_recipe_on_real_job_shards(job_index):
     [one] = list(read_images(out, image_ids=[images[1].image_id]))
     assert one.image_id == images[1].image_id
     pattern = os.path.join(out, "features", "*.parquet")
-    assert duckdb.sql(f"SELECT typeof(global_descriptor) FROM read_parquet('{pattern}') LIMIT 1").fetchall()[0][0] == "FLOAT[]"
+    kind = duckdb.sql(f"SELECT typeof(global_descriptor) FROM read_parquet('{pattern}') LIMIT 1").fetchall()[0][0]
+    assert kind == "FLOAT[]"
     query = images[0].features.global_descriptor.tolist()
     best = duckdb.sql(
         f"SELECT image_id, array_cosine_similarity(global_descriptor::FLOAT[{DIM}], ?::FLOAT[{DIM}]) AS sim "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 from typing import Optional, Tuple
 
 import numpy as np
@@ -301,7 +300,8 @@ def load_pca(config) -> PcaParameters:
         variances = np.asarray(load_array(config.variances_path), dtype=np.float32).reshape(-1)
         if variances.shape[0] < config.pca_dim:
             raise DatumError(
-                f"PCA variances {config.variances_path} hold {variances.shape[0]} values, need >= pca_dim={config.pca_dim}"
+                f"PCA variances {config.variances_path} hold {variances.shape[0]} values, "
+                f"need >= pca_dim={config.pca_dim}"
             )
     return PcaParameters(
         mean=mean, matrix=matrix, dim=int(config.pca_dim), use_whitening=bool(config.use_whitening), variances=variances

@@ -1,1 +1,1 @@
-"""The Beam job: inputs, pre-processing, RunInference with our model handler, Parquet outputs. Never imports TensorFlow."""
+"""The Beam job: inputs, pre-processing, RunInference with our handler, Parquet outputs. Never imports TensorFlow."""

@@ -1,7 +1,8 @@
 """`delg-retrieval` console command: build an index from feature shards, query it, evaluate, draw pictures.
 
   delg-retrieval build SHARDS INDEX_DIR [--kind auto|flat|ivfpq|hnsw ...]
-  delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100 --rerank 100] --output R.parquet|R.csv
+  delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100|all --rerank 100]
+                       [--revisitop_gnd GND] --output R.parquet|R.csv
   delg-retrieval eval-revisitop RESULTS gnd_roxford5k.pkl
   delg-retrieval eval-gldv2 RESULTS_OR_SUBMISSION.csv solution.csv
   delg-retrieval revisitop-queries gnd_roxford5k.pkl IMAGES_DIR queries.csv   (cropped query list)

@@ -163,7 +163,8 @@ def evaluate_revisitop(
         ranks = rankings[protocol] if isinstance(rankings, Mapping) else rankings
         if not any(len(g["ok"]) for g in gt):
             if len(ranks) != len(gt):
-                raise ValueError(f"{len(ranks)} rankings for {len(gt)} ground-truth queries: give one ranking per query")
+                raise ValueError(
+                    f"{len(ranks)} rankings for {len(gt)} ground-truth queries: give one ranking per query")
             out[protocol] = {"mAP": None, "mP@k": {}, "num_queries": 0}
             continue
         mean_ap, aps, mpr, _ = compute_map(ranks, gt, kappas)
@@ -204,7 +205,8 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
     if num_to_rerank > 0 and "verified" not in names:
         raise ValueError("the results have no `verified` column: re-run `query` with --revisitop_gnd, or evaluate "
                          "with --rerank 0 (global order)")
-    columns = ["query_id", "rank", "image_id", "global_score", "inliers"] + (["verified"] if "verified" in names else [])
+    columns = ["query_id", "rank", "image_id", "global_score", "inliers"]
+    columns += ["verified"] if "verified" in names else []
     rows = table.select(columns).to_pydict()
     per_query: Dict[str, List[Tuple]] = {}
     for values in zip(*(rows[c] for c in columns)):
@@ -230,7 +232,8 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
             if unverified:
                 raise ValueError(
                     f"query {qname}: {len(unverified)} of the first {len(head)} non-junk results ({protocol}) were not "
-                    f"verified, e.g. {unverified[0]}: run `query` with --revisitop_gnd and --rerank >= {num_to_rerank}, "
+                    f"verified, e.g. {unverified[0]}: run `query` with --revisitop_gnd and "
+                    f"--rerank >= {num_to_rerank}, "
                     "or evaluate with --rerank 0 (global order)")
             order = final_order(np.asarray([e[3] for e in head], np.int64), np.asarray([e[2] for e in head]))
             ranked = [head[j][1] for j in order] + [e[1] for e in tail]

@@ -109,7 +109,8 @@ def resolve_config(cfg: IndexConfig, num_vectors: int, dim: int) -> Dict:
         factory = f"IVF{nlist},PQ{pq_m}x4fs" + (",RFlat" if refine else "")
         train = cfg.train_size or min(num_vectors, max(64 * nlist, 20_000), cfg.train_max)
         if train < nlist:
-            raise ValueError(f"IVF with nlist={nlist} needs at least {nlist} training vectors, have {train}: lower --nlist")
+            raise ValueError(
+                f"IVF with nlist={nlist} needs at least {nlist} training vectors, have {train}: lower --nlist")
         nprobe = cfg.nprobe or min(nlist, max(16, nlist // 16))
         out.update(factory=factory, nlist=nlist, pq_m=pq_m, refine=refine, train_size=int(train), nprobe=int(nprobe))
     return out
@@ -313,7 +314,8 @@ def _warn_duplicate_ids(idmap_path: str, hashes: np.ndarray) -> int:
     extra = int(pc.sum(repeated.field("counts")).as_py()) - len(repeated)
     examples = repeated.field("values").to_pylist()[:3]
     logger.warning("%d indexed rows repeat an image_id already indexed (%d ids, e.g. %s): results may list an id "
-                   "twice; give every image a unique id (e.g. a manifest image_id column)", extra, len(repeated), examples)
+                   "twice; give every image a unique id (e.g. a manifest image_id column)",
+                   extra, len(repeated), examples)
     return extra
 
 
@@ -376,7 +378,8 @@ class RetrievalIndex:
             local = index_dir
         for name in (INDEX_FILE, IDMAP_FILE, CONFIG_FILE):
             if not os.path.exists(os.path.join(local, name)):
-                raise ValueError(f"{index_dir!r} is not an index directory (no {name}): run `delg-retrieval build` first")
+                raise ValueError(
+                    f"{index_dir!r} is not an index directory (no {name}): run `delg-retrieval build` first")
         with open(os.path.join(local, CONFIG_FILE)) as fh:
             config = json.load(fh)
         index = faiss.read_index(os.path.join(local, INDEX_FILE))

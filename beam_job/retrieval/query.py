@@ -90,7 +90,8 @@ class QueryEngine:
         try:
             position = self.index.position_of(image_id)
         except KeyError:
-            raise ValueError(f"image id {image_id!r} is not in the index: check the id or query by image path") from None
+            raise ValueError(
+                f"image id {image_id!r} is not in the index: check the id or query by image path") from None
         record = self.reader.read([self.index.ref(position)])[0]
         return Query(query_id or image_id, record.global_descriptor, record.local,
                      exclude_id=image_id if exclude_self else None, source=record.path)
@@ -299,7 +300,8 @@ def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_
         elif bbox is not None:
             queries.append(engine.query_from_image(spec["path"], query_id, bbox_xyxy=bbox))
         else:
-            queries.append(engine.query_from_name(spec.get("path") or spec["value"], query_id, exclude_self=exclude_self))
+            name = spec.get("path") or spec["value"]
+            queries.append(engine.query_from_name(name, query_id, exclude_self=exclude_self))
     return queries
 
 

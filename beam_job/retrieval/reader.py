@@ -64,7 +64,8 @@ def read_images(uri: str, image_ids: Optional[Sequence[str]] = None) -> Iterator
                     continue
                 table = table.filter(keep)
             n = table.num_rows
-            globals_ = shards_mod.fixed_list_to_numpy(table.column("global_descriptor").combine_chunks(), info.global_dim)
+            global_column = table.column("global_descriptor").combine_chunks()
+            globals_ = shards_mod.fixed_list_to_numpy(global_column, info.global_dim)
             loc_off, locs = shards_mod._nested_to_numpy(table.column("locations"), 2)
             desc_off, descs = shards_mod._nested_to_numpy(table.column("descriptors"), local_dim)
             s_off, scales = _flat(table.column("scales"))

@@ -299,7 +299,8 @@ def iter_global_batches(shards: Sequence[str], infos: Optional[Sequence[ShardInf
             if num_null:
                 mask = pa.array(valid)
                 col, ids, paths, rows = col.filter(mask), ids.filter(mask), paths.filter(mask), rows[valid]
-            matrix = fixed_list_to_numpy(col, info.global_dim) if len(col) else np.zeros((0, info.global_dim), np.float32)
+            matrix = (fixed_list_to_numpy(col, info.global_dim) if len(col)
+                      else np.zeros((0, info.global_dim), np.float32))
             nonzero = np.any(matrix != 0, axis=1)  # a zero vector is how pyarrow <= 25 may return a written null
             if not nonzero.all():
                 num_null += int((~nonzero).sum())
