@@ -24,7 +24,7 @@ MAX_MESSAGE_CHARS = 2000
 class MissingGlobalDescriptorError(ValueError):
     """The image has no global descriptor (under 10 px after resize, or a model without a global head).
 
-    delg_v1 declares global_descriptor nullable, but pyarrow <= 25 cannot read back a Parquet file with a
+    delg_v1 declares global_descriptor non-nullable: pyarrow <= 25 cannot read back a Parquet file with a
     null fixed-size list (apache/arrow#35692), so such images become failure rows instead.
     """
 
