@@ -10,14 +10,19 @@
 #   TEMP_LOCATION    gs:// folder for Beam's temporary and staging files
 #   INPUT | MANIFEST image glob(s) (gs://bucket/images/*.jpg) and/or a manifest file (gs://...csv|txt)
 #   OUTPUT           gs:// output folder for the Parquet shards, failures and run summary
-#   CONTAINER_IMAGE  worker image built from docker/Dockerfile (cpu) or docker/Dockerfile.gpu (gpu)
+#   CONTAINER_IMAGE  worker image built from docker/Dockerfile (cpu) or docker/Dockerfile.gpu (gpu, required):
+#                    the package and every dependency are baked in, so workers install nothing at start
+#                    (no --setup_file: starts without public IPs or NAT). Without it (cpu only) workers run
+#                    Beam's default image and pip-install the staged sdist and requirements.txt from PyPI
+#                    at start (--setup_file, --requirements_file): slower, and needs internet access.
 # Optional (default):
 #   MODE=cpu|gpu (cpu)          PRESET (r50_gldv2clean)
 #   MODEL (the preset's): gs:// SavedModel dir or .tar.gz, http(s)://...tar.gz, embedded:<arch>, or a model
 #                         baked into the image under /opt/delg/models/ (the launcher then skips its model check)
 #   more --input patterns / any job or Beam flag: pass them as arguments to this script
 #   MACHINE_TYPE (cpu: n2-highmem-8, gpu: g2-standard-8)      MAX_NUM_WORKERS (10)   NUM_WORKERS
-#   GPU_TYPE (nvidia-l4)  GPU_COUNT (1)   HARNESS_THREADS (1)  DISK_SIZE_GB   JOB_NAME (delg-extract-MODE-UTC)
+#   GPU_TYPE (nvidia-l4)  GPU_COUNT (1)   HARNESS_THREADS (1)  JOB_NAME (delg-extract-MODE-UTC)
+#   DISK_SIZE_GB (gpu: 100, room for the CUDA image; cpu: Dataflow's default)
 #   STAGING_LOCATION  SERVICE_ACCOUNT  SUBNETWORK  NO_USE_PUBLIC_IPS=1  LABELS (k=v,k=v)
 #   PYTHON (python3)  CONTAINER_PYTHON (3.11)  BEAM_VERSION (2.77.0): the launcher must match the image
 #   DRY_RUN=1         build the whole job offline (Beam --dry_run=True), submit nothing
@@ -51,7 +56,6 @@ require PROJECT "the GCP project id, e.g. PROJECT=my-project"
 require REGION "the Dataflow region, e.g. REGION=us-central1"
 require_gs TEMP_LOCATION "a gs:// folder for temporary and staging files, e.g. TEMP_LOCATION=gs://my-bucket/tmp"
 require_gs OUTPUT "the gs:// output folder, e.g. OUTPUT=gs://my-bucket/delg/run1"
-require CONTAINER_IMAGE "the worker image (docker/README in docs/dataflow.md), e.g. CONTAINER_IMAGE=us-central1-docker.pkg.dev/my-project/delg/worker:0.1.0"
 if [[ -z "${INPUT:-}" && -z "${MANIFEST:-}" ]]; then
   die "missing required variable INPUT or MANIFEST: set INPUT=gs://bucket/images/*.jpg and/or MANIFEST=gs://bucket/manifest.csv"
 fi
@@ -73,6 +77,15 @@ case "$MODE" in
   gpu) default_machine=g2-standard-8 ;;
   *) die "MODE must be cpu or gpu, got '$MODE'" ;;
 esac
+if [[ "$MODE" == gpu ]]; then
+  require CONTAINER_IMAGE "MODE=gpu needs the CUDA worker image built from docker/Dockerfile.gpu, e.g. CONTAINER_IMAGE=us-central1-docker.pkg.dev/my-project/delg/worker-gpu:0.1.0"
+  # The CUDA + TensorFlow image takes several GB unpacked on top of the boot disk's own use; do not rely on
+  # Dataflow's batch default (25 GB with Dataflow Shuffle).
+  DISK_SIZE_GB=${DISK_SIZE_GB:-100}
+fi
+if [[ -z "${CONTAINER_IMAGE:-}" && "${MODEL:-}" == "$BAKED_MODELS"* ]]; then
+  die "MODEL=$MODEL lives in a worker image: set CONTAINER_IMAGE to the image it was baked into"
+fi
 MACHINE_TYPE=${MACHINE_TYPE:-$default_machine}
 PRESET=${PRESET:-r50_gldv2clean}
 MAX_NUM_WORKERS=${MAX_NUM_WORKERS:-10}
@@ -104,22 +117,26 @@ launcher=$("$PYTHON" -c 'import sys, apache_beam; print("%d.%d %s" % (sys.versio
 [[ "$launcher" == "$CONTAINER_PYTHON $BEAM_VERSION" ]] \
   || die "launcher has Python/Beam '$launcher' but the container has '$CONTAINER_PYTHON $BEAM_VERSION' (set CONTAINER_PYTHON/BEAM_VERSION if you built another image)"
 
-# ONE flag block for both modes; GPU mode appends its three settings below.
+# ONE flag block for both modes; the worker environment and GPU mode append their settings below.
 args=(
   --runner=DataflowRunner
   --project="$PROJECT"
   --region="$REGION"
   --temp_location="$TEMP_LOCATION"
   --job_name="$JOB_NAME"
-  --setup_file="$ROOT/setup.py"
-  --sdk_container_image="$CONTAINER_IMAGE"
-  --sdk_location=container
   --machine_type="$MACHINE_TYPE"
   --max_num_workers="$MAX_NUM_WORKERS"
   --number_of_worker_harness_threads="$HARNESS_THREADS"
   --output="$OUTPUT"
   --preset="$PRESET"
 )
+if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
+  # Self-contained workers: the image holds Beam, TensorFlow and this package; nothing is staged or installed.
+  args+=(--sdk_container_image="$CONTAINER_IMAGE" --sdk_location=container)
+else
+  # No image: workers install the package (sdist of setup.py) and its pins (TensorFlow included) from PyPI.
+  args+=(--setup_file="$ROOT/setup.py" --requirements_file="$ROOT/requirements.txt" --requirements_cache=skip)
+fi
 [[ -n "${INPUT:-}" ]] && args+=(--input="$INPUT")
 [[ -n "${MANIFEST:-}" ]] && args+=(--manifest="$MANIFEST")
 [[ -n "${MODEL:-}" ]] && args+=(--model="$MODEL")
@@ -139,11 +156,12 @@ if [[ "$MODE" == gpu ]]; then
   )
 fi
 
-# The checkout's beam_job wins over any installed copy, so that the launcher runs what --setup_file ships.
+# The checkout's beam_job wins over any installed copy: the launcher pickles what the image (built from this
+# checkout) or the --setup_file sdist holds.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   args+=(--dry_run=True)
-  echo "run_dataflow.sh: dry run of job $JOB_NAME ($MODE, $MACHINE_TYPE, $CONTAINER_IMAGE); nothing is submitted" >&2
+  echo "run_dataflow.sh: dry run of job $JOB_NAME ($MODE, $MACHINE_TYPE, ${CONTAINER_IMAGE:-no container: --setup_file}); nothing is submitted" >&2
   exec "$PYTHON" "$ROOT/dataflow/dry_run.py" "${args[@]}" "$@"
 fi
 echo "run_dataflow.sh: submitting job $JOB_NAME ($MODE, $MACHINE_TYPE) to project $PROJECT, region $REGION" >&2

@@ -18,7 +18,8 @@ from setuptools import find_packages, setup
 HERE = pathlib.Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "beam_job" / "__init__.py").read_text()).group(1)
 TENSORFLOW_PACKAGES = ("tensorflow", "tensorflow-cpu")
-RETRIEVAL_PACKAGES = ("faiss-cpu", "opencv-python-headless", "scikit-image", "scipy")  # skimage: --ransac reference; scipy: .mat ground truth
+# skimage: --ransac reference; scipy: .mat ground truth
+RETRIEVAL_PACKAGES = ("faiss-cpu", "opencv-python-headless", "scikit-image", "scipy")
 
 
 def _pins(name):

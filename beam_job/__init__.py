@@ -1,3 +1,3 @@
-"""DELG feature extraction at scale: DELG core (beam_job.delg), Beam job (beam_job.pipeline), retrieval (beam_job.retrieval)."""
+"""DELG features at scale: core (beam_job.delg), Beam job (beam_job.pipeline), retrieval (beam_job.retrieval)."""
 
 __version__ = "0.1.0"

@@ -25,7 +25,6 @@ from beam_job.pipeline.options import (
     JobConfigError,
     describe_presets,
     job_config_from_args,
-    join,
     parse_job_args,
 )
 
@@ -99,7 +98,8 @@ def _check_model(job: JobConfig) -> str:
     if not cfg.model:
         url = cfg.official_model_url
         hint = f" (official weights: {url})" if url else ""
-        raise JobConfigError(f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
+        raise JobConfigError(
+            f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
     try:
         from beam_job.pipeline.handler import DelgModelService
 

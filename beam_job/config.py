@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from beam_job.delg.architecture import ARCHITECTURES  # pure Python: names and sizes, no TensorFlow

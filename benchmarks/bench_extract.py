@@ -10,7 +10,8 @@ Runs exactly the code the Beam job runs for each image, stage by stage, without 
 
 Each of --workers processes loads its own model (as the job does by default: one per SDK process) and
 takes every N-th image; all workers start their timed loops together (after every model load and warmup),
-so the aggregate images/s is that of N processes running side by side. A sampler thread records the resident set size (RSS) every few milliseconds and
+so the aggregate images/s is that of N processes running side by side. A sampler thread records the resident
+set size (RSS) every few milliseconds and
 attributes the peak to the stage running at that moment. The first --warmup image of each worker is run
 once untimed (TensorFlow traces its graph on the first call) and reported separately.
 
@@ -241,7 +242,8 @@ def print_report(results: List[Dict[str, Any]], wall_s: float, args: argparse.Na
     print(f"\npreset {args.preset}  model {results[0]['model']}")
     print(f"{n} images, {len(results)} worker process(es), TF intra-op threads "
           f"{args.tf_threads if args.tf_threads is not None else os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
-    header = f"{'stage':<8}{'mean ms':>10}{'p50 ms':>10}{'max ms':>10}{'share':>8}{'img/s alone':>13}{'peak RSS MB':>13}"
+    header = (f"{'stage':<8}{'mean ms':>10}{'p50 ms':>10}{'max ms':>10}{'share':>8}"
+              f"{'img/s alone':>13}{'peak RSS MB':>13}")
     print(header)
     print("-" * len(header))
     for stage in STAGES:

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="minimum timing per case and size, on average (default 2)")
-    parser.add_argument("--min-runs", type=int, default=5, help="minimum calls per case (default 5)")
+    parser.add_argument("--min_runs", type=int, default=5, help="minimum calls per case (default 5)")
     parser.add_argument("--preset", default="r50_gldv2clean", help="preset whose resize rule is used")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)

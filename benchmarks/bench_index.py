@@ -2,12 +2,12 @@
 
 Vectors are generated in chunks from per-chunk seeds (clustered around fixed centres), so the 1M case never
 holds more than one chunk besides the index, and the exact ground truth for recall is computed by
-regenerating the chunks. `--via-shards` instead writes delg_v1 shards first and times
+regenerating the chunks. `--via_shards` instead writes delg_v1 shards first and times
 beam_job.retrieval.index.build_index on them (the real Parquet -> FAISS path).
 
     python benchmarks/bench_index.py --n 100000 --kind flat
-    python benchmarks/bench_index.py --n 1000000 --kind ivfpq --no-refine
-    python benchmarks/bench_index.py --n 100000 --kind flat --via-shards --shards 10
+    python benchmarks/bench_index.py --n 1000000 --kind ivfpq --no_refine
+    python benchmarks/bench_index.py --n 100000 --kind flat --via_shards --shards 10
 
 Prints one JSON object per run (and appends it to --out when given).
 """
@@ -167,18 +167,18 @@ def main(argv=None) -> int:
     p.add_argument("--nlist", type=int, default=None)
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--refine", dest="refine", action="store_true", default=None)
-    p.add_argument("--no-refine", dest="refine", action="store_false")
-    p.add_argument("--train-size", type=int, default=None)
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--no_refine", dest="refine", action="store_false")
+    p.add_argument("--train_size", type=int, default=None)
+    p.add_argument("--hnsw_m", type=int, default=32)
+    p.add_argument("--ef_search", type=int, default=128)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--chunk", type=int, default=50_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=100, help="queries timed one by one")
-    p.add_argument("--recall-queries", type=int, default=200)
+    p.add_argument("--recall_queries", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--via-shards", action="store_true", help="write delg_v1 shards and time build_index on them")
+    p.add_argument("--via_shards", action="store_true", help="write delg_v1 shards and time build_index on them")
     p.add_argument("--shards", type=int, default=10)
     p.add_argument("--out", help="append the JSON result to this file")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@ Times, per pair: descriptor matching (numpy matmul with DELG's threshold; faiss.
 a candidate's local features from delg_v1 shards (LocalFeatureReader, 100 candidates over 10 shards).
 Synthetic pairs: a known affine warp with 50 %, 20 %, 5 % and 0 % true correspondences.
 
-    python benchmarks/bench_rerank.py [--features 1000] [--repeats 20] [--reference-repeats 3]
+    python benchmarks/bench_rerank.py [--features 1000] [--repeats 20] [--reference_repeats 3]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--features", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--reference-repeats", type=int, default=3)
+    p.add_argument("--reference_repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OpenCV / faiss / BLAS threads")
     p.add_argument("--out", help="append the JSON result to this file")
     args = p.parse_args(argv)

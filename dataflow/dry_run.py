@@ -41,7 +41,8 @@ def build_report(result) -> Dict[str, Any]:
         packages=[],
         options=job.options,
         environment_version=apiclient._FNAPI_ENVIRONMENT_MAJOR_VERSION,
-        proto_pipeline_staged_url=(job.options.get_all_options()["staging_location"] or "gs://dry-run") + "/pipeline.pb",
+        proto_pipeline_staged_url=(job.options.get_all_options()["staging_location"] or "gs://dry-run")
+        + "/pipeline.pb",
         proto_pipeline=proto,
     ).proto
     env_json = json.loads(json_format.MessageToJson(environment._pb))

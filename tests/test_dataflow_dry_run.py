@@ -64,9 +64,13 @@ def test_script_syntax():
     assert os.access(SCRIPT, os.X_OK), "run_dataflow.sh must be executable"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+SHELL_SCRIPTS = [SCRIPT, ROOT / ".ci" / "run", *sorted((ROOT / "scripts").glob("*.sh"))]
+
+
 def test_shellcheck_clean():
-    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    """Every shell script of the repository is shellcheck-clean; a missing shellcheck fails (.ci/run installs it)."""
+    assert shutil.which("shellcheck"), "shellcheck is not installed: apt-get install -y shellcheck (.ci/run does)"
+    proc = subprocess.run(["shellcheck", *map(str, SHELL_SCRIPTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -78,7 +82,8 @@ def test_cpu_dry_run_builds_the_job_offline(tmp_path):
     assert opts["runner"] == "DataflowRunner" and opts["dry_run"] in (True, "True")
     assert opts["project"] == "test-project" and opts["region"] == "us-central1"
     assert opts["sdk_container_image"] == IMAGE and opts["sdk_location"] == "container"
-    assert opts["setup_file"] == str(ROOT / "setup.py")
+    # The image holds the package and its dependencies: nothing to build, stage or pip-install at worker start.
+    assert "setup_file" not in opts and "requirements_file" not in opts and "extra_packages" not in opts
     assert opts["job_name"].startswith("delg-extract-cpu-") and opts["job_name"] == report["job_name"]
     # The Dataflow request Beam would send: one worker pool on the machine type, running our image.
     (pool,) = report["environment"]["workerPools"]
@@ -90,16 +95,30 @@ def test_cpu_dry_run_builds_the_job_offline(tmp_path):
     assert report["container_images"] == [IMAGE]
     assert not report["environment"].get("serviceOptions"), "CPU jobs must not ask for accelerators"
     assert "no_use_multiple_sdk_containers" not in report["environment"]["experiments"]
-    # The setup.py sdist was really built and staged as the workflow package, with the job inside it.
-    assert report["staged_artifacts"]["workflow.tar.gz"].endswith(".tar.gz")
-    members = report["setup_package_members"]
-    for needed in ("setup.py", "requirements.txt", "beam_job/cli.py", "beam_job/pipeline/__init__.py", "schemas/delg_v1.py"):
-        assert needed in members
+    assert "workflow.tar.gz" not in report["staged_artifacts"] and report["setup_package_members"] == []
+    assert not [name for name in report["staged_artifacts"] if name.endswith((".tar.gz", ".whl", ".zip"))]
     # The job graph is the real one (reading, inference, writing), not a stub.
     assert report["transforms"] > 10
     names = " ".join(report["transform_names"])
     assert "Extract" in names and "WriteFeatures" in names and "WriteFailures" in names, names
     assert "dry run OK" in proc.stderr
+
+
+def test_cpu_dry_run_without_a_container_stages_the_package(tmp_path):
+    """The no-container path: Beam's default worker image installs the sdist and requirements.txt at start."""
+    report, proc = _dry_run(tmp_path, CONTAINER_IMAGE=None)
+    opts = report["options"]
+    assert "sdk_container_image" not in opts and opts.get("sdk_location", "default") != "container"
+    assert opts["setup_file"] == str(ROOT / "setup.py")
+    assert opts["requirements_file"] == str(ROOT / "requirements.txt") and opts["requirements_cache"] == "skip"
+    # The setup.py sdist was really built and staged as the workflow package, with the job inside it.
+    assert report["staged_artifacts"]["workflow.tar.gz"].endswith(".tar.gz")
+    assert report["staged_artifacts"]["requirements.txt"] == str(ROOT / "requirements.txt")
+    members = report["setup_package_members"]
+    for needed in ("setup.py", "requirements.txt", "beam_job/cli.py", "beam_job/pipeline/__init__.py",
+                   "schemas/delg_v1.py"):
+        assert needed in members
+    assert "no container" in proc.stderr
 
 
 def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
@@ -114,6 +133,9 @@ def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
     (image,) = pool["sdkHarnessContainerImages"]
     assert image["containerImage"] == IMAGE and image["useSingleCorePerContainer"] is True
     assert report["job_name"] == "delg-gpu-test"
+    # The CUDA image needs disk room: GPU runs always ask for a disk size (100 GB unless DISK_SIZE_GB says).
+    assert pool["diskSizeGb"] == 100 and report["options"]["disk_size_gb"] == 100
+    assert "setup_file" not in report["options"] and "workflow.tar.gz" not in report["staged_artifacts"]
 
 
 @pytest.mark.parametrize(
@@ -123,7 +145,6 @@ def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
         ("REGION", "missing required variable REGION"),
         ("TEMP_LOCATION", "missing required variable TEMP_LOCATION"),
         ("OUTPUT", "missing required variable OUTPUT"),
-        ("CONTAINER_IMAGE", "missing required variable CONTAINER_IMAGE"),
         ("INPUT", "missing required variable INPUT or MANIFEST"),
     ],
 )
@@ -135,6 +156,15 @@ def test_missing_variable_is_one_clear_line(tmp_path, missing, message):
     assert len(lines) == 1 and lines[0].startswith("run_dataflow.sh: ") and message in lines[0], proc.stderr
 
 
+def test_gpu_mode_needs_a_container_image(tmp_path):
+    """CONTAINER_IMAGE is optional on CPU (the --setup_file path) but the GPU mode cannot run without its image."""
+    proc = _run(_offline_env(tmp_path, DRY_RUN="1", MODE="gpu", CONTAINER_IMAGE=None), timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "missing required variable CONTAINER_IMAGE: MODE=gpu needs the CUDA worker image" in lines[0]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -142,6 +172,7 @@ def test_missing_variable_is_one_clear_line(tmp_path, missing, message):
         ({"OUTPUT": "out/"}, "OUTPUT must be a gs:// path"),
         ({"INPUT": "images/*.jpg"}, "INPUT must be on gs://"),
         ({"MODEL": "models/tiny"}, "MODEL must be gs://"),
+        ({"MODEL": "/opt/delg/models/tiny", "CONTAINER_IMAGE": None}, "set CONTAINER_IMAGE to the image it was baked"),
         ({"MODE": "tpu"}, "MODE must be cpu or gpu"),
         ({"MODE": "gpu", "MACHINE_TYPE": "n1-standard-8"}, "nvidia-l4 needs a G2 MACHINE_TYPE"),
         ({"MAX_NUM_WORKERS": "ten"}, "MAX_NUM_WORKERS must be a positive integer"),

@@ -9,8 +9,9 @@ from beam_job.delg import datum
 
 
 def _datum_classes(packed: bool = True):
-    """Build delf.protos.DatumProto dynamically (from the .proto facts) to cross-check our hand-written codec."""
-    fdp = descriptor_pb2.FileDescriptorProto(name=f"datum_test_{packed}.proto", package=f"t{int(packed)}", syntax="proto2")
+    """An independent construction of delf.protos.DatumProto (packed or not) to cross-check the module's codec."""
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name=f"datum_test_{packed}.proto", package=f"t{int(packed)}", syntax="proto2")
     F = descriptor_pb2.FieldDescriptorProto
 
     def message(name, fields):
@@ -74,6 +75,18 @@ def test_our_bytes_parse_with_protobuf_and_back():
     np.testing.assert_array_equal(
         datum.datum_bytes_to_array(ref.SerializeToString()), np.array([[7, 0], [300, 4294967295]], np.uint32)
     )
+
+
+def test_wire_bytes_match_the_official_format_byte_for_byte():
+    """Hand-derived wire bytes (proto2, packed repeated fields), independent of any protobuf library:
+    field 1 (shape) = 0a len {0a len dims}, field 2 (float_list) = 12 len {0a len float32 LE}, field 3 = 1a."""
+    assert datum.array_to_datum_bytes(np.array([1.5, -2.0], np.float32)) == bytes.fromhex(
+        "0a03" "0a0102" "120a" "0a08" "0000c03f" "000000c0")
+    assert datum.array_to_datum_bytes(np.array([[300]], np.uint32)) == bytes.fromhex(
+        "0a04" "0a020101" "1a04" "0a02" "ac02")  # uint32 300 = varint ac 02
+    assert datum.array_to_datum_bytes(np.float32(3.5)) == bytes.fromhex("0a00" "1206" "0a04" "00006040")
+    assert datum.array_to_datum_bytes(np.zeros((0, 128), np.float32)) == bytes.fromhex("0a05" "0a03008001" "1200")
+    assert datum.DatumProto.DESCRIPTOR.full_name == "delf.protos.DatumProto"
 
 
 def test_unpacked_repeated_fields_are_accepted():

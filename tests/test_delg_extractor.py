@@ -144,7 +144,8 @@ def test_invariants(tf2_model, hw):
 
 def test_all_cells_inside_image_with_threshold_off(tf2_model):
     """Every receptive-box centre (not only the top ones) lands inside the original image."""
-    config = TINY.replace(max_feature_num=1000, image_scales=(0.25, 0.5, 0.70710677, 1.0, 1.4142135, 2.0), global_scales_ind=(3,))
+    config = TINY.replace(max_feature_num=1000, image_scales=(0.25, 0.5, 0.70710677, 1.0, 1.4142135, 2.0),
+                          global_scales_ind=(3,))
     for hw in [(95, 95), (63, 96), (96, 31), (180, 250)]:
         features = DelgExtractor(config, tf2_model).extract(_photo(*hw))
         assert features.num_features > 0
@@ -197,14 +198,16 @@ def test_pca_and_whitening_match_numpy(tf2_model, tmp_path):
     np.save(tmp_path / "lvar.npy", lvar)
     config = TINY.replace(
         global_pca=PcaConfig(str(tmp_path / "gmean.datum"), str(tmp_path / "gmatrix.datum"), 48),
-        local_pca=PcaConfig(str(tmp_path / "lmean.npy"), str(tmp_path / "lmatrix.npy"), 40, True, str(tmp_path / "lvar.npy")),
+        local_pca=PcaConfig(str(tmp_path / "lmean.npy"), str(tmp_path / "lmatrix.npy"), 40, True,
+                            str(tmp_path / "lvar.npy")),
     )
     extractor = DelgExtractor(config, tf2_model)
     image = _photo(80, 96, seed=5)
     features, _, raw = _extract_with_raw(extractor, image)
     assert features.global_descriptor.shape == (48,) and features.descriptors.shape[1] == 40
     prepared = imaging.prepare_image(image, config)
-    _check_against_reference(features, raw, prepared, config, datum.load_pca(config.global_pca), datum.load_pca(config.local_pca))
+    _check_against_reference(features, raw, prepared, config, datum.load_pca(config.global_pca),
+                             datum.load_pca(config.local_pca))
     assert extractor.extract(_photo(6, 6)).descriptors.shape == (0, 40)
     # PCA files for another descriptor size are refused with a clear message.
     bad = TINY.replace(local_pca=PcaConfig(str(tmp_path / "gmean.datum"), str(tmp_path / "gmatrix.datum"), 8))

@@ -100,14 +100,17 @@ def test_tf1_export_matches_tf2(tmp_path_factory):
 
 
 def test_tf1_export_driven_like_the_official_extractor(tmp_path_factory):
-    """The official extractor's TF1 path: prune with feeds in ITS order (thres before max_feature_num), positional call."""
+    """The official extractor's TF1 path: prune with feeds in ITS order (thres before max_feature_num), positional
+    call."""
     path = tiny_tf1(tmp_path_factory)
     pruned = tf.saved_model.load(path).prune(
-        ["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0", "input_global_scales_ind:0"],
+        ["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0",
+         "input_global_scales_ind:0"],
         ["boxes:0", "features:0", "scales:0", "scores:0", "global_descriptors:0"],
     )
     image = _image()
-    official = [t.numpy() for t in pruned(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(50), tf.constant(GSI))]
+    official = [t.numpy() for t in pruned(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(50),
+                                          tf.constant(GSI))]
     ours = _run(cached_model(path))
     for name, value in zip(["boxes", "features", "scales", "scores", "global_descriptors"], official):
         np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -117,7 +120,8 @@ def test_tf1_export_driven_like_the_official_extractor(tmp_path_factory):
 def test_tf1_local_only_and_global_only(tmp_path_factory):
     full = _run(cached_model(tiny_tf1(tmp_path_factory)))
     local = cached_model(tiny_tf1(tmp_path_factory, "local"))
-    assert (local.format, local.has_local, local.has_global, local.takes_global_scales_ind) == ("tf1", True, False, False)
+    flags = (local.format, local.has_local, local.has_global, local.takes_global_scales_ind)
+    assert flags == ("tf1", True, False, False)
     out = _run(local)
     assert set(out) == {"boxes", "features", "scales", "scores"}
     np.testing.assert_array_equal(out["boxes"], full["boxes"])
@@ -164,7 +168,8 @@ def test_tf1_model_is_pruned_once_with_all_feeds(tmp_path_factory, monkeypatch):
     _run(model)
     assert calls == [
         (
-            ["input_image:0", "input_scales:0", "input_max_feature_num:0", "input_abs_thres:0", "input_global_scales_ind:0"],
+            ["input_image:0", "input_scales:0", "input_max_feature_num:0", "input_abs_thres:0",
+             "input_global_scales_ind:0"],
             ["boxes:0", "features:0", "scales:0", "scores:0", "global_descriptors:0"],
         )
     ]
@@ -333,7 +338,8 @@ def test_tf2_wrong_input_names(tmp_path):
     def f(image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
         return _toy_outputs(image, input_scales)
 
-    path = _save_tf2_toy(tmp_path / "m", f, ["image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind"])
+    names = ["image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind"]
+    path = _save_tf2_toy(tmp_path / "m", f, names)
     with pytest.raises(ModelLoadError) as excinfo:
         load_delg_model(path)
     assert "unexpected input(s) ['image']" in _one_line(excinfo)
@@ -343,7 +349,8 @@ def test_tf2_missing_output(tmp_path):
     def f(input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
         return _toy_outputs(input_image, input_scales, drop=("scales",))
 
-    path = _save_tf2_toy(tmp_path / "m", f, ["input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind"])
+    path = _save_tf2_toy(tmp_path / "m", f, ["input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
+                                             "input_global_scales_ind"])
     with pytest.raises(ModelLoadError) as excinfo:
         load_delg_model(path)
     assert "lacks output(s) ['scales']" in _one_line(excinfo)
@@ -351,11 +358,13 @@ def test_tf2_missing_output(tmp_path):
 
 def test_tf2_toy_global_only_and_no_signature(tmp_path):
     def f(input_image, input_scales, input_global_scales_ind):
-        return {"global_descriptors": tf.gather(_toy_outputs(input_image, input_scales)["global_descriptors"], input_global_scales_ind)}
+        descriptors = _toy_outputs(input_image, input_scales)["global_descriptors"]
+        return {"global_descriptors": tf.gather(descriptors, input_global_scales_ind)}
 
     path = _save_tf2_toy(tmp_path / "g", f, ["input_image", "input_scales", "input_global_scales_ind"])
     model = load_delg_model(path)
-    assert (model.format, model.has_local, model.has_global, model.takes_global_scales_ind) == ("tf2", False, True, True)
+    flags = (model.format, model.has_local, model.has_global, model.takes_global_scales_ind)
+    assert flags == ("tf2", False, True, True)
     out = model.run(np.full((12, 12, 3), 4, np.uint8), [1.0, 2.0, 3.0], 10, 0.0, [2])
     np.testing.assert_array_equal(out["global_descriptors"], np.full((1, 2048), 4.0, np.float32))
 
@@ -367,7 +376,8 @@ def test_tf2_toy_global_only_and_no_signature(tmp_path):
     assert "no 'serving_default' signature" in _one_line(excinfo)
 
 
-def _save_tf1_toy(path, outputs=("boxes", "features", "scales", "scores", "global_descriptors"), extra_placeholder=False):
+def _save_tf1_toy(path, outputs=("boxes", "features", "scales", "scores", "global_descriptors"),
+                  extra_placeholder=False):
     graph = tf.Graph()
     with graph.as_default():
         image = tf.compat.v1.placeholder(tf.uint8, [None, None, 3], name="input_image")

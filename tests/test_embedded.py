@@ -29,7 +29,8 @@ def test_two_processes_racing_export_one_valid_model(tmp_path, tmp_path_factory,
     cache = str(tmp_path / "cache")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS="1", PYTHONPATH=ROOT)
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+        subprocess.Popen([sys.executable, "-c", RACER, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         cwd=ROOT, text=True)
         for _ in range(2)
     ]
     results = [p.communicate(timeout=300) for p in procs]
@@ -41,7 +42,8 @@ def test_two_processes_racing_export_one_valid_model(tmp_path, tmp_path_factory,
     assert exports == 1  # one process built it, the other waited on the lock and reused it
     assert all("UNTRAINED" in err and "MEANINGLESS" in err for _, err in results)  # both warn
     assert os.path.basename(path).startswith("tiny-seed0-v")
-    assert sorted(os.listdir(os.path.join(cache, "embedded"))) == sorted([os.path.basename(path), os.path.basename(path) + ".lock"])
+    expected = sorted([os.path.basename(path), os.path.basename(path) + ".lock"])
+    assert sorted(os.listdir(os.path.join(cache, "embedded"))) == expected
 
     # The raced export is a valid model, with exactly the weights of any other export of the same seed.
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)

@@ -64,7 +64,8 @@ class Store:
         return {name: _read_bytes(f"{output}/{name}") for name in self.names(output)}
 
     def rows(self, output, kind):
-        files = [f"{output}/{n}" for n in self.names(output) if n.startswith(kind + "/part-") and n.endswith(".parquet")]
+        files = [f"{output}/{n}" for n in self.names(output)
+                 if n.startswith(kind + "/part-") and n.endswith(".parquet")]
         if not files:
             return pa.table({"image_id": pa.array([], pa.string()), "path": pa.array([], pa.string())})
         tables = []
@@ -385,4 +386,5 @@ def test_skip_existing_with_another_model_or_settings_is_refused_and_changes_not
     mixed = cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing", "--score_threshold", "0.5",
                      "--allow_config_change"])
     identity = mixed.summary["output_identity"]
-    assert identity["recorded_before"]["settings"]["score_threshold"] != identity["this_run"]["settings"]["score_threshold"]
+    before, now = identity["recorded_before"]["settings"], identity["this_run"]["settings"]
+    assert before["score_threshold"] != now["score_threshold"]

@@ -42,7 +42,8 @@ def _is_loopback(host) -> bool:
 def loopback_only(monkeypatch):
     """Fail the test if anything in this process connects to, or resolves, a non-loopback address."""
     attempts = []
-    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
 
     def check(address):
         if isinstance(address, tuple) and not _is_loopback(address[0]):

@@ -428,7 +428,8 @@ def _jpeg_with_declared_size(height: int, width: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "data,size", [(BOMB_PNG, "50000x50000"), (_jpeg_with_declared_size(60000, 60000), "60000x60000")], ids=["png", "jpeg"]
+    "data,size", [(BOMB_PNG, "50000x50000"), (_jpeg_with_declared_size(60000, 60000), "60000x60000")],
+    ids=["png", "jpeg"]
 )
 def test_bomb_header_refused_fast_and_small(data, size):
     assert len(data) < 1000
@@ -541,7 +542,8 @@ RESIZE_CASES = [
     ("square-with-max", (300, 400), dict(use_square_images=True, max_image_size=200), (200, 200), (2 / 3, 0.5)),
     ("square-square-over-max", (400, 400), dict(use_square_images=True, max_image_size=200), (200, 200), (0.5, 0.5)),
     ("square-with-min", (30, 40), dict(use_square_images=True, min_image_size=80), (80, 80), (80 / 30, 2.0)),
-    ("square-under-max-stretches", (30, 40), dict(use_square_images=True, max_image_size=100), (40, 40), (40 / 30, 1.0)),
+    ("square-under-max-stretches", (30, 40), dict(use_square_images=True, max_image_size=100), (40, 40),
+     (40 / 30, 1.0)),
     ("factor-scales-max", (768, 1024), dict(max_image_size=1024, resize_factor=0.5), (384, 512), (0.5, 0.5)),
     ("factor-activates-max", (400, 300), dict(max_image_size=1000, resize_factor=0.25), (250, 188), (0.625, 188 / 300)),
     ("factor-scales-min", (50, 100), dict(min_image_size=100, resize_factor=2.0), (100, 200), (2.0, 2.0)),
@@ -555,7 +557,8 @@ RESIZE_CASES = [
     ("half-even-12.5", (100, 25), dict(max_image_size=50), (50, 12), (0.5, 0.48)),
     ("half-even-13.5", (100, 27), dict(max_image_size=50), (50, 14), (0.5, 14 / 27)),
     ("half-even-fractional-max", (40, 30), dict(max_image_size=25, resize_factor=0.5), (12, 9), (0.3, 0.3)),
-    ("half-even-square", (40, 30), dict(max_image_size=25, resize_factor=0.5, use_square_images=True), (12, 12), (0.3, 0.4)),
+    ("half-even-square", (40, 30), dict(max_image_size=25, resize_factor=0.5, use_square_images=True), (12, 12),
+     (0.3, 0.4)),
     ("half-even-min-upscale", (4, 2), dict(min_image_size=5), (5, 2), (1.25, 1.0)),  # 2 * 1.25 = 2.5 -> 2
     ("rounds-to-zero-side", (1000, 1), dict(max_image_size=100), (100, 0), (0.1, 0.0)),
 ]

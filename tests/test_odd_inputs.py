@@ -7,7 +7,6 @@ from a text + CSV manifest and once from a glob; every listed entry must end as 
 """
 
 import csv
-import io
 import os
 
 import numpy as np
@@ -227,7 +226,8 @@ def test_extraction_config_refuses_nan_and_infinities(field, value):
 
 def test_job_config_refuses_a_nan_failure_ratio():
     with pytest.raises(JobConfigError, match="max_failure_ratio"):
-        JobConfig(inputs=("x",), manifests=(), output="o", extraction=get_preset("tiny"), max_failure_ratio=float("nan"))
+        JobConfig(inputs=("x",), manifests=(), output="o", extraction=get_preset("tiny"),
+                  max_failure_ratio=float("nan"))
 
 
 # ----------------------------------------------------------------------------- inference failure text

@@ -62,7 +62,8 @@ def _members(archive):
 
 def test_sdist_contains_both_packages_schema_docs_and_requirements(sdist):
     top, members = _members(sdist)
-    assert top == "delg-beam-job-" + re.search(r'__version__ = "([^"]+)"', (ROOT / "beam_job/__init__.py").read_text()).group(1)
+    version = re.search(r'__version__ = "([^"]+)"', (ROOT / "beam_job/__init__.py").read_text()).group(1)
+    assert top == "delg-beam-job-" + version
     for required in (
         "setup.py",
         "requirements.txt",  # setup.py reads the pins from it when the worker builds the sdist

@@ -1,7 +1,7 @@
 """Progress side channel of local runs: per-worker count files summed into 'done of total, img/s, ETA' lines."""
 
 import logging
-import time
+import threading
 
 from beam_job.pipeline.progress import ProgressMonitor, ProgressReporter, format_progress, read_progress
 
@@ -25,15 +25,42 @@ def test_progress_line_has_total_rate_and_eta():
     assert "of ? images" in format_progress({}, None, 1.0)
 
 
-def test_monitor_logs_while_running_and_at_the_end(tmp_path, caplog):
+def test_monitor_logs_on_change_and_at_the_end(tmp_path, caplog):
+    """Deterministic: the interval is far longer than the test, so only the explicit polls log."""
     caplog.set_level(logging.INFO, logger="beam_job.pipeline.progress")
     reporter = ProgressReporter(str(tmp_path))
-    with ProgressMonitor(str(tmp_path), total=4, interval_s=0.05):
+    with ProgressMonitor(str(tmp_path), total=4, interval_s=3600) as monitor:
         reporter.add("done", 2)
         reporter.flush()
-        time.sleep(0.3)
+        monitor.poll()
+        monitor.poll()  # unchanged counts: no second line
         reporter.add("done", 2)
         reporter.flush()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
-    assert any(line.startswith("progress: 2 of 4 images") for line in lines)
-    assert lines[-1].startswith("progress: 4 of 4 images; 4 ok, 0 failed")
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("progress: 2 of 4 images; 2 ok, 0 failed")
+    assert lines[1].startswith("progress: 4 of 4 images; 4 ok, 0 failed")
+
+
+def test_monitor_thread_polls_by_itself(tmp_path):
+    """The background thread logs new counts without being asked: wait for the line (no fixed sleep)."""
+    seen = threading.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("progress: 3 of 3"):
+                seen.set()
+
+    logger = logging.getLogger("beam_job.pipeline.progress")
+    handler, level = Catch(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        reporter = ProgressReporter(str(tmp_path))
+        with ProgressMonitor(str(tmp_path), total=3, interval_s=0.01):
+            reporter.add("done", 3)
+            reporter.flush()
+            assert seen.wait(timeout=30), "the monitor thread never logged the new counts"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -26,7 +26,8 @@ def test_stage_stats_count_failures_keypoints_and_models():
     s = StageStats()
     s.add("features", {"num_features": 5, "model": "m1"}, {"read": 1.0, "inference": 10.0})
     s.add("features", {"num_features": 3, "model": "m1"}, {"read": 2.0, "inference": 30.0})
-    s.add("failures", {"stage": "decode", "error_type": "ImageDecodeError", "path": "/a", "message": "bad"}, {"read": 1.0})
+    s.add("failures", {"stage": "decode", "error_type": "ImageDecodeError", "path": "/a", "message": "bad"},
+          {"read": 1.0})
     d = s.to_dict()
     assert d["keypoints"] == 8 and d["models"] == {"m1": 2}
     assert d["failures"] == {"decode/ImageDecodeError": 1} and d["examples"]["decode/ImageDecodeError"] == "/a: bad"

@@ -148,16 +148,47 @@ def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
         pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": GND}, fh)
     out = tmp_path / "queries.csv"
     assert cli.main(["revisitop-queries", str(tmp_path / "gnd_t.pkl"), "/data/jpg/", str(out)]) == 0
-    assert out.read_text().splitlines() == ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
+    expected = ["query_id,path,bbox", "qa,/data/jpg/qa.jpg,1 2 30 40", "qb,/data/jpg/qb.jpg,"]
+    assert out.read_text().splitlines() == expected
     capsys.readouterr()
     # a results file holding RANKINGS under the query names evaluates to the hand-computed values
-    rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": []}
+    rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": [],
+            "verified": []}
     for qname, ranking in zip(["qa", "qb"], RANKINGS):
         for r, idx in enumerate(ranking):
-            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1]):
+            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1, True]):
                 rows[key].append(val)
     results = str(tmp_path / "results.parquet")
     query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
     assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd_t.pkl")]) == 0
     text = capsys.readouterr().out
     assert "medium: mAP=53.47" in text and "hard: mAP=25.00" in text and "easy: mAP=58.33" in text
+
+
+def test_gldv2_submission_with_a_repeated_query_is_refused(tmp_path):
+    path = _write(tmp_path / "submission.csv", "id,images\nq1,a b\nq2,c\nq1,d\n")
+    with pytest.raises(ValueError, match="line 4 repeats query id 'q1'"):
+        ev.read_gldv2_predictions(path)
+
+
+def test_ground_truth_without_hard_positives_still_scores_easy_and_medium(tmp_path, capsys):
+    from beam_job.retrieval import cli, query
+
+    gnd = [{"easy": [0], "hard": [], "junk": [3]}, {"easy": [2, 1], "hard": [], "junk": []}]
+    m = ev.evaluate_revisitop([np.array([0, 1, 2]), np.array([2, 0, 1])], gnd)
+    # q0: positive at rank 0 -> AP 1; q1: positives at ranks 0 and 2 -> 1/2 * [1 + (1/2 + 2/3)/2] = 19/24
+    assert m["easy"]["mAP"] == pytest.approx((1 + 19 / 24) / 2) and m["medium"]["mAP"] == m["easy"]["mAP"]
+    assert m["hard"] == {"mAP": None, "mP@k": {}, "num_queries": 0}
+    imlist = ["im0", "im1", "im2", "im3"]
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump({"imlist": imlist, "qimlist": ["qa", "qb"], "gnd": gnd}, fh)
+    rows = {"query_id": ["qa"] * 3 + ["qb"] * 3, "rank": [1, 2, 3] * 2,
+            "image_id": ["im0", "im1", "im2", "im2", "im0", "im1"],
+            "global_score": [0.9, 0.8, 0.7] * 2, "inliers": [0] * 6, "final_rank": [1, 2, 3] * 2,
+            "verified": [True] * 6}
+    results = str(tmp_path / "results.parquet")
+    query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
+    assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd.pkl")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("easy: mAP=89.58") and lines[1].startswith("medium: mAP=89.58")
+    assert lines[2] == "hard: no query has a positive image in this setting (queries=0)"

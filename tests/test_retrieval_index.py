@@ -64,7 +64,8 @@ def test_flat_index_equals_bruteforce_and_idmap_points_at_rows(tmp_path):
     assert cfg["params"]["factory"] == "Flat" and cfg["num_indexed"] == 600 and cfg["preset"] == "tiny"
     assert cfg["shards"] == uris and cfg["extraction_config"] == {"name": "tiny"}
     idmap = pq.read_table(tmp_path / "idx" / "idmap.parquet")
-    assert idmap.schema.names == ["position", "image_id", "shard", "row"]
+    assert idmap.schema.names == ["position", "image_id", "shard", "row", "path"]
+    assert idmap.column("path").to_pylist() == [f"/images/{i}.jpg" for i in idmap.column("image_id").to_pylist()]
     assert idmap.column("position").to_pylist() == list(range(600))
 
 
@@ -150,6 +151,7 @@ def test_build_from_gcs_shards_and_index_on_gcs(gcs_bucket, tmp_path):
     uris = synthetic.write_global_shards(f"{base}/features", vecs, 3, row_group_size=32)
     assert shards.list_shards(base) == uris and all(u.startswith("gs://") for u in uris)
     assert shards.list_shards(f"{base}/features/*.parquet") == uris
+    assert shards.list_shards(f"gs://{gcs_bucket.name}/run?/*/part-*.parquet") == uris  # wildcard folders
     report = ix.build_index(base, f"gs://{gcs_bucket.name}/index")
     assert report.num_indexed == 120
     names = sorted(b.name for b in gcs_bucket.list_blobs(prefix="index/"))
@@ -162,6 +164,31 @@ def test_build_from_gcs_shards_and_index_on_gcs(gcs_bucket, tmp_path):
     # local features come back from gs:// shards too
     rec = shards.LocalFeatureReader().read([index.ref(pos[3, 0])])[0]
     assert rec.image_id == "img0000003" and rec.global_descriptor.shape == (DIM,)
+
+
+def test_glob_with_wildcard_folders_and_duplicate_ids_across_runs(tmp_path, caplog):
+    """Two runs over the same images: `run-*/features/*.parquet` finds both, the build warns that ids repeat,
+    and a query by one of them still gets k results (every copy of the query itself is left out)."""
+    from beam_job.retrieval import query as qm
+
+    vecs = _vectors(12, seed=7)
+    first = synthetic.write_global_shards(str(tmp_path / "run-a" / "features"), vecs[:10], 2)
+    second = synthetic.write_global_shards(str(tmp_path / "run-b" / "features"), vecs[:10], 1)
+    synthetic.write_global_shards(str(tmp_path / "other" / "features"), vecs[10:], 1)
+    assert shards.list_shards(str(tmp_path / "run-*" / "features" / "*.parquet")) == first + second
+    assert shards.list_shards(str(tmp_path / "*" / "features" / "part-00001.parquet")) == [first[1]]
+    with pytest.raises(ValueError, match="no feature shards"):
+        shards.list_shards(str(tmp_path / "run-*" / "*.parquet"))  # `*` does not cross a folder
+    caplog.set_level("WARNING", logger="beam_job.retrieval.index")
+    report = ix.build_index(str(tmp_path / "run-*" / "features" / "*.parquet"), str(tmp_path / "idx"))
+    assert report.num_indexed == 20 and report.num_duplicate_ids == 10
+    assert any("10 indexed rows repeat an image_id" in r.getMessage() for r in caplog.records)
+    clean = ix.build_index(str(tmp_path / "run-a"), str(tmp_path / "idx_a"))
+    assert clean.num_duplicate_ids == 0
+    engine = qm.QueryEngine(str(tmp_path / "idx"))
+    assert engine.index.count_of("img0000000") == 2
+    result = engine.search([engine.query_from_id("img0000000")], k=3, num_to_rerank=0)[0]
+    assert len(result.image_ids) == 3 and "img0000000" not in result.image_ids
 
 
 _POOLS = []  # proxy pools must outlive every buffer they allocated: keep them for the whole session

@@ -120,7 +120,7 @@ def test_cli_draws_the_match_figure_and_contact_sheet_from_shards(sift_index, ca
     root = sift_index
     out = str(root / "pictures" / "astro_match.png")
     assert cli.main(["draw-matches", str(root / "index"), "astro_warped", "astro", "--out", out,
-                     "--ratio", "0.8", "--distance-threshold", "10"]) == 0
+                     "--ratio", "0.8", "--distance_threshold", "10"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["inliers"] >= 100 and info["inliers"] <= info["putative"]
     with Image.open(out) as img:
@@ -128,11 +128,11 @@ def test_cli_draws_the_match_figure_and_contact_sheet_from_shards(sift_index, ca
         px = np.asarray(img.convert("RGB")).reshape(-1, 3)
     assert (px == plots.INLIER_COLOR).all(axis=1).sum() > 2000  # many green inlier lines drawn
     assert cli.main(["draw-matches", str(root / "index"), "astro", "coffee", "--out", str(root / "pictures" / "no.png"),
-                     "--ratio", "0.8", "--distance-threshold", "10"]) == 0
+                     "--ratio", "0.8", "--distance_threshold", "10"]) == 0
     assert json.loads(capsys.readouterr().out)["inliers"] < 0.1 * info["inliers"]
     sheet = str(root / "pictures" / "sheet.png")
     assert cli.main(["contact-sheet", str(root / "index"), "astro_warped", "--out", sheet, "--k", "3",
-                     "--ratio", "0.8", "--distance-threshold", "10"]) == 0
+                     "--ratio", "0.8", "--distance_threshold", "10"]) == 0
     assert json.loads(capsys.readouterr().out)["results"] == 3
     with Image.open(sheet) as img:
         assert img.size == (4 * (192 + 8 + 8) + 8, 192 + 8 + 34 + 8 + 8)

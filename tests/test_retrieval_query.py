@@ -46,7 +46,8 @@ def collection(tmp_path_factory):
                  "locations": pb_loc, "descriptors": pb_desc})
     for i, sim in enumerate([0.9, 0.8, 0.7]):
         rows.append({"image_id": f"decoy_{i}", "global_descriptor": _with_similarity(rng, g, sim),
-                     "locations": rng.random((300, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 300, 128)})
+                     "locations": rng.random((300, 2)) * [768, 1024],
+                     "descriptors": synthetic.unit_rows(rng, 300, 128)})
     for i in range(40):
         rows.append({"image_id": f"filler_{i:02d}", "global_descriptor": _with_similarity(rng, g, 0.1 + 0.005 * i),
                      "locations": rng.random((50, 2)) * [768, 1024], "descriptors": synthetic.unit_rows(rng, 50, 128)})
@@ -97,13 +98,15 @@ def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
     engine = qm.QueryEngine(collection["index"])
     results = engine.search([engine.query_from_id("q"), engine.query_from_id("match_a", "qa")], k=5, num_to_rerank=5)
     table = qm.results_table(results)
-    assert table.schema.names == ["query_id", "rank", "image_id", "global_score", "inliers", "final_rank"]
+    assert table.schema.names == ["query_id", "rank", "image_id", "global_score", "inliers", "final_rank", "verified"]
     assert table.num_rows == 10 and table.column("final_rank").to_pylist() == [1, 2, 3, 4, 5] * 2
+    assert all(table.column("verified").to_pylist())
     for name in ("r.parquet", "r.csv"):
         path = str(tmp_path / name)
         qm.write_results(table, path)
         back = qm.read_results(path)
         assert back.column("image_id").to_pylist() == table.column("image_id").to_pylist()
+        assert back.column("verified").to_pylist() == table.column("verified").to_pylist()
         np.testing.assert_allclose(back.column("global_score").to_numpy(), table.column("global_score").to_numpy(),
                                    rtol=1e-6)
     with pytest.raises(ValueError, match=".parquet or .csv"):
@@ -113,7 +116,7 @@ def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
 def test_cli_build_query_file_and_evaluate(collection, tmp_path, capsys):
     index_dir = str(tmp_path / "idx")
     assert cli.main(["build", str(collection["root"] / "out"), index_dir, "--kind", "flat",
-                     "--allow-mixed-models"]) == 0
+                     "--allow_mixed_models"]) == 0
     assert json.loads(capsys.readouterr().out)["num_indexed"] == 46
     queries = tmp_path / "queries.csv"
     queries.write_text("query_id,image_id\nfirst,q\nsecond,match_b\n")
@@ -246,3 +249,101 @@ def test_cropped_query_follows_the_reference_resize_factor(job_index, tmp_path):
     uncapped = extractor.extract(crop)  # without the factor the crop would be fed at 64x96
     assert uncapped.processed_hw == (64, 96)
     assert not np.allclose(query.global_descriptor, uncapped.global_descriptor, atol=1e-3)
+
+
+def test_whole_database_ranking_and_reranking_that_skips_each_protocols_junk(collection, tmp_path, capsys):
+    """`--k all` ranks every indexed image; with the ground truth, re-ranking verifies the first N non-junk
+    results of each protocol, and eval-revisitop re-sorts exactly those per protocol, as the reference.
+
+    Global order: decoy_0 .9, decoy_1 .8, decoy_2 .7, match_a .55, match_b .5, fillers. Ground truth of q:
+    easy match_a, hard match_b, junk decoy_0. With N = 3 (per protocol, junk removed first):
+      easy   (junk decoy_0 + match_b): decoy_1, decoy_2, match_a verified -> match_a first: AP 1
+      medium (junk decoy_0): decoy_1, decoy_2, match_a -> match_a, decoys, then match_b at rank 4:
+             AP = 1/2 * [1 + (1/3 + 2/4) / 2] = 17/24
+      hard   (junk decoy_0 + match_a): decoy_1, decoy_2, match_b -> match_b first: AP 1
+    """
+    names = sorted(n for n in collection["rows"] if n != "q")
+    pos = {n: i for i, n in enumerate(names)}
+    gnd = {"imlist": names, "qimlist": ["q"],
+           "gnd": [{"easy": [pos["match_a"]], "hard": [pos["match_b"]], "junk": [pos["decoy_0"]], "bbx": None}]}
+    import pickle
+
+    gnd_path = str(tmp_path / "gnd_toy.pkl")
+    with open(gnd_path, "wb") as fh:
+        pickle.dump(gnd, fh)
+    out = str(tmp_path / "results.parquet")
+    assert cli.main(["query", collection["index"], "--id", "q", "--k", "all", "--rerank", "3",
+                     "--revisitop_gnd", gnd_path, "--output", out]) == 0
+    capsys.readouterr()
+    table = qm.read_results(out)
+    assert table.num_rows == len(names)  # the whole database but the query itself
+    flags = zip(table.column("image_id").to_pylist(), table.column("verified").to_pylist())
+    verified = sorted(i for i, v in flags if v)
+    assert verified == ["decoy_1", "decoy_2", "match_a", "match_b"]  # union over protocols; decoy_0 (junk) skipped
+    assert cli.main(["eval-revisitop", out, gnd_path, "--rerank", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("easy: mAP=100.00") and lines[2].startswith("hard: mAP=100.00")
+    assert lines[1].startswith(f"medium: mAP={100 * 17 / 24:.2f}")
+    # results re-ranked without the ground truth verified the junk: evaluation refuses them in one line
+    plain = str(tmp_path / "plain.parquet")
+    assert cli.main(["query", collection["index"], "--id", "q", "--k", "all", "--rerank", "3", "--output", plain]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval-revisitop", plain, gnd_path, "--rerank", "3"]) == 2
+    assert "not verified" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["query", collection["index"], "--k", "some"])
+
+
+def test_an_indexed_image_can_be_named_by_its_path(job_index, capsys):
+    """Ids the job derives from --input globs are hashes; the path the job read is enough to query."""
+    engine = qm.QueryEngine(job_index["report"].index_dir)
+    path = job_index["paths"]["coffee"]
+    image_id = engine.indexed_id(path)
+    assert image_id is not None and image_id != path and len(image_id) == 16
+    assert engine.indexed_id(os.path.relpath(path)) == image_id
+    [by_path] = qm.build_queries(engine, [{"path": path}])
+    assert by_path.exclude_id == image_id and by_path.query_id == "coffee" and by_path.source == path
+    np.testing.assert_array_equal(by_path.global_descriptor, engine.query_from_id(image_id).global_descriptor)
+    assert engine._extractor is None  # stored features: no model was loaded
+    assert cli.main(["query", job_index["report"].index_dir, "--id", path, "--k", "2", "--rerank", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary[0]["query_id"] == path and image_id not in [r["image_id"] for r in summary[0]["results"]]
+    assert cli.main(["query", job_index["report"].index_dir, "--id", "/no/such.png"]) == 2
+    assert "not in the index" in capsys.readouterr().err
+
+
+def test_documented_reader_and_duckdb_recipe_on_real_job_shards(job_index):
+    """The numpy reader gives per-image arrays equal to the shard columns; DuckDB's cosine works after the
+    documented cast of global_descriptor to FLOAT[2048] (it reads fixed-size lists as FLOAT[])."""
+    import duckdb
+    import pyarrow.dataset as pads
+
+    from beam_job.retrieval.reader import read_images
+
+    out = str(job_index["root"] / "out")
+    images = list(read_images(out))
+    table = pads.dataset(os.path.join(out, "features"), format="parquet").to_table()
+    assert sorted(i.image_id for i in images) == sorted(table.column("image_id").to_pylist())
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    for image in images:
+        f, row = image.features, rows[image.image_id]
+        assert f.global_descriptor.dtype == np.float32 and f.global_descriptor.shape == (DIM,)
+        assert f.locations.dtype == np.float32 and f.locations.shape == (row["num_features"], 2)
+        assert f.descriptors.shape == (row["num_features"], 128) and f.scales.shape == (row["num_features"],)
+        np.testing.assert_array_equal(f.global_descriptor, np.asarray(row["global_descriptor"], np.float32))
+        np.testing.assert_array_equal(f.locations, np.asarray(row["locations"], np.float32).reshape(-1, 2))
+        np.testing.assert_array_equal(f.descriptors, np.asarray(row["descriptors"], np.float32).reshape(-1, 128))
+        assert image.path == row["path"] and f.original_hw == (row["original_height"], row["original_width"])
+    [one] = list(read_images(out, image_ids=[images[1].image_id]))
+    assert one.image_id == images[1].image_id
+    pattern = os.path.join(out, "features", "*.parquet")
+    kind = duckdb.sql(f"SELECT typeof(global_descriptor) FROM read_parquet('{pattern}') LIMIT 1").fetchall()[0][0]
+    assert kind == "FLOAT[]"
+    query = images[0].features.global_descriptor.tolist()
+    best = duckdb.sql(
+        f"SELECT image_id, array_cosine_similarity(global_descriptor::FLOAT[{DIM}], ?::FLOAT[{DIM}]) AS sim "
+        f"FROM read_parquet('{pattern}') ORDER BY sim DESC", params=[query]).fetchall()
+    assert best[0][0] == images[0].image_id and best[0][1] == pytest.approx(1.0, abs=1e-5)
+    expected = {i.image_id: float(i.features.global_descriptor @ images[0].features.global_descriptor) for i in images}
+    for image_id, sim in best:
+        assert sim == pytest.approx(expected[image_id], abs=1e-5)

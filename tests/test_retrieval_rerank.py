@@ -143,3 +143,48 @@ def test_sift_features_on_a_real_photo_recover_a_known_warp():
     unrelated = _sift((color.rgb2gray(data.coffee()) * 255).astype(np.uint8))
     u = rerank.verify_pair(b, unrelated, config)
     assert u.inliers < 0.1 * v.inliers
+
+
+def _degenerate_pair(seed=61):
+    """Putative matches whose index-side points sit on two spots only (many query features matched to the
+    same two candidate keypoints). skimage 0.26 finds inliers from 3-point samples, but its final refit on all
+    inliers fails and comes back as a (falsy) FailedEstimation next to the inlier mask."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(4, 30))
+    nd = int(rng.integers(1, 4))
+    base = rng.random((nd, 2)) * 200
+    src = base[rng.integers(0, nd, k)] + rng.normal(0, 1e-6, (k, 2))
+    dst = rng.random((1, 2)) * 200 + rng.normal(0, 5, (k, 2))
+    return src, dst
+
+
+def test_reference_ransac_scores_the_inlier_mask_when_the_final_refit_fails():
+    from skimage.measure import ransac
+    from skimage.transform import AffineTransform
+
+    src, dst = _degenerate_pair()
+    model, mask = ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=20.0, max_trials=1000, rng=0)
+    assert mask is not None and mask.sum() == len(src) and not model  # the failure mode is really hit
+    r = geometry.estimate_affine(src, dst, method="reference")
+    assert r.inliers == int(mask.sum()) and r.matrix is None  # scored like the reference, no crash
+    np.testing.assert_array_equal(r.mask, mask)
+
+
+def test_ratio_mode_applies_no_distance_threshold_like_the_reference():
+    """The reference's ratio test keeps d1 < ratio * d2 from a 2-NN KD-tree query and nothing else."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(5)
+    index = synthetic.unit_rows(rng, 200, 128)
+    query = synthetic.unit_rows(rng, 150, 128)
+    query[:50] = index[:50] + 0.05 * rng.standard_normal((50, 128)).astype(np.float32)  # close: d1 ~ 0.6
+    query[50:100] = 0.45 * index[50:100] + 0.9 * query[50:100]  # distinctive but far: d1 ~ 1.1, d2 ~ 1.4
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    dist, nn = cKDTree(index).query(query, k=2, workers=1)
+    ref = np.flatnonzero(dist[:, 0] < 0.9 * dist[:, 1])
+    assert (dist[ref, 0] >= 1.0).sum() >= 10  # matches beyond the 1.0 threshold are part of the reference's set
+    qi, ii = matching.match_descriptors(query, index, ratio=0.9)
+    np.testing.assert_array_equal(qi, ref)
+    np.testing.assert_array_equal(ii, nn[ref, 0])
+    qi, ii = matching.match_descriptors(query[:3], index[:1], ratio=0.9)  # one index row: d2 = inf
+    assert qi.tolist() == [0, 1, 2] and ii.tolist() == [0, 0, 0]

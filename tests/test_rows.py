@@ -9,7 +9,8 @@ import pytest
 
 import schemas
 from beam_job.features import DelgFeatures
-from beam_job.pipeline.rows import MissingGlobalDescriptorError, failure_record, feature_record, features_table, failures_table
+from beam_job.pipeline.rows import (MissingGlobalDescriptorError, failure_record, feature_record, failures_table,
+                                    features_table)
 from beam_job.pipeline.writer import shard_schema
 from beam_job.pipeline.options import JobConfig
 from beam_job.config import get_preset

@@ -1,30 +1,28 @@
 """Read and write the official DELF/DELG `DatumProto` tensor files (PCA parameters, .delg_global) and .npy.
 
 The official code stores PCA means, projection matrices and variances (and `.delg_global` descriptors)
-as one serialized `delf.protos.DatumProto`:
+as one serialized `delf.protos.DatumProto` (proto2):
 
     DatumShape  { repeated int64  dim   = 1 [packed]; }
     FloatList   { repeated float  value = 1 [packed]; }
     Uint32List  { repeated uint32 value = 1 [packed]; }
-    DatumProto  { DatumShape shape = 1; oneof { FloatList float_list = 2; Uint32List uint32_list = 3; } }
+    DatumProto  { DatumShape shape = 1; oneof kind_oneof { FloatList float_list = 2; Uint32List uint32_list = 3; } }
 
-This module encodes and decodes that wire format by hand (no compiled protos, no protobuf runtime), so
-it is pure numpy. Values are row-major. Floating inputs are stored as float32 and unsigned integers as
-uint32, as the official writer does; the reader also accepts unpacked repeated fields.
+The messages are built at import time from these facts with the installed `protobuf` runtime
+(descriptor_pb2 + message_factory, in a private descriptor pool): no protoc step and no generated files.
+Values are row-major. Floating inputs are stored as float32 and unsigned integers as uint32, as the
+official writer does; the reader also accepts unpacked repeated fields (protobuf parses both).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import struct
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
-
-# Field numbers of delf.protos.DatumProto and its children.
-_SHAPE, _FLOAT_LIST, _UINT32_LIST = 1, 2, 3
-_WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 
 class DatumError(ValueError):
@@ -32,82 +30,32 @@ class DatumError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Wire-format primitives
+# The DatumProto messages, from their .proto definition (delf/protos/datum.proto)
 # --------------------------------------------------------------------------------------------------
 
 
-def _encode_varint(value: int) -> bytes:
-    if value < 0:  # int64 negative numbers are 10-byte two's complement varints
-        value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+def _datum_message_class():
+    proto = descriptor_pb2.FileDescriptorProto(name="delf/protos/datum.proto", package="delf.protos", syntax="proto2")
+    field = descriptor_pb2.FieldDescriptorProto
+    for name, value_type in (("DatumShape", field.TYPE_INT64), ("FloatList", field.TYPE_FLOAT),
+                             ("Uint32List", field.TYPE_UINT32)):
+        repeated = proto.message_type.add(name=name).field.add(
+            name="dim" if name == "DatumShape" else "value", number=1, type=value_type, label=field.LABEL_REPEATED)
+        repeated.options.packed = True
+    datum = proto.message_type.add(name="DatumProto")
+    datum.oneof_decl.add(name="kind_oneof")
+    for number, name, type_name, oneof in ((1, "shape", "DatumShape", None), (2, "float_list", "FloatList", 0),
+                                           (3, "uint32_list", "Uint32List", 0)):
+        entry = datum.field.add(name=name, number=number, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL,
+                                type_name=f".delf.protos.{type_name}")
+        if oneof is not None:
+            entry.oneof_index = oneof
+    pool = descriptor_pool.DescriptorPool()  # private: never clashes with a compiled delf package
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("delf.protos.DatumProto"))
 
 
-def _decode_varint(data: bytes, pos: int) -> Tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= len(data):
-            raise DatumError("truncated varint in DatumProto")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise DatumError("varint too long in DatumProto")
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _encode_varint((field << 3) | wire_type)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _key(field, _WT_LEN) + _encode_varint(len(payload)) + payload
-
-
-def _iter_fields(data: bytes):
-    """Yield (field_number, wire_type, value) where value is an int (varint/fixed) or bytes (LEN)."""
-    pos = 0
-    n = len(data)
-    while pos < n:
-        key, pos = _decode_varint(data, pos)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise DatumError("invalid field number 0 in DatumProto")
-        if wire_type == _WT_VARINT:
-            value, pos = _decode_varint(data, pos)
-        elif wire_type == _WT_I64:
-            if pos + 8 > n:
-                raise DatumError("truncated fixed64 in DatumProto")
-            value = data[pos : pos + 8]
-            pos += 8
-        elif wire_type == _WT_LEN:
-            length, pos = _decode_varint(data, pos)
-            if pos + length > n:
-                raise DatumError("truncated length-delimited field in DatumProto")
-            value = data[pos : pos + length]
-            pos += length
-        elif wire_type == _WT_I32:
-            if pos + 4 > n:
-                raise DatumError("truncated fixed32 in DatumProto")
-            value = data[pos : pos + 4]
-            pos += 4
-        else:
-            raise DatumError(f"unsupported wire type {wire_type} in DatumProto")
-        yield field, wire_type, value
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
+DatumProto = _datum_message_class()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,96 +69,42 @@ def array_to_datum_bytes(array: np.ndarray) -> bytes:
     Raises DatumError for other dtypes (signed integers, bool, ...), as the official writer does.
     """
     array = np.asarray(array)
+    message = DatumProto()
+    message.shape.SetInParent()  # present even for a 0-d array, as the official writer leaves it
+    message.shape.dim.extend(int(d) for d in array.shape)
     if array.dtype.kind == "f":
-        values = np.ascontiguousarray(array, dtype="<f4").ravel()
-        list_field = _FLOAT_LIST
-        payload = values.tobytes()
+        values = message.float_list
+        values.SetInParent()
+        values.value.extend(np.ascontiguousarray(array, dtype=np.float32).ravel().tolist())
     elif array.dtype.kind == "u":
         if array.size and int(array.max()) > 0xFFFFFFFF:
             raise DatumError("uint64 values above 2**32-1 cannot be stored in a DatumProto uint32_list")
-        values = array.astype(np.uint64).ravel()
-        list_field = _UINT32_LIST
-        payload = b"".join(_encode_varint(int(v)) for v in values)
+        values = message.uint32_list
+        values.SetInParent()
+        values.value.extend(array.astype(np.uint64).ravel().tolist())
     else:
         raise DatumError(f"DatumProto stores float or unsigned integer arrays, got dtype {array.dtype}")
-    dims = b"".join(_encode_varint(int(d)) for d in array.shape)
-    shape_msg = _len_field(1, dims) if dims else b""
-    out = _len_field(_SHAPE, shape_msg)
-    list_msg = _len_field(1, payload) if payload else b""
-    out += _len_field(list_field, list_msg)
-    return out
-
-
-def _parse_shape(msg: bytes) -> list:
-    dims = []
-    for field, wire_type, value in _iter_fields(msg):
-        if field != 1:
-            continue
-        if wire_type == _WT_LEN:  # packed
-            pos = 0
-            while pos < len(value):
-                dim, pos = _decode_varint(value, pos)
-                dims.append(_signed64(dim))
-        elif wire_type == _WT_VARINT:
-            dims.append(_signed64(value))
-        else:
-            raise DatumError("DatumShape.dim has an unexpected wire type")
-    return dims
-
-
-def _parse_float_list(msg: bytes) -> np.ndarray:
-    chunks = []
-    for field, wire_type, value in _iter_fields(msg):
-        if field != 1:
-            continue
-        if wire_type == _WT_LEN:
-            if len(value) % 4:
-                raise DatumError("FloatList packed payload is not a multiple of 4 bytes")
-            chunks.append(np.frombuffer(value, dtype="<f4"))
-        elif wire_type == _WT_I32:
-            chunks.append(np.frombuffer(value, dtype="<f4"))
-        else:
-            raise DatumError("FloatList.value has an unexpected wire type")
-    if not chunks:
-        return np.zeros((0,), np.float32)
-    return np.concatenate(chunks).astype(np.float32)
-
-
-def _parse_uint32_list(msg: bytes) -> np.ndarray:
-    values = []
-    for field, wire_type, value in _iter_fields(msg):
-        if field != 1:
-            continue
-        if wire_type == _WT_LEN:
-            pos = 0
-            while pos < len(value):
-                item, pos = _decode_varint(value, pos)
-                values.append(item & 0xFFFFFFFF)
-        elif wire_type == _WT_VARINT:
-            values.append(value & 0xFFFFFFFF)
-        else:
-            raise DatumError("Uint32List.value has an unexpected wire type")
-    return np.asarray(values, dtype=np.uint32)
+    return message.SerializeToString()
 
 
 def datum_bytes_to_array(data: bytes) -> np.ndarray:
     """Parse a serialized DatumProto into a float32 or uint32 array of its recorded shape."""
-    shape = None
-    values = None
-    for field, wire_type, value in _iter_fields(bytes(data)):
-        if wire_type != _WT_LEN:
-            continue  # unknown scalar fields are skipped, as protobuf parsers do
-        if field == _SHAPE:
-            shape = _parse_shape(value)
-        elif field == _FLOAT_LIST:
-            values = _parse_float_list(value)
-        elif field == _UINT32_LIST:
-            values = _parse_uint32_list(value)
-    if shape is None:
+    message = DatumProto()
+    try:
+        message.ParseFromString(bytes(data))
+    except DecodeError as err:
+        raise DatumError(f"truncated or corrupt DatumProto ({err})") from None
+    if not message.HasField("shape"):
         raise DatumError("not a DatumProto: no shape field")
+    shape = list(message.shape.dim)
     if any(d < 0 for d in shape):
         raise DatumError(f"DatumProto has a negative dimension: {shape}")
-    if values is None:
+    kind = message.WhichOneof("kind_oneof")
+    if kind == "float_list":
+        values = np.asarray(message.float_list.value, dtype=np.float32)
+    elif kind == "uint32_list":
+        values = np.asarray(message.uint32_list.value, dtype=np.uint32)
+    else:
         values = np.zeros((0,), np.float32)
     expected = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if values.size != expected:
@@ -301,7 +195,8 @@ def load_pca(config) -> PcaParameters:
         variances = np.asarray(load_array(config.variances_path), dtype=np.float32).reshape(-1)
         if variances.shape[0] < config.pca_dim:
             raise DatumError(
-                f"PCA variances {config.variances_path} hold {variances.shape[0]} values, need >= pca_dim={config.pca_dim}"
+                f"PCA variances {config.variances_path} hold {variances.shape[0]} values, "
+                f"need >= pca_dim={config.pca_dim}"
             )
     return PcaParameters(
         mean=mean, matrix=matrix, dim=int(config.pca_dim), use_whitening=bool(config.use_whitening), variances=variances

@@ -63,7 +63,9 @@ def embedded_model_path(arch: str = "r50", cache_dir: Optional[str] = None, seed
     place atomically, so concurrent worker processes never see or produce a half-written model.
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown embedded architecture {arch!r}: use one of {', '.join(ARCHITECTURES)} (e.g. embedded:r50)")
+        raise ValueError(
+            f"unknown embedded architecture {arch!r}: use one of {', '.join(ARCHITECTURES)} (e.g. embedded:r50)"
+        )
     seed = int(seed)
     cache = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     target = os.path.join(cache, "embedded", f"{arch}-seed{seed}-{_code_version()}")

@@ -5,12 +5,13 @@ process through `Shared` and used by all threads of that process; with share_acr
 (`--share_model_across_processes`) Beam keeps one copy per machine in a separate process
 (MultiProcessShared), which only forwards method calls, so the loaded object is wrapped in a small
 service class with methods only. TensorFlow is imported inside load_model, never at module import.
+Model loads are counted by RunInference itself: one `RunInference/load_model_latency_milli_secs`
+distribution update per load (its count), plus `model_byte_size`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Dict, Iterable, Optional, Sequence
 
@@ -22,24 +23,6 @@ from beam_job.config import ExtractionConfig
 from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 
 _LOGGER = logging.getLogger(__name__)
-
-# Model loads in this process not yet reported as a Beam counter. load_model runs in DoFn.setup(), where
-# metric updates are not attributed to a bundle, so the count is carried into the next run_inference call.
-_LOAD_LOCK = threading.Lock()
-_PENDING_LOADS = 0
-
-
-def _note_load() -> None:
-    global _PENDING_LOADS
-    with _LOAD_LOCK:
-        _PENDING_LOADS += 1
-
-
-def _take_pending_loads() -> int:
-    global _PENDING_LOADS
-    with _LOAD_LOCK:
-        n, _PENDING_LOADS = _PENDING_LOADS, 0
-    return n
 
 
 class DelgModelService:
@@ -74,7 +57,6 @@ class DelgModelHandler(ModelHandler):
         use_anonymous_credentials_if_emulated()
         t0 = time.perf_counter()
         service = DelgModelService(self._config)
-        _note_load()
         _LOGGER.info("loaded DELG model %s in %.1f s", service.identity(), time.perf_counter() - t0)
         return service
 
@@ -84,9 +66,6 @@ class DelgModelHandler(ModelHandler):
         model: DelgModelService,
         inference_args: Optional[Dict[str, Any]] = None,
     ) -> Iterable[PredictionResult]:
-        loads = _take_pending_loads()
-        if loads:
-            Metrics.counter(METRICS_NAMESPACE, "model_loads").inc(loads)
         infer_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_ms")
         identity = model.identity()
         out = []

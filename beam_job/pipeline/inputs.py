@@ -159,7 +159,8 @@ def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str
     header = _header_columns(first)
     if header is None:
         if source.lower().endswith(".csv"):
-            raise ValueError(f"CSV manifest {source} has no 'path' column in its header line: add a header 'path[,image_id]'")
+            raise ValueError(f"CSV manifest {source} has no 'path' column in its header line: "
+                             "add a header 'path[,image_id]'")
         yield listed(_without_line_ending(first))
         for line in lines:
             if _is_entry(line):

@@ -52,7 +52,8 @@ def _csv_floats(text: str) -> Tuple[float, ...]:
     try:
         return tuple(_number(v, "") for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
 
 
 def _csv_ints(text: str) -> Tuple[int, ...]:
@@ -390,7 +391,8 @@ def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     unknown = unknown_beam_args(rest)
     if unknown:
         what = "unexpected argument" if not unknown[0].startswith("-") else "unknown flag"
-        raise JobConfigError(f"{what} {unknown[0]!r}: neither a delg-extract flag nor a Beam pipeline option (see --help)")
+        raise JobConfigError(
+            f"{what} {unknown[0]!r}: neither a delg-extract flag nor a Beam pipeline option (see --help)")
     return args, argv
 
 

@@ -106,14 +106,16 @@ class ProgressMonitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._log(final=True)
+        self.poll(final=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            self._log()
+            self.poll()
 
-    def _log(self, final: bool = False) -> None:
-        """Log when the counts changed, at the end, and at least once a minute as a heartbeat."""
+    def poll(self, final: bool = False) -> None:
+        """Read the counts now; log when they changed, at the end, and at least once a minute as a heartbeat.
+
+        The thread calls this every `interval_s`; callers (tests) may call it directly at a known moment."""
         counts = read_progress(self._dir)
         now = time.monotonic()
         if final or counts != self._last_counts or now - self._last_time >= _HEARTBEAT_S:

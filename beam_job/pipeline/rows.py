@@ -24,7 +24,7 @@ MAX_MESSAGE_CHARS = 2000
 class MissingGlobalDescriptorError(ValueError):
     """The image has no global descriptor (under 10 px after resize, or a model without a global head).
 
-    delg_v1 declares global_descriptor nullable, but pyarrow <= 25 cannot read back a Parquet file with a
+    delg_v1 declares global_descriptor non-nullable: pyarrow <= 25 cannot read back a Parquet file with a
     null fixed-size list (apache/arrow#35692), so such images become failure rows instead.
     """
 
@@ -63,7 +63,8 @@ def feature_record(
     descriptors = features.descriptors
     if n and descriptors.shape[1] != delg_v1.LOCAL_DIM:
         raise ValueError(
-            f"local descriptors are {descriptors.shape[1]}-d, schema {delg_v1.SCHEMA_VERSION} stores {delg_v1.LOCAL_DIM}-d"
+            f"local descriptors are {descriptors.shape[1]}-d, "
+            f"schema {delg_v1.SCHEMA_VERSION} stores {delg_v1.LOCAL_DIM}-d"
         )
     if n == 0:
         descriptors = np.zeros((0, delg_v1.LOCAL_DIM), np.float32)
@@ -85,7 +86,9 @@ def feature_record(
     }
 
 
-def failure_record(image_id: str, path: str, stage: str, error_type: str, message: str, *, model: str, preset: str) -> FailureRecord:
+def failure_record(
+    image_id: str, path: str, stage: str, error_type: str, message: str, *, model: str, preset: str
+) -> FailureRecord:
     """One failures row; message is cut to MAX_MESSAGE_CHARS and made one line."""
     if stage not in delg_v1.FAILURE_STAGES:
         raise ValueError(f"unknown failure stage {stage!r}; one of {delg_v1.FAILURE_STAGES}")
@@ -111,7 +114,9 @@ def _offsets(counts: Sequence[int]) -> pa.Array:
     return pa.array(offsets.astype(np.int32), type=pa.int32())
 
 
-def _nested(records: Sequence[FeatureRecord], key: str, width: Optional[int], field_type: pa.DataType, np_dtype) -> pa.Array:
+def _nested(
+    records: Sequence[FeatureRecord], key: str, width: Optional[int], field_type: pa.DataType, np_dtype
+) -> pa.Array:
     """list<fixed_size_list<T, width>> (width given) or list<T> from per-row numpy arrays."""
     counts = [int(r["num_features"]) for r in records]
     parts = [np.asarray(r[key], dtype=np_dtype).reshape(-1) for r in records]

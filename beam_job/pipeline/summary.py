@@ -93,9 +93,9 @@ def run_status(run: Dict[str, int], output: Dict[str, int], max_failure_ratio: f
     new = run["processed"] - run["retried"]
     new_failures = run["failures"] - run["retried_still_failing"]
     if output["images"] and output["failures"] / output["images"] > max_failure_ratio:
-        return "failed", (f"{output['failures']} of {output['images']} images failed "
-                          f"({output['failures'] / output['images']:.0%} > --max_failure_ratio {max_failure_ratio:.0%}, "
-                          "over the whole output)")
+        ratio = output["failures"] / output["images"]
+        return "failed", (f"{output['failures']} of {output['images']} images failed ({ratio:.0%} > "
+                          f"--max_failure_ratio {max_failure_ratio:.0%}, over the whole output)")
     if new and new_failures / new > max_failure_ratio:
         return "failed", (f"{new_failures} of {new} images new to the output failed in this run "
                           f"({new_failures / new:.0%} > --max_failure_ratio {max_failure_ratio:.0%})")

@@ -168,7 +168,8 @@ class ResolveInputsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DUPLICATE, image_id)
         yield image_id, distinct[0]
         for other in distinct[1:]:
-            exc = DuplicateImageIdError(f"image_id {image_id} is also listed for {distinct[0]}: give each path its own id")
+            exc = DuplicateImageIdError(
+                f"image_id {image_id} is also listed for {distinct[0]}: give each path its own id")
             yield _failure(self._job, image_id, other, "read", exc, {})
 
     def finish_bundle(self):

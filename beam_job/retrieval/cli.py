@@ -1,13 +1,15 @@
 """`delg-retrieval` console command: build an index from feature shards, query it, evaluate, draw pictures.
 
   delg-retrieval build SHARDS INDEX_DIR [--kind auto|flat|ivfpq|hnsw ...]
-  delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100 --rerank 100] --output R.parquet|R.csv
+  delg-retrieval query INDEX_DIR (--id ID ... | --image PATH ... | --queries FILE) [--k 100|all --rerank 100]
+                       [--revisitop_gnd GND] --output R.parquet|R.csv
   delg-retrieval eval-revisitop RESULTS gnd_roxford5k.pkl
   delg-retrieval eval-gldv2 RESULTS_OR_SUBMISSION.csv solution.csv
   delg-retrieval revisitop-queries gnd_roxford5k.pkl IMAGES_DIR queries.csv   (cropped query list)
   delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
   delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
-QUERY is an image id in the index or an image path (local or gs://), extracted with the shards' model.
+QUERY names an indexed image by its id or its path (stored features), or an image file (local or gs://)
+extracted with the shards' model. Flags are spelled with underscores, as delg-extract's (--max_trials).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ logger = logging.getLogger(__name__)
 def _add_rerank_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ransac", choices=["opencv", "reference"], default="opencv",
                    help="opencv: USAC_MAGSAC affine (fast, default); reference: DELG's skimage RANSAC (slow)")
-    p.add_argument("--distance-threshold", type=float, default=1.0, help="L2 descriptor distance threshold (DELG: 1.0)")
+    p.add_argument("--distance_threshold", type=float, default=1.0, help="L2 descriptor distance threshold (DELG: 1.0)")
     p.add_argument("--ratio", type=float, default=None, help="use Lowe's ratio test with this ratio (e.g. 0.8)")
-    p.add_argument("--residual-threshold", type=float, default=20.0, help="RANSAC inlier threshold in pixels")
-    p.add_argument("--max-trials", type=int, default=1000)
+    p.add_argument("--residual_threshold", type=float, default=20.0, help="RANSAC inlier threshold in pixels")
+    p.add_argument("--max_trials", type=int, default=1000)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (ivfpq indexes)")
-    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch")
+    p.add_argument("--ef_search", type=int, default=None, help="HNSW efSearch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,22 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
                    help="auto: flat below 200k vectors, else IVF-PQ fast-scan (+exact refinement below 2M)")
     b.add_argument("--nlist", type=int, default=None)
-    b.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (4 bits each); default dim/8")
+    b.add_argument("--pq_m", type=int, default=None, help="PQ sub-quantizers (4 bits each); default dim/8")
     b.add_argument("--refine", dest="refine", action="store_true", default=None, help="ivfpq: keep exact vectors")
-    b.add_argument("--no-refine", dest="refine", action="store_false", help="ivfpq: codes only (m/2 bytes/vector)")
-    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--no_refine", dest="refine", action="store_false", help="ivfpq: codes only (m/2 bytes/vector)")
+    b.add_argument("--hnsw_m", type=int, default=32)
     b.add_argument("--nprobe", type=int, default=None)
-    b.add_argument("--train-size", type=int, default=None, help="IVF training sample size")
-    b.add_argument("--allow-mixed-models", action="store_true")
+    b.add_argument("--train_size", type=int, default=None, help="IVF training sample size")
+    b.add_argument("--allow_mixed_models", action="store_true")
 
     q = sub.add_parser("query", help="search the index, re-rank by local features, write results")
     q.add_argument("index_dir")
-    q.add_argument("--id", nargs="*", default=[], help="image ids already in the index")
-    q.add_argument("--image", nargs="*", default=[], help="query image paths (extracted on the fly)")
+    q.add_argument("--id", nargs="*", default=[], help="images already in the index, by image id or by path")
+    q.add_argument("--image", nargs="*", default=[],
+                   help="query image paths: indexed images use their stored features, others are extracted on the fly")
     q.add_argument("--queries", help="CSV (image_id or path column, optional query_id, bbox) or one per line")
-    q.add_argument("--k", type=int, default=100, help="results per query")
+    q.add_argument("--k", type=_k_value, default=100, help="results per query, or `all` (the whole index: evaluation)")
     q.add_argument("--rerank", type=int, default=100, help="re-rank this many top results (0: global only)")
-    q.add_argument("--keep-self", action="store_true", help="keep the query image itself when querying by id")
+    q.add_argument("--revisitop_gnd", default=None,
+                   help="gnd_roxford5k.pkl / gnd_rparis6k.pkl: re-rank the first --rerank non-junk results of every "
+                        "protocol (query_id = qimlist names), as the reference; needed by eval-revisitop")
+    q.add_argument("--keep_self", action="store_true", help="keep the query image itself when querying by id")
     q.add_argument("--output", help="results file (.parquet or .csv); a JSON summary is printed")
     _add_rerank_args(q)
 
@@ -69,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("results", help="results .parquet/.csv from `query` (query_id = qimlist names)")
     e.add_argument("gnd", help="gnd_roxford5k.pkl / gnd_rparis6k.pkl (or the .mat version)")
     e.add_argument("--order", choices=["final_rank", "rank"], default="final_rank",
-                   help="final_rank: after re-ranking; rank: global only")
+                   help="final_rank: per protocol, junk skipped, the first --rerank re-sorted by (inliers, global "
+                        "score) as the reference; rank: global only")
+    e.add_argument("--rerank", type=int, default=100, help="non-junk results re-ranked per protocol (reference: 100)")
     e.add_argument("--kappas", type=int, nargs="*", default=[1, 5, 10])
 
     g = sub.add_parser("eval-gldv2", help="GLDv2 retrieval mAP@100")
@@ -85,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("draw-matches", help="PNG of the query and one image with keypoints and RANSAC inliers")
     d.add_argument("index_dir")
     d.add_argument("query", help="an image id in the index, or an image path")
-    d.add_argument("target", help="an image id in the index")
+    d.add_argument("target", help="an image in the index, by id or path")
     d.add_argument("--out", required=True)
     d.add_argument("--outliers", action="store_true", help="also draw rejected putative matches in red")
     _add_rerank_args(d)
@@ -96,9 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--k", type=int, default=8)
     c.add_argument("--rerank", type=int, default=8)
-    c.add_argument("--min-inliers", type=int, default=15, help="green frame at or above this many inliers")
+    c.add_argument("--min_inliers", type=int, default=15, help="green frame at or above this many inliers")
     _add_rerank_args(c)
     return parser
+
+
+def _k_value(text: str):
+    from .query import ALL
+
+    if text == ALL:
+        return ALL
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or {ALL!r}, got {text!r}")
+    return value
 
 
 def _rerank_config(args):
@@ -129,11 +151,7 @@ def load_image(uri: str) -> np.ndarray:
 
 
 def _query_for(engine, value: str, exclude_self: bool = True):
-    try:
-        engine.index.position_of(value)
-    except KeyError:
-        return engine.query_from_image(value), load_image(value)
-    q = engine.query_from_id(value, exclude_self=exclude_self)
+    q = engine.query_from_name(value, exclude_self=exclude_self)
     return q, load_image(q.source)
 
 
@@ -144,7 +162,8 @@ def _cmd_build(args) -> int:
                       nprobe=args.nprobe, train_size=args.train_size, allow_mixed_models=args.allow_mixed_models)
     report = build_index(args.shards, args.index_dir, cfg)
     print(json.dumps({"index_dir": report.index_dir, "num_indexed": report.num_indexed,
-                      "num_null_skipped": report.num_null_skipped, "num_shards": report.num_shards,
+                      "num_null_skipped": report.num_null_skipped,
+                      "num_duplicate_ids": report.num_duplicate_ids, "num_shards": report.num_shards,
                       "params": report.params, "seconds": {k: round(v, 3) for k, v in report.seconds.items()}},
                      indent=1))
     return 0
@@ -154,13 +173,14 @@ def _cmd_query(args) -> int:
     from .query import build_queries, read_query_file, results_table, summary_json, write_results
 
     engine = _engine(args)
-    specs = [{"query_id": i, "image_id": i} for i in args.id] + [{"query_id": "", "path": p} for p in args.image]
+    specs = [{"query_id": "", "image_id": i} for i in args.id] + [{"query_id": "", "path": p} for p in args.image]
     if args.queries:
         specs += read_query_file(args.queries)
     if not specs:
         raise ValueError("give queries with --id, --image or --queries")
     queries = build_queries(engine, specs, exclude_self=not args.keep_self)
-    results = engine.search(queries, k=args.k, num_to_rerank=args.rerank)
+    skip = _junk_per_protocol(args.revisitop_gnd, [q.query_id for q in queries]) if args.revisitop_gnd else None
+    results = engine.search(queries, k=args.k, num_to_rerank=args.rerank, skip_for_rerank=skip)
     if args.output:
         write_results(results_table(results), args.output)
         logger.info("wrote %s", args.output)
@@ -168,13 +188,32 @@ def _cmd_query(args) -> int:
     return 0
 
 
+def _junk_per_protocol(gnd_path: str, query_ids: Sequence[str]):
+    """For each query id (a qimlist name): the junk image names of each protocol, to skip when re-ranking."""
+    from .evaluate import PROTOCOLS, load_revisitop_gnd, protocol_ground_truth
+
+    gnd = load_revisitop_gnd(gnd_path)
+    where = {name: i for i, name in enumerate(gnd["qimlist"])}
+    unknown = [q for q in query_ids if q not in where]
+    if unknown:
+        raise ValueError(f"{len(unknown)} query ids are not queries of {gnd_path}, e.g. {unknown[:3]}: "
+                         "name queries by their qimlist names (`revisitop-queries` writes them)")
+    per_protocol = [protocol_ground_truth(gnd["gnd"], p) for p in PROTOCOLS]
+    imlist = gnd["imlist"]
+    return [[{imlist[i] for i in gt[where[q]]["junk"]} for gt in per_protocol] for q in query_ids]
+
+
 def _cmd_eval_revisitop(args) -> int:
-    from .evaluate import evaluate_revisitop, format_revisitop, load_revisitop_gnd, ranked_ids_from_table, rankings_from_results
+    from .evaluate import (evaluate_revisitop, format_revisitop, load_revisitop_gnd, protocol_rankings,
+                           ranked_ids_from_table, rankings_from_results)
     from .query import read_results
 
     gnd = load_revisitop_gnd(args.gnd)
-    ranked = ranked_ids_from_table(read_results(args.results), args.order)
-    rankings = rankings_from_results(gnd["qimlist"], ranked, gnd["imlist"])
+    table = read_results(args.results)
+    if args.order == "rank":
+        rankings = rankings_from_results(gnd["qimlist"], ranked_ids_from_table(table, "rank"), gnd["imlist"])
+    else:
+        rankings = protocol_rankings(table, gnd, args.rerank)
     metrics = evaluate_revisitop(rankings, gnd["gnd"], args.kappas)
     print(format_revisitop(metrics))
     return 0
@@ -217,7 +256,7 @@ def _cmd_draw_matches(args) -> int:
 
     engine = _engine(args)
     query, query_image = _query_for(engine, args.query, exclude_self=False)
-    target = engine.query_from_id(args.target, exclude_self=False)
+    target = engine.query_from_id(engine.indexed_id(args.target) or args.target, exclude_self=False)
     if query.local is None or target.local is None:
         raise ValueError("both images need local features to draw matches")
     v = verify_pair(query.local, target.local, engine.rerank_config)

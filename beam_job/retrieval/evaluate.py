@@ -148,13 +148,26 @@ def compute_map(
 
 
 def evaluate_revisitop(
-    rankings: Sequence[np.ndarray], gnd: Sequence[Mapping], kappas: Sequence[int] = DEFAULT_KAPPAS
+    rankings, gnd: Sequence[Mapping], kappas: Sequence[int] = DEFAULT_KAPPAS
 ) -> Dict[str, Dict]:
-    """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}."""
-    out = {}
+    """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}.
+
+    rankings: one ranking per query (the same for every protocol), or {protocol: rankings} when the order
+    depends on the protocol (re-ranking that skips each protocol's junk, see protocol_rankings).
+
+    A setting in which no query has a positive (e.g. a ground truth without hard images) gets mAP None,
+    empty mP@k and num_queries 0; the other settings are still scored."""
+    out: Dict[str, Dict] = {}
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(gnd, protocol)
-        mean_ap, aps, mpr, _ = compute_map(rankings, gt, kappas)
+        ranks = rankings[protocol] if isinstance(rankings, Mapping) else rankings
+        if not any(len(g["ok"]) for g in gt):
+            if len(ranks) != len(gt):
+                raise ValueError(
+                    f"{len(ranks)} rankings for {len(gt)} ground-truth queries: give one ranking per query")
+            out[protocol] = {"mAP": None, "mP@k": {}, "num_queries": 0}
+            continue
+        mean_ap, aps, mpr, _ = compute_map(ranks, gt, kappas)
         out[protocol] = {
             "mAP": mean_ap,
             "mP@k": {int(k): float(v) for k, v in zip(kappas, mpr)},
@@ -175,6 +188,60 @@ def rankings_from_results(
     return [np.asarray([lookup.get(i, -1) for i in result_ids.get(q, [])], np.int64) for q in query_ids]
 
 
+def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Dict[str, List[np.ndarray]]:
+    """Per-protocol rankings from a results table, re-ranked as the reference does for each protocol.
+
+    For each query and protocol: the results in global order (`rank`) without the protocol's junk; the
+    first num_to_rerank of them re-sorted by (inliers, global score) descending; the rest in global order.
+    Those first num_to_rerank must have been verified (`verified` column: run `query` with the ground
+    truth, which verifies the first N non-junk results of every protocol); num_to_rerank=0 gives the
+    global order. revisitop: load_revisitop_gnd() output. Returns {protocol: rankings for rankings_from_results order}.
+    """
+    from .rerank import final_order
+
+    imlist, qimlist = revisitop["imlist"], revisitop["qimlist"]
+    lookup = {name: i for i, name in enumerate(imlist)}
+    names = table.column_names
+    if num_to_rerank > 0 and "verified" not in names:
+        raise ValueError("the results have no `verified` column: re-run `query` with --revisitop_gnd, or evaluate "
+                         "with --rerank 0 (global order)")
+    columns = ["query_id", "rank", "image_id", "global_score", "inliers"]
+    columns += ["verified"] if "verified" in names else []
+    rows = table.select(columns).to_pydict()
+    per_query: Dict[str, List[Tuple]] = {}
+    for values in zip(*(rows[c] for c in columns)):
+        per_query.setdefault(values[0], []).append(values[1:])
+    missing = [q for q in qimlist if q not in per_query]
+    if missing:
+        logger.warning("%d of %d queries have no results (scored as empty rankings), e.g. %s",
+                       len(missing), len(qimlist), missing[:3])
+    short = [q for q, v in per_query.items() if len(v) < len(imlist)]
+    if short:
+        logger.warning("%d queries rank fewer images than the %d of the database, e.g. %s: positives beyond are "
+                       "lost; use `query --k all`", len(short), len(imlist), short[:3])
+    out: Dict[str, List[np.ndarray]] = {}
+    for protocol in PROTOCOLS:
+        gt = protocol_ground_truth(revisitop["gnd"], protocol)
+        rankings = []
+        for qname, g in zip(qimlist, gt):
+            entries = sorted(per_query.get(qname, []))  # by global rank
+            junk = set(g["junk"].tolist())
+            kept = [e for e in entries if lookup.get(e[1], -1) not in junk]
+            head, tail = kept[:num_to_rerank], kept[num_to_rerank:]
+            unverified = [e[1] for e in head if len(e) < 5 or not e[4]]
+            if unverified:
+                raise ValueError(
+                    f"query {qname}: {len(unverified)} of the first {len(head)} non-junk results ({protocol}) were not "
+                    f"verified, e.g. {unverified[0]}: run `query` with --revisitop_gnd and "
+                    f"--rerank >= {num_to_rerank}, "
+                    "or evaluate with --rerank 0 (global order)")
+            order = final_order(np.asarray([e[3] for e in head], np.int64), np.asarray([e[2] for e in head]))
+            ranked = [head[j][1] for j in order] + [e[1] for e in tail]
+            rankings.append(np.asarray([lookup.get(i, -1) for i in ranked], np.int64))
+        out[protocol] = rankings
+    return out
+
+
 def ranked_ids_from_table(table, order_column: str = "final_rank") -> Dict[str, List[str]]:
     """{query_id: [image_id, ...]} ordered by `order_column` ("final_rank" or the global "rank")."""
     qids = table.column("query_id").to_pylist()
@@ -190,6 +257,9 @@ def format_revisitop(metrics: Mapping[str, Mapping]) -> str:
     """One line per protocol, DELF-style: `medium: mAP=64.67 mP@k[1 5 10] 95.71 92.00 86.86`."""
     lines = []
     for protocol, m in metrics.items():
+        if m["mAP"] is None:
+            lines.append(f"{protocol}: no query has a positive image in this setting (queries=0)")
+            continue
         ks = list(m["mP@k"])
         lines.append(
             f"{protocol}: mAP={100 * m['mAP']:.2f} mP@k{ks} "
@@ -227,11 +297,19 @@ def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
 
 
 def read_gldv2_predictions(path: str) -> Dict[str, List[str]]:
-    """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}."""
+    """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}.
+
+    A query id given on two rows is an error (the reference refuses it too), never silently overwritten."""
     rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
     if rows and ("id" not in rows[0] or "images" not in rows[0]):
         raise ValueError(f"{path}: a GLDv2 submission needs the columns id,images")
-    return {row["id"].strip(): _split_ids(row["images"]) for row in rows}
+    out: Dict[str, List[str]] = {}
+    for line, row in enumerate(rows, start=2):
+        qid = row["id"].strip()
+        if qid in out:
+            raise ValueError(f"{path}: line {line} repeats query id {qid!r}: give each query one row")
+        out[qid] = _split_ids(row["images"])
+    return out
 
 
 def gldv2_map_at_k(

@@ -99,7 +99,10 @@ def estimate_affine(
         )
     except (ValueError, np.linalg.LinAlgError):
         return _no_model(k)
-    if model is None or inlier_mask is None:
+    if inlier_mask is None:
         return _no_model(k)
     inlier_mask = np.asarray(inlier_mask, bool)
-    return GeometryResult(int(inlier_mask.sum()), inlier_mask, np.asarray(model.params[:2], np.float64))
+    # scikit-image >= 0.26 returns a FailedEstimation (falsy) when the final refit on all inliers fails,
+    # together with the inlier mask of the best sample; the reference scores the mask, so do we.
+    matrix = np.asarray(model.params[:2], np.float64) if model else None
+    return GeometryResult(int(inlier_mask.sum()), inlier_mask, matrix)

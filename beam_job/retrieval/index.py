@@ -2,7 +2,8 @@
 
 Layout of an index directory:
   index.faiss         the FAISS index (inner product; global descriptors are unit vectors, so cosine)
-  idmap.parquet       position (int64) -> image_id, shard (URI), row (row number inside the shard)
+  idmap.parquet       position (int64) -> image_id, shard (URI), row (row number inside the shard), path
+                      (the image's URI from the shards, so that a query may name an indexed image by path)
   build_config.json   how it was built: index kind + factory string, search parameters, counts,
                       the shards, and the model / preset / extraction config recorded in their footers
 
@@ -50,6 +51,7 @@ IDMAP_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("row", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
     ]
 )
 
@@ -107,7 +109,8 @@ def resolve_config(cfg: IndexConfig, num_vectors: int, dim: int) -> Dict:
         factory = f"IVF{nlist},PQ{pq_m}x4fs" + (",RFlat" if refine else "")
         train = cfg.train_size or min(num_vectors, max(64 * nlist, 20_000), cfg.train_max)
         if train < nlist:
-            raise ValueError(f"IVF with nlist={nlist} needs at least {nlist} training vectors, have {train}: lower --nlist")
+            raise ValueError(
+                f"IVF with nlist={nlist} needs at least {nlist} training vectors, have {train}: lower --nlist")
         nprobe = cfg.nprobe or min(nlist, max(16, nlist // 16))
         out.update(factory=factory, nlist=nlist, pq_m=pq_m, refine=refine, train_size=int(train), nprobe=int(nprobe))
     return out
@@ -168,6 +171,7 @@ class BuildReport:
     num_shards: int
     params: Dict
     seconds: Dict[str, float] = field(default_factory=dict)
+    num_duplicate_ids: int = 0  # indexed rows whose image_id was already indexed (another shard or row)
 
 
 def _check_consistent(infos: Sequence[ShardInfo], allow_mixed: bool) -> None:
@@ -230,12 +234,14 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
     idmap_path = os.path.join(out_dir, IDMAP_FILE)
     num_null = 0
     position = 0
+    id_hashes: List[np.ndarray] = []  # 8 bytes per row: duplicate ids are looked for after the loop
     t = time.perf_counter()
     with pq.ParquetWriter(idmap_path, IDMAP_SCHEMA) as writer:
         for batch in shards_mod.iter_global_batches(uris, infos):
             num_null += batch.num_null
             n = len(batch.image_ids)
             if n:
+                id_hashes.append(np.fromiter((hash(i) for i in batch.image_ids), np.int64, count=n))
                 index.add(batch.matrix)
                 writer.write_table(
                     pa.table(
@@ -244,6 +250,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
                             "image_id": pa.array(batch.image_ids, pa.string()),
                             "shard": pa.array([uris[batch.shard_index]] * n, pa.string()),
                             "row": pa.array(batch.rows),
+                            "path": pa.array(batch.paths, pa.string()),
                         },
                         schema=IDMAP_SCHEMA,
                     )
@@ -254,6 +261,8 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         raise ValueError(f"every row under {shards_uri!r} has a null global descriptor: nothing to index")
     if num_null:
         logger.warning("skipped %d rows with a null global descriptor", num_null)
+    num_duplicates = _warn_duplicate_ids(idmap_path, np.concatenate(id_hashes))
+    del id_hashes
 
     apply_search_params(index, params, cfg.k_factor_rf, cfg.ef_search)
     t = time.perf_counter()
@@ -266,6 +275,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         "num_indexed": position,
         "num_rows": total,
         "num_null_skipped": num_null,
+        "num_duplicate_ids": num_duplicates,
         "params": params,
         "search": {"k_factor_rf": cfg.k_factor_rf, "ef_search": cfg.ef_search},
         "index_config": asdict(cfg),
@@ -286,7 +296,27 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     logger.info("indexed %d vectors (%d null skipped) in %.2f s", position, num_null, seconds["total"])
-    return BuildReport(index_dir, position, num_null, len(uris), params, seconds)
+    return BuildReport(index_dir, position, num_null, len(uris), params, seconds, num_duplicates)
+
+
+def _warn_duplicate_ids(idmap_path: str, hashes: np.ndarray) -> int:
+    """Count indexed rows repeating an earlier image_id and log a warning naming a few (0 when all unique).
+
+    Only when the per-row hashes collide are the ids themselves read back from the id map to confirm."""
+    if len(np.unique(hashes)) == len(hashes):
+        return 0
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(pq.read_table(idmap_path, columns=["image_id"]).column("image_id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return 0
+    extra = int(pc.sum(repeated.field("counts")).as_py()) - len(repeated)
+    examples = repeated.field("values").to_pylist()[:3]
+    logger.warning("%d indexed rows repeat an image_id already indexed (%d ids, e.g. %s): results may list an id "
+                   "twice; give every image a unique id (e.g. a manifest image_id column)",
+                   extra, len(repeated), examples)
+    return extra
 
 
 def _local_output_dir(index_dir: str) -> Tuple[Optional[str], str]:
@@ -314,14 +344,18 @@ class RetrievalIndex:
     it; rows: (n,) int64 row inside that shard.
     """
 
-    def __init__(self, index, image_ids: np.ndarray, shard_uris: List[str], shard_of: np.ndarray, rows: np.ndarray, config: Dict):
+    def __init__(self, index, image_ids: np.ndarray, shard_uris: List[str], shard_of: np.ndarray, rows: np.ndarray,
+                 config: Dict, paths: Optional[np.ndarray] = None):
         self.index = index
+        self.paths = paths if paths is not None else np.full(len(image_ids), "", dtype=object)
+        self._by_path: Optional[Dict[str, int]] = None
         self.image_ids = image_ids
         self.shard_uris = shard_uris
         self.shard_of = shard_of
         self.rows = rows
         self.config = config
         self._positions: Optional[Dict[str, int]] = None
+        self._counts: Optional[Dict[str, int]] = None
 
     @classmethod
     def load(cls, index_dir: str, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> "RetrievalIndex":
@@ -344,7 +378,8 @@ class RetrievalIndex:
             local = index_dir
         for name in (INDEX_FILE, IDMAP_FILE, CONFIG_FILE):
             if not os.path.exists(os.path.join(local, name)):
-                raise ValueError(f"{index_dir!r} is not an index directory (no {name}): run `delg-retrieval build` first")
+                raise ValueError(
+                    f"{index_dir!r} is not an index directory (no {name}): run `delg-retrieval build` first")
         with open(os.path.join(local, CONFIG_FILE)) as fh:
             config = json.load(fh)
         index = faiss.read_index(os.path.join(local, INDEX_FILE))
@@ -365,6 +400,8 @@ class RetrievalIndex:
             shard_of=shard_col.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order],
             rows=table.column("row").to_numpy()[order],
             config=config,
+            paths=(np.asarray(table.column("path").to_pylist(), dtype=object)[order]
+                   if "path" in table.column_names else None),  # indexes built before the path column: none
         )
 
     def __len__(self) -> int:
@@ -381,6 +418,25 @@ class RetrievalIndex:
         if image_id not in self._positions:
             raise KeyError(f"image id {image_id!r} is not in the index")
         return self._positions[image_id]
+
+    def position_of_path(self, path: str) -> int:
+        """Position of the image stored under this path (as the job recorded it; a local path may also be
+        given relative to the working directory). Raises KeyError when no indexed image has that path."""
+        if self._by_path is None:
+            self._by_path = {p: i for i, p in enumerate(self.paths) if p}
+        candidates = [path] if "://" in path else [path, os.path.abspath(path)]
+        for candidate in candidates:
+            if candidate in self._by_path:
+                return self._by_path[candidate]
+        raise KeyError(f"no indexed image has the path {path!r}")
+
+    def count_of(self, image_id: str) -> int:
+        """How many index positions hold this image id (more than 1 when ids repeat across shards)."""
+        if self._counts is None:
+            self._counts = {}
+            for iid in self.image_ids:
+                self._counts[iid] = self._counts.get(iid, 0) + 1
+        return self._counts.get(image_id, 0)
 
     def ref(self, position: int) -> Tuple[str, int]:
         """(shard URI, row) of an index position."""

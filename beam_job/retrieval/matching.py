@@ -2,7 +2,8 @@
 
 Both descriptor sets are L2-normalised rows, so squared L2 distance = 2 - 2 * dot. DELG's reference
 matches every query descriptor to its nearest index descriptor and keeps it when the L2 distance is
-below 1.0 (i.e. dot > 0.5); its ratio mode keeps a match when d1 < ratio * d2 (L2 distances).
+below 1.0 (i.e. dot > 0.5); its ratio mode (`use_ratio_test`) keeps a match when d1 < ratio * d2 (L2
+distances) and applies no distance threshold.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def match_descriptors(
 
     Threshold mode (ratio=None): each query row's nearest index row (one matrix product), kept when the
     L2 distance is strictly below `distance_threshold`. Ratio mode: 2 nearest neighbours with faiss.knn,
-    kept when d1 < ratio * d2 (and below distance_threshold, pass inf to disable); with a single index
-    row there is no second neighbour and the distance threshold alone decides.
+    kept when d1 < ratio * d2, with no distance threshold (as the reference's ratio test); with a single
+    index row the second distance is infinite, so every nearest neighbour is kept.
     Returns (query_idx (k,) int64, index_idx (k,) int64), ordered by query row.
     """
     query, index = _as_f32(query), _as_f32(index)
@@ -39,16 +40,19 @@ def match_descriptors(
         raise ValueError(f"descriptor arrays must be (n, d) with the same d, got {query.shape} and {index.shape}")
     if len(query) == 0 or len(index) == 0:
         return empty
-    if ratio is None or len(index) < 2:
+    if ratio is None:
         sims = query @ index.T  # (n, m)
         best = np.argmax(sims, axis=1)
         best_sim = sims[np.arange(len(query)), best]
         dist = np.sqrt(np.maximum(2.0 - 2.0 * best_sim, 0.0))
         keep = dist < distance_threshold
         return np.flatnonzero(keep).astype(np.int64), best[keep].astype(np.int64)
+    if len(index) < 2:  # no second neighbour: d2 = inf, every match passes the ratio test
+        best = np.argmax(query @ index.T, axis=1)
+        return np.arange(len(query), dtype=np.int64), best.astype(np.int64)
     import faiss
 
     d2, nn = faiss.knn(query, index, 2)  # squared L2, ascending
     d = np.sqrt(np.maximum(d2, 0.0))
-    keep = (d[:, 0] < ratio * d[:, 1]) & (d[:, 0] < distance_threshold)
+    keep = d[:, 0] < ratio * d[:, 1]
     return np.flatnonzero(keep).astype(np.int64), nn[keep, 0].astype(np.int64)

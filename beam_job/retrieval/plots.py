@@ -170,7 +170,8 @@ def contact_sheet(
         pil.thumbnail((thumb, thumb), Image.BILINEAR)
         ox = left + border + (thumb - pil.width) // 2
         oy = top + border + (thumb - pil.height) // 2
-        draw.rectangle([left + border, top + border, left + border + thumb - 1, top + border + thumb - 1], fill=BACKGROUND)
+        inner = [left + border, top + border, left + border + thumb - 1, top + border + thumb - 1]
+        draw.rectangle(inner, fill=BACKGROUND)
         canvas.paste(pil, (ox, oy))
         boxes.append((ox, oy, ox + pil.width, oy + pil.height))
         draw.multiline_text((left, top + thumb + 2 * border + 2), cap, fill=(0, 0, 0), font=font, spacing=2)

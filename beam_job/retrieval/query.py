@@ -3,7 +3,11 @@ shards or for new images extracted on the fly with the model and preset recorded
 
 Result rows (one per (query, result)): query_id, rank (1-based global rank), image_id, global_score
 (inner product = cosine), inliers (RANSAC inliers, 0 when not re-ranked), final_rank (1-based, by
-(inliers, global_score) descending, as DELG's reference orders them).
+(inliers, global_score) descending, as DELG's reference orders them), verified (whether the pair went
+through local matching + RANSAC; `inliers` is meaningful only then).
+
+Re-ranking verifies the global top N, or, when the caller names images to skip per query (the junk
+images of each Revisited Oxford/Paris protocol), the first N results that are not skipped, for each set.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +39,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("global_score", pa.float32(), nullable=False),
         pa.field("inliers", pa.int32(), nullable=False),
         pa.field("final_rank", pa.int32(), nullable=False),
+        pa.field("verified", pa.bool_(), nullable=False),
     ]
 )
+ALL = "all"  # k = ALL: rank the whole index (what evaluation protocols need)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class ResultList:
     global_scores: np.ndarray
     inliers: np.ndarray
     global_ranks: np.ndarray  # 1-based global rank of each entry
+    verified: Optional[np.ndarray] = None  # (r,) bool: went through geometric verification
 
 
 class QueryEngine:
@@ -83,10 +90,33 @@ class QueryEngine:
         try:
             position = self.index.position_of(image_id)
         except KeyError:
-            raise ValueError(f"image id {image_id!r} is not in the index: check the id or query by image path") from None
+            raise ValueError(
+                f"image id {image_id!r} is not in the index: check the id or query by image path") from None
         record = self.reader.read([self.index.ref(position)])[0]
         return Query(query_id or image_id, record.global_descriptor, record.local,
                      exclude_id=image_id if exclude_self else None, source=record.path)
+
+    def indexed_id(self, name: str) -> Optional[str]:
+        """The image id an indexed image goes by, named by its id or by its path as the shards record it
+        (ids the job derives from --input globs are hashes: the path is what users know). None if not indexed."""
+        try:
+            self.index.position_of(name)
+            return name
+        except KeyError:
+            pass
+        try:
+            return str(self.index.image_ids[self.index.position_of_path(name)])
+        except KeyError:
+            return None
+
+    def query_from_name(self, name: str, query_id: Optional[str] = None, exclude_self: bool = True) -> Query:
+        """A query from an indexed image (by id or path: stored features, no model needed), else from the image
+        file at `name`, extracted with the shards' model."""
+        image_id = self.indexed_id(name)
+        if image_id is not None:
+            return self.query_from_id(image_id, query_id or (image_id if image_id == name else _stem(name)),
+                                      exclude_self=exclude_self)
+        return self.query_from_image(name, query_id)
 
     def extractor(self):
         """The DELG extractor for the model + preset the shards were made with (TensorFlow imported here)."""
@@ -133,18 +163,29 @@ class QueryEngine:
         if not feats.has_global:
             raise ValueError(f"{uri}: the model gave no global descriptor (image too small?)")
         local = LocalFeatures(feats.locations, feats.descriptors) if feats.num_features else None
-        return Query(query_id or os.path.splitext(os.path.basename(uri))[0], feats.global_descriptor, local, source=uri)
+        return Query(query_id or _stem(uri), feats.global_descriptor, local, source=uri)
 
     # ------------------------------------------------------------------ searching
 
-    def search(self, queries: Sequence[Query], k: int = 100, num_to_rerank: int = 100) -> List[ResultList]:
-        """Global top-k for every query, then re-rank the first num_to_rerank of each by local features."""
+    def search(self, queries: Sequence[Query], k=100, num_to_rerank: int = 100,
+               skip_for_rerank: Optional[Sequence[Sequence[Set[str]]]] = None) -> List[ResultList]:
+        """Global top-k for every query (k = ALL: the whole index), then local-feature re-ranking.
+
+        Without skip_for_rerank the first num_to_rerank results are verified. skip_for_rerank[i] is a list of
+        id sets for query i (e.g. the junk of each evaluation protocol): for each set, the first
+        num_to_rerank results outside it are verified (each pair once), as the reference re-ranks the top
+        N non-junk images per protocol.
+        """
         if not queries:
             return []
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
+        k = len(self.index) if k == ALL else k
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be a positive integer or {ALL!r}, got {k!r}")
+        if skip_for_rerank is not None and len(skip_for_rerank) != len(queries):
+            raise ValueError(f"skip_for_rerank has {len(skip_for_rerank)} entries for {len(queries)} queries")
         globals_ = np.stack([np.asarray(q.global_descriptor, np.float32) for q in queries])
-        extra = 1 if any(q.exclude_id for q in queries) else 0
+        # The excluded id may sit at several positions (ids repeated across shards): fetch that many more.
+        extra = max((self.index.count_of(q.exclude_id) for q in queries if q.exclude_id), default=0)
         scores, positions = self.index.search(globals_, k + extra)
         out = []
         for qi, query in enumerate(queries):
@@ -156,15 +197,23 @@ class QueryEngine:
                 pos, sc, ids = pos[sel], sc[sel], [ids[j] for j in sel]
             pos, sc, ids = pos[:k], sc[:k], ids[:k]
             inliers = np.zeros(len(pos), np.int64)
-            n_rr = min(num_to_rerank, len(pos)) if query.local is not None and query.local.num_features else 0
-            if n_rr:
-                records = self.reader.read([self.index.ref(p) for p in pos[:n_rr]])
-                for j, rec in enumerate(records):
+            verified = np.zeros(len(pos), bool)
+            if query.local is not None and query.local.num_features and num_to_rerank > 0:
+                skips = skip_for_rerank[qi] if skip_for_rerank is not None else [set()]
+                for skip in skips:
+                    verified[[j for j, iid in enumerate(ids) if iid not in skip][:num_to_rerank]] = True
+                chosen = np.flatnonzero(verified)
+                records = self.reader.read([self.index.ref(p) for p in pos[chosen]])
+                for j, rec in zip(chosen, records):
                     inliers[j] = verify_pair(query.local, rec.local, self.rerank_config).inliers
             order = final_order(inliers, sc)
             out.append(ResultList(query.query_id, pos[order], [ids[j] for j in order], sc[order], inliers[order],
-                                  (order + 1).astype(np.int64)))
+                                  (order + 1).astype(np.int64), verified[order]))
         return out
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(os.path.basename(uri))[0]
 
 
 def results_table(results: Iterable[ResultList]) -> pa.Table:
@@ -178,6 +227,7 @@ def results_table(results: Iterable[ResultList]) -> pa.Table:
         cols["global_score"].extend(r.global_scores.tolist())
         cols["inliers"].extend(r.inliers.tolist())
         cols["final_rank"].extend(range(1, n + 1))
+        cols["verified"].extend((r.verified if r.verified is not None else np.zeros(n, bool)).tolist())
     return pa.Table.from_pydict(cols, schema=RESULTS_SCHEMA)
 
 
@@ -232,22 +282,26 @@ def read_query_file(path: str) -> List[Dict[str, str]]:
 
 
 def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_self: bool = True) -> List[Query]:
-    """Turn read_query_file() dicts into Query objects (plain lines: an indexed id, else an image path)."""
+    """Turn read_query_file() dicts into Query objects.
+
+    `image_id`: an indexed image, named by its id or its path. `path` (and plain lines): an indexed image when
+    its id or path is in the index and no bbox is given (stored features), else an image file to extract.
+    """
     queries = []
     for spec in specs:
-        image_id, path = spec.get("image_id"), spec.get("path")
-        if "value" in spec:
-            value = spec["value"]
-            try:
-                engine.index.position_of(value)
-                image_id = value
-            except KeyError:
-                path = value
+        query_id = spec.get("query_id") or None
         bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
-        if image_id:
-            queries.append(engine.query_from_id(image_id, spec.get("query_id") or image_id, exclude_self=exclude_self))
+        if spec.get("image_id"):
+            image_id = engine.indexed_id(spec["image_id"])
+            if image_id is None:
+                raise ValueError(f"image {spec['image_id']!r} is not in the index (neither an id nor an indexed path): "
+                                 "check it, or give it as a path to extract")
+            queries.append(engine.query_from_id(image_id, query_id or spec["image_id"], exclude_self=exclude_self))
+        elif bbox is not None:
+            queries.append(engine.query_from_image(spec["path"], query_id, bbox_xyxy=bbox))
         else:
-            queries.append(engine.query_from_image(path, spec.get("query_id") or None, bbox_xyxy=bbox))
+            name = spec.get("path") or spec["value"]
+            queries.append(engine.query_from_name(name, query_id, exclude_self=exclude_self))
     return queries
 
 
@@ -269,4 +323,4 @@ def summary_json(results: Sequence[ResultList], top: int = 5) -> str:
 
 
 __all__: Tuple[str, ...] = ("Query", "QueryEngine", "ResultList", "results_table", "write_results", "read_results",
-                            "read_query_file", "build_queries", "RESULTS_SCHEMA")
+                            "read_query_file", "build_queries", "RESULTS_SCHEMA", "ALL")

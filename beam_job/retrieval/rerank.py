@@ -45,7 +45,9 @@ class PairVerification:
         return int(len(self.matches))
 
 
-def verify_pair(query: LocalFeatures, candidate: LocalFeatures, config: RerankConfig = RerankConfig()) -> PairVerification:
+def verify_pair(
+    query: LocalFeatures, candidate: LocalFeatures, config: RerankConfig = RerankConfig()
+) -> PairVerification:
     """Match the query's descriptors to the candidate's, then fit candidate -> query affine with RANSAC."""
     qi, ci = match_descriptors(
         query.descriptors, candidate.descriptors, distance_threshold=config.distance_threshold, ratio=config.ratio

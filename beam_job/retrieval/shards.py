@@ -95,19 +95,40 @@ def read_bytes(uri: str) -> bytes:
         return stream.read()
 
 
+def _has_wildcard(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _glob(fs: pafs.FileSystem, pattern: str) -> List[str]:
+    """Files matching a glob whose wildcards may sit in any path segment (`*` never crosses a `/`).
+
+    Lists recursively from the last folder before the first wildcard segment, then matches segment by segment."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+    base = "/".join(parts[:first]) or "/"
+    wanted = parts[first:]
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=len(wanted) > 1))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(base) :].lstrip("/").split("/")
+        if len(rel) == len(wanted) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, wanted)):
+            out.append(info.path)
+    return out
+
+
 def list_shards(uri: str) -> List[str]:
     """Sorted feature-shard URIs under `uri`.
 
     `uri` may be a job output directory (its `features/` subfolder is used), a folder of `*.parquet`
-    files, a glob such as `gs://b/out/features/*.parquet`, or one `.parquet` file.
+    files, a glob such as `gs://b/out/features/*.parquet` or `out/run-*/features/*.parquet` (wildcards in
+    folder names too), or one `.parquet` file.
     Raises ValueError when nothing matches.
     """
     fs, path = resolve(uri)
-    if any(ch in path for ch in "*?["):
-        base = posixpath.dirname(path)
-        pattern = posixpath.basename(path)
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]
+    if _has_wildcard(path):
+        files = _glob(fs, path)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
@@ -225,6 +246,7 @@ class GlobalBatch:
     rows: np.ndarray
     matrix: np.ndarray
     num_null: int
+    paths: List[str]  # the shards' `path` column (the image URI), "" where the shard has none
 
 
 def fixed_list_to_numpy(array: pa.Array, dim: int) -> np.ndarray:
@@ -264,23 +286,28 @@ def iter_global_batches(shards: Sequence[str], infos: Optional[Sequence[ShardInf
         info = infos[si] if infos is not None else shard_info(uri, pf)
         start = 0
         for rg in range(pf.metadata.num_row_groups):
-            table, pf = read_row_group(uri, pf, rg, ["image_id", GLOBAL_COLUMN])
+            has_path = "path" in pf.schema_arrow.names
+            table, pf = read_row_group(uri, pf, rg, ["image_id", "path", GLOBAL_COLUMN] if has_path
+                                       else ["image_id", GLOBAL_COLUMN])
             n = table.num_rows
             col = table.column(GLOBAL_COLUMN).combine_chunks()
             ids = table.column("image_id").combine_chunks()
+            paths = table.column("path").combine_chunks() if has_path else pa.array([""] * n, pa.string())
             rows = np.arange(start, start + n, dtype=np.int64)
             valid = valid_vector_mask(col, info.global_dim)
             num_null = int(n - valid.sum())
             if num_null:
                 mask = pa.array(valid)
-                col, ids, rows = col.filter(mask), ids.filter(mask), rows[valid]
-            matrix = fixed_list_to_numpy(col, info.global_dim) if len(col) else np.zeros((0, info.global_dim), np.float32)
+                col, ids, paths, rows = col.filter(mask), ids.filter(mask), paths.filter(mask), rows[valid]
+            matrix = (fixed_list_to_numpy(col, info.global_dim) if len(col)
+                      else np.zeros((0, info.global_dim), np.float32))
             nonzero = np.any(matrix != 0, axis=1)  # a zero vector is how pyarrow <= 25 may return a written null
             if not nonzero.all():
                 num_null += int((~nonzero).sum())
                 keep = pa.array(nonzero)
-                ids, rows, matrix = ids.filter(keep), rows[nonzero], matrix[nonzero]
-            yield GlobalBatch(si, rg, ids.to_pylist(), rows, matrix, num_null)
+                ids, paths, rows, matrix = ids.filter(keep), paths.filter(keep), rows[nonzero], matrix[nonzero]
+            yield GlobalBatch(si, rg, ids.to_pylist(), rows, matrix, num_null,
+                              [p or "" for p in paths.to_pylist()])
             start += n
             del table, col
 
@@ -345,9 +372,14 @@ class LocalFeatureReader:
             sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
             self._files[uri] = pf
             self._rg_starts[uri] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            inner = pf.schema_arrow.field("descriptors").type.value_type
-            self._local_dims[uri] = inner.list_size if pa.types.is_fixed_size_list(inner) else delg_v1.LOCAL_DIM
+            self._local_dims[uri] = self.local_dim_of(pf)
         return self._files[uri], self._rg_starts[uri]
+
+    @staticmethod
+    def local_dim_of(pf: pq.ParquetFile) -> int:
+        """Width of the local descriptors of a shard (from its schema; LOCAL_DIM when not fixed-size)."""
+        inner = pf.schema_arrow.field("descriptors").type.value_type
+        return inner.list_size if pa.types.is_fixed_size_list(inner) else delg_v1.LOCAL_DIM
 
     def read(self, refs: Sequence[Tuple[str, int]]) -> List[ImageRecord]:
         """Records for (shard_uri, row) pairs, in the order given. Shards are read in parallel threads

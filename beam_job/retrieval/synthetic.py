@@ -108,7 +108,8 @@ def rows_to_table(rows: Sequence[Dict], descriptor_dtype: str = "float32", metad
     desc_type = pa.float32() if descriptor_dtype == "float32" else pa.float16()
     n = len(rows)
     locs = [np.asarray(r.get("locations", np.zeros((0, 2))), np.float32).reshape(-1, 2) for r in rows]
-    descs = [np.asarray(r.get("descriptors", np.zeros((0, 128))), np.float32).reshape(-1, delg_v1.LOCAL_DIM) for r in rows]
+    descs = [np.asarray(r.get("descriptors", np.zeros((0, 128))), np.float32).reshape(-1, delg_v1.LOCAL_DIM)
+             for r in rows]
     counts = [len(a) for a in locs]
     dim = delg_v1.GLOBAL_DIM
     glob = np.zeros((n, dim), np.float32)
