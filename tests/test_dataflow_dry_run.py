@@ -102,6 +102,9 @@ def test_cpu_dry_run_builds_the_job_offline(tmp_path):
     names = " ".join(report["transform_names"])
     assert "Extract" in names and "WriteFeatures" in names and "WriteFailures" in names, names
     assert "dry run OK" in proc.stderr
+    # The job's own flags are Beam pipeline options (DelgOptions): the job Dataflow receives lists them.
+    assert opts["output"] == "gs://test-bucket/delg/run-1" and opts["preset"] == "tiny"
+    assert opts["input"] == ["gs://test-bucket/images/*.jpg"]
 
 
 def test_cpu_dry_run_without_a_container_stages_the_package(tmp_path):
