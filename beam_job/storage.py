@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import uuid
-from typing import IO, Iterable, List, Optional, Sequence
+from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 _LOGGER = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -125,9 +125,13 @@ def delete(paths: Sequence[str]) -> None:
 
 
 def rename(sources: Sequence[str], destinations: Sequence[str]) -> None:
-    sources = list(sources)
+    """Move files; local destination folders are created."""
+    sources, destinations = list(sources), list(destinations)
+    for dest in destinations:
+        if not is_remote(dest):
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     if sources:
-        _filesystems(sources[0]).rename(sources, list(destinations))
+        _filesystems(sources[0]).rename(sources, destinations)
 
 
 def size(path: str) -> int:
@@ -184,6 +188,22 @@ def match(pattern: str, limit: Optional[int] = None) -> List[str]:
         return sorted(_match_local(pattern))[:limit]
     result = _filesystems(pattern).match([pattern], limits=[limit] if limit else None)[0]
     return sorted(meta.path for meta in result.metadata_list if not meta.path.endswith("/"))
+
+
+def listing(pattern: str) -> List[Tuple[str, int, float]]:
+    """(path, size in bytes, last modified as Unix seconds) of every file matching a glob, sorted by path."""
+    if not is_remote(pattern):
+        out = []
+        for path in match(pattern):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.append((path, st.st_size, st.st_mtime))
+        return out
+    result = _filesystems(pattern).match([pattern])[0]
+    return sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in result.metadata_list
+                  if not m.path.endswith("/"))
 
 
 def match_any(patterns: Iterable[str]) -> List[str]:
