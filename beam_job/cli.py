@@ -121,11 +121,11 @@ def prepare_job(args, pipeline_args: Sequence[str]):
     Returns (JobConfig, PipelineOptions, is_local, total or None, Claim or None). The caller must release
     the claim (`claim.release`) when the run ends; on any error here it is already released.
     """
-    from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from beam_job import storage
+
     from beam_job.pipeline import claim as output_claim
-    from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
     from beam_job.pipeline.inputs import check_inputs
     from beam_job.pipeline.pipeline import is_local_runner, with_default_runner
     from beam_job.pipeline.resume import clear_outputs, has_shards
@@ -134,7 +134,6 @@ def prepare_job(args, pipeline_args: Sequence[str]):
     options = PipelineOptions(with_default_runner(pipeline_args))
     local = is_local_runner(options)
     dry_run = _is_dry_run(options)
-    use_anonymous_credentials_if_emulated()
     total = None
     extra: Dict[str, Any] = {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if dry_run:
@@ -156,7 +155,7 @@ def prepare_job(args, pipeline_args: Sequence[str]):
         raise JobConfigError("the inputs list no image: check the manifests and patterns")
     held = _claim_output(job)
     try:
-        if FileSystems.exists(job.run_dir + "/") or FileSystems.exists(job.summary_path):
+        if storage.exists(job.run_dir + "/") or storage.exists(job.summary_path):
             raise JobConfigError(f"run id {job.run_id} was already used on {job.output}: pick another --run_id")
         existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
         if existing and not (job.skip_existing or job.overwrite):
@@ -214,8 +213,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
 def _run_claimed(job: JobConfig, args, pipeline_args: Sequence[str], local: bool, total: Optional[int],
                  test_pipeline) -> RunOutcome:
     """Run the job on a claimed output; the exit status comes from the run summary's status."""
-    from apache_beam.io.filesystems import FileSystems
-
+    from beam_job import storage
     from beam_job.pipeline.pipeline import metrics_report, run_pipeline
     from beam_job.pipeline.progress import ProgressMonitor
     from beam_job.pipeline.summary import read_json
@@ -234,8 +232,8 @@ def _run_claimed(job: JobConfig, args, pipeline_args: Sequence[str], local: bool
             result = run_pipeline(job, pipeline_args, test_pipeline)
     except Exception as exc:
         # Shards may have been committed before the failure: the output is not known to be complete.
-        if FileSystems.exists(job.success_path):
-            FileSystems.delete([job.success_path])
+        if storage.exists(job.success_path):
+            storage.delete([job.success_path])
         raise JobFailedError(f"the job failed: {_last_error_line(exc)}") from exc
     finally:
         if progress_dir:

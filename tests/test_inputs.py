@@ -10,11 +10,11 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from beam_job import storage
 from beam_job.pipeline.inputs import (
     ListInputs,
     check_inputs,
     derive_image_id,
-    match_paths,
     path_to_text,
     read_manifest,
     text_to_path,
@@ -114,13 +114,13 @@ def test_local_glob_lists_every_entry_but_directories(tmp_path, monkeypatch):
     (tmp_path / "dir.jpg" / "inner.jpg").write_bytes(b"x")
     (tmp_path / "linkdir.jpg").symlink_to(tmp_path / "dir.jpg")
     expected = sorted(str(tmp_path / n) for n in [*names, "broken.jpg"] if n != "x.png")
-    assert match_paths(str(tmp_path / "*.jpg*")) == expected
-    assert match_paths(str(tmp_path / "**.jpg")) == sorted(
+    assert storage.match(str(tmp_path / "*.jpg*")) == expected
+    assert storage.match(str(tmp_path / "**.jpg")) == sorted(
         [p for p in expected if p.endswith(".jpg")] + [str(tmp_path / "dir.jpg" / "inner.jpg")])
-    assert match_paths(str(tmp_path / "broken.jpg")) == [str(tmp_path / "broken.jpg")]
-    assert match_paths(str(tmp_path / "dir.jpg")) == []
+    assert storage.match(str(tmp_path / "broken.jpg")) == [str(tmp_path / "broken.jpg")]
+    assert storage.match(str(tmp_path / "dir.jpg")) == []
     monkeypatch.chdir(tmp_path)  # a relative glob lists relative paths
-    assert match_paths("*.png") == ["x.png"]
+    assert storage.match("*.png") == ["x.png"]
 
 
 def test_list_inputs_expands_globs_and_manifest_patterns_in_beam(tmp_path):

@@ -119,9 +119,9 @@ def datum_bytes_to_array(data: bytes) -> np.ndarray:
 
 def _read_bytes(path: str) -> bytes:
     if path.startswith("gs://"):
-        from beam_job.delg.loader import read_gcs_bytes  # google-cloud-storage; no TensorFlow needed
+        from beam_job.delg.loader import read_remote_bytes  # the project's storage layer; no TensorFlow needed
 
-        return read_gcs_bytes(path)
+        return read_remote_bytes(path)
     with open(os.path.expanduser(path), "rb") as handle:
         return handle.read()
 

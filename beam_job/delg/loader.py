@@ -7,7 +7,7 @@ model has the inputs and outputs the official DELG extractor uses, and returns a
 
 Supported URIs:
   * a local SavedModel directory;
-  * `gs://bucket/dir` (objects copied into the cache; google-cloud-storage honours STORAGE_EMULATOR_HOST);
+  * `gs://bucket/dir` (objects copied into the cache through the project's storage layer, beam_job.storage);
   * a `.tar.gz` / `.tgz` archive, local, `gs://` or `http(s)://` (the official pretrained tarballs);
   * `embedded:<arch>` (our fixed-seed, UNTRAINED DELG, exported on first use; see embedded.py).
 
@@ -132,62 +132,30 @@ def _safe_name(uri: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# gs:// access (google-cloud-storage; honours STORAGE_EMULATOR_HOST)
+# Remote (gs://) access through the project's storage layer
 # --------------------------------------------------------------------------------------------------
 
 
-def _split_gs(uri: str) -> Tuple[str, str]:
-    rest = uri[len("gs://") :]
-    bucket, _, name = rest.partition("/")
-    if not bucket:
-        raise ModelLoadError(f"{uri}: not a valid gs:// URI (expected gs://bucket/path)")
-    return bucket, name
+def _storage():
+    """The project's storage layer (Beam's FileSystems), imported only for remote URIs: loading a local
+    model never imports Beam."""
+    from beam_job import storage
+
+    return storage
 
 
-def _gcs_client():
-    from google.cloud import storage
-
+def read_remote_bytes(uri: str) -> bytes:
+    """The whole content of one remote (gs://) file; ModelLoadError (one line) when it cannot be read."""
     try:
-        return storage.Client()
-    except Exception as err:  # no default credentials / project: public objects still readable
-        logger.info("google-cloud-storage default client unavailable (%s); using an anonymous client", err)
-        return storage.Client.create_anonymous_client()
+        return _storage().read_bytes(uri)
+    except Exception as err:  # BeamIOError, FileNotFoundError, google.api_core errors
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ModelLoadError(f"{uri} cannot be read ({reason})") from None
 
 
-def read_gcs_bytes(uri: str) -> bytes:
-    """The whole content of one gs:// object."""
-    bucket, name = _split_gs(uri)
-    from google.api_core import exceptions as gexc
-
-    try:
-        return _gcs_client().bucket(bucket).blob(name).download_as_bytes()
-    except gexc.NotFound:
-        raise ModelLoadError(f"{uri} does not exist") from None
-
-
-def _gcs_download_file(uri: str, dest: str) -> Tuple[str, int]:
-    """Download one object to `dest`; returns (generation or etag, size)."""
-    bucket, name = _split_gs(uri)
-    from google.api_core import exceptions as gexc
-
-    try:
-        blob = _gcs_client().bucket(bucket).blob(name)
-        blob.download_to_filename(dest)
-    except gexc.NotFound:
-        raise ModelLoadError(f"{uri} does not exist") from None
-    return str(blob.generation or blob.etag), int(blob.size or 0)
-
-
-def _gcs_list(uri: str) -> List[Any]:
-    bucket, prefix = _split_gs(uri.rstrip("/"))
-    prefix = prefix + "/" if prefix else ""
-    return [b for b in _gcs_client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
-
-
-def _gcs_stat(uri: str) -> Optional[str]:
-    bucket, name = _split_gs(uri)
-    blob = _gcs_client().bucket(bucket).get_blob(name)
-    return None if blob is None else f"{blob.generation}:{blob.size}"
+def _remote_listing(pattern: str) -> List[Tuple[str, int, float]]:
+    """(path, size, modified) of the remote files matching a glob; [] when none."""
+    return _storage().listing(pattern)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,9 +189,10 @@ def _unpack_tarball(archive: str, dest: str, origin: str) -> None:
 
 def _resolve_tarball(uri: str, cache_dir: str) -> str:
     if uri.startswith("gs://"):
-        stamp = _gcs_stat(uri)
-        if stamp is None:
+        found = _remote_listing(uri)
+        if not found:
             raise ModelLoadError(f"{uri} does not exist")
+        stamp = f"{found[0][1]}:{found[0][2]}"
     elif uri.startswith(("http://", "https://")):
         stamp = "url"
     else:
@@ -241,7 +210,7 @@ def _resolve_tarball(uri: str, cache_dir: str) -> str:
             archive = os.path.join(tmp, ".download.tar.gz")
             logger.info("Downloading %s", uri)
             if uri.startswith("gs://"):
-                _gcs_download_file(uri, archive)
+                _storage().download(uri, archive)
             else:
                 try:
                     with urllib.request.urlopen(uri, timeout=60) as resp, open(archive, "wb") as out:
@@ -261,25 +230,23 @@ def _resolve_tarball(uri: str, cache_dir: str) -> str:
 
 
 def _resolve_gcs_dir(uri: str, cache_dir: str) -> str:
-    blobs = _gcs_list(uri)
-    if not blobs:
+    prefix = uri.rstrip("/") + "/"
+    listing = _remote_listing(prefix + "**")
+    if not listing:
         raise ModelLoadError(f"{uri} is empty or does not exist; {_HINT}")
-    prefix = _split_gs(uri.rstrip("/"))[1]
-    prefix = prefix + "/" if prefix else ""
-    listing = sorted((b.name, b.generation, b.size) for b in blobs)
-    if not any(name[len(prefix) :] == SAVED_MODEL_FILE for name, _, _ in listing):
+    if not any(path[len(prefix):] == SAVED_MODEL_FILE for path, _, _ in listing):
         raise ModelLoadError(f"{uri} is not a SavedModel (no {SAVED_MODEL_FILE}): {_HINT}")
     target = os.path.join(cache_dir, "models", f"{_safe_name(uri)}-{_key(uri.rstrip('/'), listing)}")
 
     def build(tmp: str) -> None:
-        logger.info("Copying %d objects of %s into %s", len(blobs), uri, target)
-        for blob in blobs:
-            rel = blob.name[len(prefix) :]
+        logger.info("Copying %d objects of %s into %s", len(listing), uri, target)
+        for path, _, _ in listing:
+            rel = path[len(prefix):]
             if not rel or rel.startswith("/") or ".." in rel.split("/"):
                 continue
             dest = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            blob.download_to_filename(dest)
+            _storage().download(path, dest)
 
     build_once(target, build)
     return target

@@ -140,13 +140,13 @@ def _split_gs(path: str) -> Tuple[str, str]:
 
 
 def _blob(path: str):
-    from google.cloud import storage
+    from google.cloud import storage as gcs
 
-    from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
+    from beam_job import storage
 
-    use_anonymous_credentials_if_emulated()
+    storage.prepare_remote_access()
     bucket, name = _split_gs(path)
-    return storage.Client().bucket(bucket).blob(name)
+    return gcs.Client().bucket(bucket).blob(name)
 
 
 def _gcs_read(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:

@@ -20,7 +20,6 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.config import ExtractionConfig
-from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +53,6 @@ class DelgModelHandler(ModelHandler):
         self._share = share_across_processes
 
     def load_model(self) -> DelgModelService:
-        use_anonymous_credentials_if_emulated()
         t0 = time.perf_counter()
         service = DelgModelService(self._config)
         _LOGGER.info("loaded DELG model %s in %.1f s", service.identity(), time.perf_counter() - t0)

@@ -18,11 +18,10 @@ valid UTF-8 is kept as it is; a local name that is not (Linux names are bytes) i
 each byte that is not UTF-8 (see `path_to_text` / `text_to_path` and docs/pipeline.md). Beam's coders and
 Parquet strings need valid UTF-8, so Python's surrogate-escaped str of such a name cannot travel as is.
 
-Listing happens in our own DoFns (one call per pattern / manifest file) rather than MatchFiles/ReadFromText,
-so that each worker can switch to anonymous credentials for a GCS emulator first, exact paths are never
-pushed through MatchFiles (which drops or rejects missing files), and CSV quoting is parsed properly. Local
-globs are listed with os.walk and Beam's own pattern rule (`FileSystem.translate_pattern`), because Beam's
-local listing silently drops entries it cannot stat (a broken symlink would get no row at all)."""
+Listing happens in our own DoFns (one call per pattern / manifest file, through `beam_job.storage.match`)
+rather than MatchFiles/ReadFromText, so that exact paths are never pushed through MatchFiles (which drops
+or rejects missing files), entries Beam's local listing cannot stat (a broken symlink) still get a row, and
+CSV quoting is parsed properly."""
 
 from __future__ import annotations
 
@@ -36,15 +35,13 @@ import stat
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes, FileSystem
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from beam_job import storage
 from beam_job.pipeline import METRICS_NAMESPACE
-from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
+from beam_job.storage import has_glob
 
 _LOGGER = logging.getLogger(__name__)
-_GLOB_CHARS = "*?["
 # What `text_to_path` reads as an escape in the stored form: "\\" (one backslash) or "\x80".."\xff" (one byte).
 _ESCAPE = re.compile(r"\\(?:\\|x[89a-f][0-9a-f])")
 
@@ -112,10 +109,6 @@ def derive_image_id(path: str) -> str:
 def listed(path: str, image_id: str = "") -> Tuple[str, str]:
     """The (image_id, stored-form path) element of a path as listed (glob, CSV or text manifest)."""
     return (image_id or derive_image_id(path)), path_to_text(path)
-
-
-def has_glob(pattern: str) -> bool:
-    return any(ch in pattern for ch in _GLOB_CHARS)
 
 
 def is_parquet_manifest(path: str) -> bool:
@@ -201,7 +194,7 @@ def _parquet_records(fileobj, source: str) -> Iterator[Tuple[str, str]]:
 
 def read_manifest(path: str) -> Iterator[Tuple[str, str]]:
     """Yield (image_id, stored-form path) for every entry of one manifest file (local or gs://)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+    with storage.open_read(path) as raw:
         if is_parquet_manifest(path):
             yield from _parquet_records(raw, path)
             return
@@ -210,46 +203,14 @@ def read_manifest(path: str) -> Iterator[Tuple[str, str]]:
         yield from _text_records(text, path)
 
 
-def _match_local(pattern: str) -> List[str]:
-    """Local entries matching a Beam glob, as Beam matches them, but keeping entries that cannot be stat'ed.
-
-    Beam's local listing drops a file whose size it cannot read (a broken symlink) without a word; here
-    such an entry is listed and ends as a failure row. Directories (and links to them) are not listed.
-    """
-    if not has_glob(pattern):
-        return [pattern] if os.path.lexists(pattern) and not os.path.isdir(pattern) else []
-    if pattern.endswith("/"):
-        pattern += "*"
-    root = os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
-    matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    out = []
-    for dirpath, _dirs, files in os.walk(root or os.curdir):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not root:
-                path = os.path.relpath(path)
-            if matches(path):
-                out.append(path)
-    return out
-
-
-def match_paths(pattern: str) -> List[str]:
-    """Files matching a glob (local or gs://), sorted, as the file system names them; directories are left out."""
-    if "://" not in pattern:
-        return sorted(_match_local(pattern))
-    result = FileSystems.match([pattern])[0]
-    return sorted(meta.path for meta in result.metadata_list if not meta.path.endswith("/"))
-
-
 class ExpandGlobFn(beam.DoFn):
     """pattern -> (image_id, path) for every file it matches (one listing per pattern)."""
 
     def setup(self):
-        use_anonymous_credentials_if_emulated()
         self._listed = Metrics.counter(METRICS_NAMESPACE, "inputs_listed")
 
     def process(self, pattern: str):
-        paths = match_paths(text_to_path(pattern))
+        paths = storage.match(text_to_path(pattern))
         _LOGGER.info("input pattern %s matched %d files", pattern, len(paths))
         self._listed.inc(len(paths))
         for path in paths:
@@ -259,12 +220,9 @@ class ExpandGlobFn(beam.DoFn):
 class ExpandManifestPatternFn(beam.DoFn):
     """manifest file or pattern -> manifest file paths (stored form)."""
 
-    def setup(self):
-        use_anonymous_credentials_if_emulated()
-
     def process(self, pattern: str):
         if has_glob(pattern):
-            yield from (path_to_text(p) for p in match_paths(text_to_path(pattern)))
+            yield from (path_to_text(p) for p in storage.match(text_to_path(pattern)))
         else:
             yield pattern
 
@@ -273,7 +231,6 @@ class ReadManifestFn(beam.DoFn):
     """manifest file -> (image_id, path) per entry, streamed."""
 
     def setup(self):
-        use_anonymous_credentials_if_emulated()
         self._listed = Metrics.counter(METRICS_NAMESPACE, "inputs_listed")
 
     def process(self, manifest: str):
@@ -328,17 +285,16 @@ def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool
     total = 0
     for pattern in inputs:
         if count:
-            n = len(match_paths(pattern))
+            n = len(storage.match(pattern))
         else:
-            n = len(FileSystems.match([pattern], limits=[1])[0].metadata_list) if has_glob(pattern) else (
-                1 if FileSystems.exists(pattern) else 0)
+            n = len(storage.match(pattern, limit=1)) if has_glob(pattern) else (1 if storage.exists(pattern) else 0)
         if n == 0:
             raise ValueError(f"--input {pattern} matches no file: check the path and quote the glob")
         total += n
     for pattern in manifests:
-        files = match_paths(pattern) if has_glob(pattern) else [pattern]
-        if not files or not all(FileSystems.exists(f) for f in files):
-            missing = pattern if not files else next(f for f in files if not FileSystems.exists(f))
+        files = storage.match(pattern) if has_glob(pattern) else [pattern]
+        if not files or not all(storage.exists(f) for f in files):
+            missing = pattern if not files else next(f for f in files if not storage.exists(f))
             raise ValueError(f"--manifest {missing} does not exist")
         for manifest in files:
             if count:

@@ -23,10 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
-from beam_job.pipeline.inputs import match_paths
+from beam_job import storage
 from beam_job.pipeline.options import JobConfig, join
 from schemas import delg_v1
 
@@ -43,29 +40,22 @@ def shard_glob(directory: str) -> str:
 
 
 def has_shards(directory: str) -> bool:
-    """True when the directory (local or gs://) holds at least one .parquet file."""
-    try:
-        return bool(FileSystems.match([shard_glob(directory)], limits=[1])[0].metadata_list)
-    except Exception:  # a missing local directory raises on some filesystems
-        return False
+    """True when the directory (local or gs://) holds at least one .parquet file. A listing error (permission
+    denied, no such bucket) raises: it never reads as "no shards"."""
+    return bool(storage.match(shard_glob(directory), limit=1))
 
 
 def list_shards(directory: str) -> List[str]:
-    try:
-        return match_paths(shard_glob(directory))
-    except Exception:
-        return []
+    return storage.match(shard_glob(directory))
 
 
 def delete_paths(paths: Iterable[str]) -> int:
     paths = list(paths)
-    if paths:
-        FileSystems.delete(paths)
+    storage.delete(paths)
     return len(paths)
 
 
-def _open(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+_open = storage.open_read
 
 
 # ----------------------------------------------------------------------------- temp leftovers
@@ -79,7 +69,7 @@ def temp_paths(output: str) -> List[str]:
     if output.startswith("gs://"):
         for pattern in (join(output, FEATURES, TEMP_DIR_PREFIX + "**"), join(output, FAILURES, TEMP_DIR_PREFIX + "**"),
                         join(output, LEGACY_TMP_DIR, "**")):
-            found.extend(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+            found.extend(storage.match(pattern))
         return sorted(found)
     for parent in (join(output, FEATURES), join(output, FAILURES)):
         if os.path.isdir(parent):
@@ -95,7 +85,7 @@ def remove_temp_files(output: str) -> int:
     paths = temp_paths(output)
     if paths:
         _LOGGER.info("removing %d temp leftover(s) of unfinished writes under %s", len(paths), output)
-        FileSystems.delete(paths)
+        storage.delete(paths)
     return len(paths)
 
 
@@ -168,8 +158,8 @@ def clear_outputs(job: JobConfig) -> int:
     n = delete_paths(list_shards(job.features_dir) + list_shards(job.failures_dir))
     remove_temp_files(job.output)
     for path in (job.success_path, join(job.output, OUTPUT_FILE)):
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
+        if storage.exists(path):
+            storage.delete([path])
     return n
 
 

@@ -14,21 +14,16 @@ import datetime
 import json
 import logging
 import time
-import uuid
 from collections import Counter
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from beam_job import __version__
+from beam_job import __version__, storage
 from beam_job.pipeline.failpoints import failpoint
-from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
-from beam_job.pipeline.inputs import match_paths
 from beam_job.pipeline.writer import FAILURES, FEATURES, SHARD_SUFFIX, shard_prefix
 from schemas import delg_v1
 
@@ -46,16 +41,12 @@ def _now_iso() -> str:
 
 def write_json(path: str, data: Dict[str, Any]) -> None:
     """Write JSON to a local path or gs:// URI (temp name then rename, so readers never see half a file)."""
-    tmp = path + f".tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
-    FileSystems.rename([tmp], [path])
+    storage.write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), "application/json")
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            return json.loads(fh.read().decode("utf-8"))
+        return json.loads(storage.read_bytes(path).decode("utf-8"))
     except Exception:  # absent or unreadable: the caller reports that
         return None
 
@@ -197,7 +188,7 @@ def _retried(state: OutputState, run_failure_files: List[str], run_feature_keys:
 def run_files(job: JobConfig, kind: str) -> List[str]:
     """This run's committed shards of a kind. Listed by name rather than taken from the sink's output: a
     retried commit step only returns the files it renamed itself, not those its failed attempt renamed."""
-    return match_paths(shard_prefix(job, kind) + "-*-of-*" + SHARD_SUFFIX)
+    return storage.match(shard_prefix(job, kind) + "-*-of-*" + SHARD_SUFFIX)
 
 
 def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: int,
@@ -224,8 +215,8 @@ def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipp
         write_json(job.success_path, {"run_id": job.run_id, "summary": job.summary_path,
                                       "finished_at": summary["finished_at"], "output": summary["output"],
                                       "schema_version": delg_v1.SCHEMA_VERSION})
-    elif FileSystems.exists(job.success_path):
-        FileSystems.delete([job.success_path])
+    elif storage.exists(job.success_path):
+        storage.delete([job.success_path])
     _LOGGER.info("run %s %s: %d features, %d failures; output: %s; summary %s", job.run_id, summary["status"],
                  summary["counts"]["features"], summary["counts"]["failures"], summary["output"], job.summary_path)
     return summary
@@ -236,9 +227,6 @@ class FinalizeRunFn(beam.DoFn):
 
     def __init__(self, job: JobConfig):
         self._job = job
-
-    def setup(self):
-        use_anonymous_credentials_if_emulated()
 
     def process(self, _unused, infos, listed, skipped, duplicates, features_committed=(), failures_committed=()):
         # features_committed / failures_committed: the sinks' outputs, side inputs only so that this step

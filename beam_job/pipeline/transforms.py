@@ -14,16 +14,14 @@ import time
 from typing import Dict, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from beam_job import storage
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
-from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
 from beam_job.pipeline.handler import DelgModelHandler
-from beam_job.pipeline.inputs import check_regular_file, match_paths, text_to_path
+from beam_job.pipeline.inputs import check_regular_file, text_to_path
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.rows import failure_record, feature_record
 
@@ -179,24 +177,18 @@ class ResolveInputsFn(beam.DoFn):
 class ReadShardIdsFn(beam.DoFn):
     """Parquet shard path -> (image_id, True) for each row, reading only the image_id column."""
 
-    def setup(self):
-        use_anonymous_credentials_if_emulated()
-
     def process(self, path: str):
         import pyarrow.parquet as pq
 
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        with storage.open_read(path) as fh:
             table = pq.read_table(fh, columns=["image_id"])
         for image_id in table.column(0).to_pylist():
             yield image_id, True
 
 
 class ExpandShardsFn(beam.DoFn):
-    def setup(self):
-        use_anonymous_credentials_if_emulated()
-
     def process(self, pattern: str):
-        yield from match_paths(pattern)
+        yield from storage.match(pattern)
 
 
 class ReadBytesFn(beam.DoFn):
@@ -206,7 +198,6 @@ class ReadBytesFn(beam.DoFn):
         self._job = job
 
     def setup(self):
-        use_anonymous_credentials_if_emulated()
         self._read_ms = Metrics.distribution(METRICS_NAMESPACE, "read_ms")
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_file_bytes")
         self._count = Metrics.counter(METRICS_NAMESPACE, "images_read")
@@ -219,7 +210,7 @@ class ReadBytesFn(beam.DoFn):
             limit = self._job.max_file_bytes
             real_path = text_to_path(path)
             check_regular_file(real_path)
-            with FileSystems.open(real_path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            with storage.open_read(real_path) as fh:
                 data = fh.read(limit + 1)
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")

@@ -32,6 +32,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_job.pipeline import METRICS_NAMESPACE
+from beam_job import storage
 from beam_job.pipeline import progress
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
@@ -105,7 +106,16 @@ class DelgParquetSink(FileBasedSink):
         )
         self._schema = shard_schema(kind, job)
 
+    def initialize_write(self):
+        storage.prepare_remote_access()  # Beam's GCS client, in whichever worker runs this step first
+        return super().initialize_write()
+
+    def finalize_write(self, *args, **kwargs):
+        storage.prepare_remote_access()
+        return super().finalize_write(*args, **kwargs)
+
     def open(self, temp_path):
+        storage.prepare_remote_access()
         stream = super().open(temp_path)
         writer = pq.ParquetWriter(
             stream, self._schema, compression="zstd", use_compliant_nested_type=False,

@@ -236,16 +236,14 @@ def _cmd_eval_gldv2(args) -> int:
 
 def _cmd_revisitop_queries(args) -> int:
     from .evaluate import load_revisitop_gnd
-    from .shards import resolve
+    from .shards import write_bytes
 
     gnd = load_revisitop_gnd(args.gnd)
     lines = ["query_id,path,bbox"]
     for name, g in zip(gnd["qimlist"], gnd["gnd"]):
         bbox = " ".join(f"{v:g}" for v in g["bbx"]) if g["bbx"] is not None else ""
         lines.append(f"{name},{args.images.rstrip('/')}/{name}.jpg,{bbox}")
-    fs, path = resolve(args.out)
-    with fs.open_output_stream(path) as out:
-        out.write(("\n".join(lines) + "\n").encode())
+    write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     print(json.dumps({"out": args.out, "queries": len(lines) - 1}))
     return 0
 

@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from beam_job import storage
+
 from . import shards as shards_mod
 from .shards import ShardInfo
 
@@ -328,9 +330,8 @@ def _local_output_dir(index_dir: str) -> Tuple[Optional[str], str]:
 
 
 def _upload_dir(local_dir: str, uri: str) -> None:
-    fs, path = shards_mod.resolve(uri)
     for name in (INDEX_FILE, IDMAP_FILE, CONFIG_FILE):
-        with open(os.path.join(local_dir, name), "rb") as src, fs.open_output_stream(f"{path}/{name}") as out:
+        with open(os.path.join(local_dir, name), "rb") as src, storage.create(f"{uri.rstrip('/')}/{name}") as out:
             shutil.copyfileobj(src, out, length=8 * 1024 * 1024)
 
 

@@ -183,15 +183,10 @@ def contact_sheet(
 def save_png(image: Image.Image, out_path: str) -> str:
     """Save as PNG to a local path (parent folders created) or gs://."""
     import io
-    import os
 
-    from .shards import resolve
+    from beam_job import storage
 
-    fs, path = resolve(out_path)
-    if not out_path.startswith("gs://"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    with fs.open_output_stream(path) as out:
-        out.write(buf.getvalue())
+    storage.write_bytes(out_path, buf.getvalue())
     return out_path

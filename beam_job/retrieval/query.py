@@ -233,17 +233,16 @@ def results_table(results: Iterable[ResultList]) -> pa.Table:
 
 def write_results(table: pa.Table, path: str) -> str:
     """Write results as Parquet (.parquet) or CSV (.csv), local or gs://."""
-    from .shards import resolve
+    from beam_job import storage
 
-    fs, local = resolve(path)
-    if path.endswith(".parquet"):
-        with fs.open_output_stream(local) as out:
-            pq.write_table(table, out)
-    elif path.endswith(".csv"):
-        with fs.open_output_stream(local) as out:
-            pacsv.write_csv(table, out)
-    else:
+    if not path.endswith((".parquet", ".csv")):
         raise ValueError(f"results path must end in .parquet or .csv, got {path!r}")
+    buf = io.BytesIO()
+    if path.endswith(".parquet"):
+        pq.write_table(table, buf)
+    else:
+        pacsv.write_csv(table, buf)
+    storage.write_bytes(path, buf.getvalue())
     return path
 
 

@@ -1,8 +1,8 @@
 """Reading DELG feature shards (local or gs://): shard listing, global-descriptor batches, local features by row.
 
 Everything here reads Parquet through pyarrow, one row group at a time, so memory is bounded by a row
-group, never by the collection. `gs://` paths go through `pyarrow.fs.GcsFileSystem`; when
-STORAGE_EMULATOR_HOST is set (tests, local emulators) it points there anonymously over plain HTTP.
+group, never by the collection. Local paths and `gs://` go through the project's storage layer
+(`beam_job.storage`, Beam's FileSystems).
 
 Conventions (schemas/delg_v1.py): locations are (y, x) in original-image pixels; descriptors and the
 global descriptor are L2-normalised; local descriptors may be stored as float16 and are returned as float32.
@@ -10,112 +10,43 @@ global descriptor are L2-normalised; local descriptors may be stored as float16 
 
 from __future__ import annotations
 
-import datetime
-import fnmatch
 import json
 import logging
-import os
-import posixpath
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from beam_job import storage
 from schemas import delg_v1
 
 logger = logging.getLogger(__name__)
 
 GLOBAL_COLUMN = "global_descriptor"
-GCS_READ_CHUNK = 8 * 1024 * 1024
 
 
-# --------------------------------------------------------------------------------------------- filesystems
-
-
-def gcs_filesystem() -> pafs.FileSystem:
-    """A GcsFileSystem; anonymous plain-HTTP against STORAGE_EMULATOR_HOST when that variable is set."""
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    if emulator:
-        parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
-        return pafs.GcsFileSystem(
-            anonymous=True, scheme=parsed.scheme or "http", endpoint_override=parsed.netloc,
-            retry_time_limit=datetime.timedelta(seconds=10),
-        )
-    return pafs.GcsFileSystem()
-
-
-def resolve(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a gs://bucket/path URI."""
-    if uri.startswith("gs://"):
-        return gcs_filesystem(), uri[len("gs://") :].rstrip("/")
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or gs://bucket/path")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def to_uri(fs: pafs.FileSystem, path: str) -> str:
-    """Inverse of resolve(): gs://bucket/path for GCS paths, the plain path for local ones."""
-    return f"gs://{path}" if isinstance(fs, pafs.GcsFileSystem) else path
-
-
-def _gcs_blob(uri: str):
-    from google.cloud import storage
-
-    bucket, _, name = uri[len("gs://") :].partition("/")
-    if not bucket or not name:
-        raise ValueError(f"{uri!r} is not a gs://bucket/object URI")
-    return storage.Client().bucket(bucket).blob(name)
+# --------------------------------------------------------------------------------------------- files
 
 
 def open_input_file(uri: str) -> pa.NativeFile:
-    """A random-access file for pyarrow. gs:// reads go through google-cloud-storage's seekable BlobReader
-    (ranged GETs); pyarrow's own GcsFileSystem ranged reads hang against the loopback emulator."""
-    if uri.startswith("gs://"):
-        reader = _gcs_blob(uri).open("rb", chunk_size=GCS_READ_CHUNK)
-        return pa.PythonFile(reader, mode="r")
-    fs, path = resolve(uri)
-    return fs.open_input_file(path)
+    """A random-access file for pyarrow, local or gs://, through the project's storage layer."""
+    return pa.PythonFile(storage.open_read(uri), mode="r")
 
 
 def read_bytes(uri: str) -> bytes:
     """Whole file contents, local or gs://."""
-    if uri.startswith("gs://"):
-        return _gcs_blob(uri).download_as_bytes()
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    return storage.read_bytes(uri)
 
 
-def _has_wildcard(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _glob(fs: pafs.FileSystem, pattern: str) -> List[str]:
-    """Files matching a glob whose wildcards may sit in any path segment (`*` never crosses a `/`).
-
-    Lists recursively from the last folder before the first wildcard segment, then matches segment by segment."""
-    parts = pattern.split("/")
-    first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
-    base = "/".join(parts[:first]) or "/"
-    wanted = parts[first:]
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=len(wanted) > 1))
-    out = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(base) :].lstrip("/").split("/")
-        if len(rel) == len(wanted) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, wanted)):
-            out.append(info.path)
-    return out
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write a whole file, local (parent folders created) or gs://; returns the URI."""
+    storage.write_bytes(uri, data)
+    return uri
 
 
 def list_shards(uri: str) -> List[str]:
@@ -123,28 +54,21 @@ def list_shards(uri: str) -> List[str]:
 
     `uri` may be a job output directory (its `features/` subfolder is used), a folder of `*.parquet`
     files, a glob such as `gs://b/out/features/*.parquet` or `out/run-*/features/*.parquet` (wildcards in
-    folder names too), or one `.parquet` file.
-    Raises ValueError when nothing matches.
+    folder names too; `*` never crosses a `/`), or one `.parquet` file.
+    Raises ValueError when nothing matches; a listing error (permission denied) raises as it is.
     """
-    fs, path = resolve(uri)
-    if _has_wildcard(path):
-        files = _glob(fs, path)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if storage.has_glob(uri):
+        files = storage.match(uri)
+    elif uri.endswith(".parquet") and storage.match(uri):
+        files = [uri]
     else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            files = [path]
-        elif info.type == pafs.FileType.Directory:
-            features = posixpath.join(path, "features")
-            if fs.get_file_info(features).type == pafs.FileType.Directory:
-                path = features
-            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-            files = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
-        else:
-            files = []
-    files = sorted(files)
+        files = (storage.match(storage.join(uri, "features", "*.parquet"))
+                 or storage.match(storage.join(uri, "*.parquet")))
     if not files:
         raise ValueError(f"no feature shards (*.parquet) found at {uri!r}: give the job output or its features/ folder")
-    return [to_uri(fs, f) for f in files]
+    return sorted(files)
 
 
 # --------------------------------------------------------------------------------------------- metadata

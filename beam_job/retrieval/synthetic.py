@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from beam_job import storage
 from schemas import delg_v1
-
-from .shards import resolve
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -151,10 +150,7 @@ def default_metadata(model: str = "synthetic", preset: str = "tiny", config: Opt
 
 def write_shard(uri: str, table: pa.Table, row_group_size: Optional[int] = None) -> str:
     """Write one Parquet shard to a local path or gs:// URI."""
-    fs, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as out:
+    with storage.create(uri) as out:
         # the job's writer options (beam_job/pipeline/writer.py)
         pq.write_table(table, out, row_group_size=row_group_size, compression="zstd", use_compliant_nested_type=False)
     return uri
