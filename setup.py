@@ -1,4 +1,5 @@
-"""Packaging for the DELG Beam job: ships `beam_job` and `schemas` to Dataflow workers (--setup_file).
+"""Packaging for the DELG Beam job: ships `beam_job` (with the repository's `schemas/` folder installed as
+`beam_job.schemas`) to Dataflow workers (--setup_file without a container; the images install it too).
 
 The version pins live in ONE place, requirements.txt (and requirements-dev.txt for the retrieval
 extras); this file only reads them. TensorFlow is deliberately NOT an install requirement: Dataflow
@@ -45,8 +46,11 @@ setup(
     name="delg-beam-job",
     version=VERSION,
     description="Distributed DELG (global + local) image feature extraction with Apache Beam",
-    packages=find_packages(include=["beam_job", "beam_job.*", "schemas", "schemas.*"]),
-    package_data={"schemas": ["README.md"]},
+    # The schema lives in the repository's top-level schemas/ folder and installs under this project's
+    # name, beam_job.schemas: no generic top-level module named "schemas" in users' environments.
+    packages=find_packages(include=["beam_job", "beam_job.*"]) + ["beam_job.schemas"],
+    package_dir={"beam_job.schemas": "schemas"},
+    package_data={"beam_job.schemas": ["README.md"]},
     include_package_data=False,
     python_requires=">=3.10,<3.13",
     install_requires=[line for dist, line in RUNTIME.items() if dist not in TENSORFLOW_PACKAGES],

@@ -1,6 +1,6 @@
-"""Versioned Parquet schemas of the job's outputs (see schemas/README.md for the column reference)."""
+"""Versioned Parquet schemas of the job's outputs, installed as `beam_job.schemas` (column reference: README.md)."""
 
-from schemas.delg_v1 import (  # noqa: F401
+from .delg_v1 import (  # noqa: F401
     COORDINATE_CONVENTION,
     FAILURE_STAGES,
     FAILURES_SCHEMA,

@@ -5,7 +5,7 @@ import os
 
 import pyarrow.parquet as pq
 
-import schemas
+from beam_job import schemas
 from beam_job import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import schemas
+from beam_job import schemas
 from beam_job import cli
 from beam_job.config import get_preset
 from beam_job.pipeline.inputs import derive_image_id

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import schemas
+from beam_job import schemas
 from beam_job.features import DelgFeatures
 from beam_job.pipeline.rows import (MissingGlobalDescriptorError, failure_record, feature_record, failures_table,
                                     features_table)

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-import schemas
+from beam_job import schemas
 
 
 def test_features_schema_snapshot():

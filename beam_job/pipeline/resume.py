@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from beam_job import storage
 from beam_job.pipeline.options import JobConfig, join
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from beam_job.features import DelgFeatures
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 FeatureRecord = Dict[str, Any]
 FailureRecord = Dict[str, str]

@@ -25,7 +25,7 @@ from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.pipeline.writer import FAILURES, FEATURES, SHARD_SUFFIX, shard_prefix
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
 

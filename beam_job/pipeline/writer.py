@@ -38,7 +38,7 @@ from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
 from beam_job.pipeline.rows import table_for
 from beam_job.pipeline.stats import StageStats
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
 FEATURES, FAILURES = "features", "failures"

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from beam_job import storage
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 logger = logging.getLogger(__name__)
 

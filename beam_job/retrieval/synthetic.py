@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beam_job import storage
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
