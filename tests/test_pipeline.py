@@ -342,3 +342,21 @@ def test_inference_failures_become_failure_rows(tmp_path):
                                          ["decode", "read"])]), label="CheckFailures")
         ids = out["features"] | "FeatureIds" >> beam.Map(lambda e: (e[0]["image_id"], e[0]["path"]))
         assert_that(ids, equal_to([("fine", good[1])]), label="CheckFeatures")
+
+
+def test_steps_emit_new_values_and_never_change_what_they_received(tmp_path):
+    """A runner may hold an element it handed to a step (to retry a bundle, or fused into another step):
+    DecodeAndResize and ToRows build new values instead of changing their input."""
+    from beam_job.pipeline.options import JobConfig
+    from beam_job.pipeline.transforms import DecodeAndResizeFn, ImageTask
+
+    good = make_good_images(str(tmp_path / "img"), n_rgb=1)
+    path, data = next(iter(good.items()))
+    job = JobConfig(inputs=("x",), manifests=(), output=str(tmp_path / "o"), extraction=get_preset("tiny"))
+    task = ImageTask("id0", path, data=data, timings={"read": 1.5})
+    fn = DecodeAndResizeFn(job)
+    fn.setup()
+    (out_id, out_task), = list(fn.process(("id0", task)))
+    assert out_id == "id0" and out_task is not task
+    assert task.data == data and task.prepared is None and task.timings == {"read": 1.5}  # untouched
+    assert out_task.data is None and out_task.prepared is not None and set(out_task.timings) == {"read", "decode"}

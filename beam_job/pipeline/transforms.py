@@ -32,7 +32,8 @@ DUPLICATE = "duplicate"
 
 
 class ImageTask:
-    """One image on its way through the job.
+    """One image on its way through the job. A value: each step emits a new one (`with_stage`), never
+    changing one it has received or emitted (a runner may still hold it, e.g. to retry or to fuse).
 
     data:     encoded file bytes (after read; dropped after decode).
     prepared: imaging.PreparedImage (after decode + resize).
@@ -41,12 +42,18 @@ class ImageTask:
 
     __slots__ = ("image_id", "path", "data", "prepared", "timings")
 
-    def __init__(self, image_id: str, path: str):
+    def __init__(self, image_id: str, path: str, data: Optional[bytes] = None, prepared=None,
+                 timings: Optional[Dict[str, float]] = None):
         self.image_id = image_id
         self.path = path
-        self.data: Optional[bytes] = None
-        self.prepared = None
-        self.timings: Dict[str, float] = {}
+        self.data = data
+        self.prepared = prepared
+        self.timings: Dict[str, float] = dict(timings or {})
+
+    def with_stage(self, stage: str, ms: float, **changes) -> "ImageTask":
+        """A new task with `stage` timed at `ms` and some of data / prepared replaced."""
+        fields = {"data": self.data, "prepared": self.prepared, **changes}
+        return ImageTask(self.image_id, self.path, fields["data"], fields["prepared"], {**self.timings, stage: ms})
 
     def __getstate__(self):
         return (self.image_id, self.path, self.data, self.prepared, self.timings)
@@ -204,7 +211,6 @@ class ReadBytesFn(beam.DoFn):
 
     def process(self, element):
         image_id, path = element
-        task = ImageTask(image_id, path)
         t0 = time.perf_counter()
         try:
             limit = self._job.max_file_bytes
@@ -215,16 +221,13 @@ class ReadBytesFn(beam.DoFn):
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
-            task.timings["read"] = (time.perf_counter() - t0) * 1000.0
-            yield _failure(self._job, image_id, path, "read", exc, task.timings)
+            yield _failure(self._job, image_id, path, "read", exc, {"read": (time.perf_counter() - t0) * 1000.0})
             return
         ms = (time.perf_counter() - t0) * 1000.0
-        task.timings["read"] = ms
-        task.data = data
         self._read_ms.update(int(round(ms)))
         self._bytes.update(len(data))
         self._count.inc()
-        yield image_id, task
+        yield image_id, ImageTask(image_id, path, data=data, timings={"read": ms})
 
 
 class DecodeAndResizeFn(beam.DoFn):
@@ -248,18 +251,16 @@ class DecodeAndResizeFn(beam.DoFn):
             image = decode_image(task.data, apply_exif_orientation=cfg.apply_exif_orientation,
                                  max_pixels=cfg.max_image_pixels)
             stage = "preprocess"
-            task.prepared = prepare_image(image, cfg)
+            prepared = prepare_image(image, cfg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
-            task.timings["decode"] = (time.perf_counter() - t0) * 1000.0
             stage = getattr(exc, "stage", stage) if stage == "decode" else stage
-            yield _failure(self._job, image_id, task.path, stage, exc, task.timings)
+            timings = {**task.timings, "decode": (time.perf_counter() - t0) * 1000.0}
+            yield _failure(self._job, image_id, task.path, stage, exc, timings)
             return
-        task.data = None
         ms = (time.perf_counter() - t0) * 1000.0
-        task.timings["decode"] = ms
         self._decode_ms.update(int(round(ms)))
         self._count.inc()
-        yield image_id, task
+        yield image_id, task.with_stage("decode", ms, data=None, prepared=prepared)
 
 
 class ToRowsFn(beam.DoFn):
@@ -276,18 +277,18 @@ class ToRowsFn(beam.DoFn):
         image_id, result = element
         task = result.example
         features, identity, infer_ms = result.inference
-        task.timings["inference"] = infer_ms
+        timings = {**task.timings, "inference": infer_ms}
         t0 = time.perf_counter()
         try:
             record = feature_record(image_id, task.path, features, model=identity, preset=self._job.extraction.name,
                                     descriptor_dtype=self._job.descriptor_dtype)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
-            yield _failure(self._job, image_id, task.path, "postprocess", exc, task.timings)
+            yield _failure(self._job, image_id, task.path, "postprocess", exc, timings)
             return
-        task.timings["postprocess"] = (time.perf_counter() - t0) * 1000.0
+        timings["postprocess"] = (time.perf_counter() - t0) * 1000.0
         self._keypoints.update(int(record["num_features"]))
         self._count.inc()
-        yield record, dict(task.timings)
+        yield record, timings
 
 
 class InferenceFailuresFn(beam.DoFn):
