@@ -50,6 +50,7 @@ svg.plot{width:100%;height:auto;display:block}
 .overlay{position:relative;display:inline-block;max-width:100%;line-height:0}
 .overlay img{max-width:100%;height:auto;display:block}
 .overlay svg{position:absolute;left:0;top:0;width:100%;height:100%}
+svg.kp circle{fill-opacity:.55;stroke:#fff;stroke-opacity:.6;stroke-width:.5}
 .muted{color:#666;font-size:.85em}
 .badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:.8em;color:#fff}
 .verified{background:#1a7f37}.unverified{background:#888}

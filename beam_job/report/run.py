@@ -441,8 +441,7 @@ def keypoint_svg(sample: SampleImage, lo: float, hi: float) -> str:
         y, x = (float(v) for v in sample.locations[i])
         r = max(MIN_RADIUS, RADIUS_PER_SCALE * float(sample.scales[i]) * sx)
         circles.append(f"<circle cx=\"{x * sx:.2f}\" cy=\"{y * sy:.2f}\" r=\"{r:.2f}\" fill=\"{colors[i]}\" "
-                       f"fill-opacity=\"0.55\" stroke=\"{colors[i]}\" stroke-width=\"0.8\" data-y=\"{y:.3f}\" "
-                       f"data-x=\"{x:.3f}\" data-attention=\"{float(sample.attention[i]):.4g}\"/>")
+                       f"data-y=\"{y:.3f}\" data-x=\"{x:.3f}\" data-attention=\"{float(sample.attention[i]):.4g}\"/>")
     return (f"<svg class=\"kp\" viewBox=\"0 0 {tw} {th}\" data-image-id=\"{esc(sample.image_id)}\" "
             f"data-original-height=\"{h}\" data-original-width=\"{w}\" data-thumb-width=\"{tw}\" "
             f"data-thumb-height=\"{th}\" preserveAspectRatio=\"none\">{''.join(circles)}</svg>")
