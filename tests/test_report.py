@@ -170,10 +170,10 @@ def test_drawn_points_are_the_stored_locations_on_an_exif_oriented_thumbnail(two
         assert len(mine) == len(stored) > 0
         drawn_yx = np.array([[float(c["data-y"]), float(c["data-x"])] for c in mine])
         order = np.lexsort(drawn_yx.T[::-1])
-        np.testing.assert_allclose(drawn_yx[order], stored[np.lexsort(stored.T[::-1])], atol=1e-3)
-        cxcy = np.array([[float(c["cx"]), float(c["cy"])] for c in mine])
-        np.testing.assert_allclose(cxcy[:, 0], drawn_yx[:, 1] * tw / w, atol=0.01)
-        np.testing.assert_allclose(cxcy[:, 1], drawn_yx[:, 0] * th / h, atol=0.01)
+        np.testing.assert_allclose(drawn_yx[order], stored[np.lexsort(stored.T[::-1])], atol=0.006)
+        cxcy = np.array([[float(c["cx"]), float(c["cy"])] for c in mine])  # thumbnail px, to 0.1
+        np.testing.assert_allclose(cxcy[:, 0], drawn_yx[:, 1] * tw / w, atol=0.06)
+        np.testing.assert_allclose(cxcy[:, 1], drawn_yx[:, 0] * th / h, atol=0.06)
         assert (cxcy >= -1).all() and (cxcy[:, 0] <= tw + 1).all() and (cxcy[:, 1] <= th + 1).all()
     # the EXIF photo: stored 600x400 landscape, its row and its thumbnail are portrait and upright
     rot = rows["rotated"]
@@ -443,7 +443,13 @@ def render(browser, path, width, shot):
         " height: document.documentElement.scrollHeight,"
         " counts: Object.fromEntries(Array.from(document.querySelectorAll('[data-key]')).map(e => [e.dataset.key,"
         " e.textContent]))}")
-    browser.set_window_size(width, min(facts["height"] + 100, 8000))
+    height = facts["height"]
+    for _ in range(3):  # the window's outer height includes a few pixels of frame: grow until the page fits
+        browser.set_window_size(width, min(height + 100, 10000))
+        missing = browser.execute_script("return document.documentElement.scrollHeight - window.innerHeight")
+        if missing <= 0:
+            break
+        height += missing
     browser.save_screenshot(str(shot))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     return errors, facts

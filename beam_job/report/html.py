@@ -50,7 +50,7 @@ svg.plot{width:100%;height:auto;display:block}
 .overlay{position:relative;display:inline-block;max-width:100%;line-height:0}
 .overlay img{max-width:100%;height:auto;display:block}
 .overlay svg{position:absolute;left:0;top:0;width:100%;height:100%}
-svg.kp circle{fill-opacity:.55;stroke:#fff;stroke-opacity:.6;stroke-width:.5}
+svg.kp circle{fill:currentColor;fill-opacity:.2;stroke:currentColor;stroke-width:1.1}
 .muted{color:#666;font-size:.85em}
 .badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:.8em;color:#fff}
 .verified{background:#1a7f37}.unverified{background:#888}
@@ -59,6 +59,7 @@ svg.kp circle{fill-opacity:.55;stroke:#fff;stroke-opacity:.6;stroke-width:.5}
 .tile{background:#fff;border:3px solid #bbb;padding:4px;min-width:0;font-size:.85em}
 .tile img{width:100%;height:auto;display:block}
 .tile.is-verified{border-color:#1a7f37}
+.qhead{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.tile.query{width:260px;max-width:100%;border-color:#1e78ff}
 a{color:#0b57d0}
 """
 
@@ -194,15 +195,20 @@ class _Frame:
     def py(self, y) -> np.ndarray:
         return self.bottom - (np.asarray(y, np.float64) - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
 
-    def axes(self, xlabel: str, ylabel: str, x_ticks: bool = True) -> str:
+    def axes(self, xlabel: str, ylabel: str, x_ticks: bool = True, x_integer: bool = False,
+             y_integer: bool = False) -> str:
         parts = [f"<line x1=\"{self.left}\" y1=\"{self.bottom}\" x2=\"{self.right}\" y2=\"{self.bottom}\" stroke=\"#333\"/>",
                  f"<line x1=\"{self.left}\" y1=\"{self.top}\" x2=\"{self.left}\" y2=\"{self.bottom}\" stroke=\"#333\"/>"]
         if x_ticks:
             for t in _nice_ticks(self.x0, self.x1):
+                if x_integer and t != int(t):
+                    continue
                 x = float(self.px(t))
                 parts.append(f"<line x1=\"{x:.1f}\" y1=\"{self.bottom}\" x2=\"{x:.1f}\" y2=\"{self.bottom + 4}\" stroke=\"#333\"/>"
                              f"<text x=\"{x:.1f}\" y=\"{self.bottom + 15}\" font-size=\"10\" text-anchor=\"middle\">{esc(fmt(t))}</text>")
         for t in _nice_ticks(self.y0, self.y1):
+            if y_integer and t != int(t):
+                continue
             y = float(self.py(t))
             parts.append(f"<line x1=\"{self.left - 4}\" y1=\"{y:.1f}\" x2=\"{self.right}\" y2=\"{y:.1f}\" stroke=\"#eee\"/>"
                          f"<text x=\"{self.left - 6}\" y=\"{y + 3:.1f}\" font-size=\"10\" text-anchor=\"end\">{esc(fmt(t))}</text>")
@@ -238,7 +244,8 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
     else:
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
     counts, edges = np.histogram(values, bins=edges)
-    frame = _Frame((float(edges[0]), float(edges[-1])), (0.0, float(counts.max())))
+    pad = 1.0 if integer and len(counts) < 5 else 0.0  # a few integer values: room around the bars
+    frame = _Frame((float(edges[0]) - pad, float(edges[-1]) + pad), (0.0, float(counts.max())))
     bars = []
     for c, a, b in zip(counts, edges[:-1], edges[1:]):
         x0, x1 = float(frame.px(a)), float(frame.px(b))
@@ -246,7 +253,7 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
         bars.append(f"<rect x=\"{x0:.1f}\" y=\"{y:.1f}\" width=\"{max(x1 - x0 - 1, 0.5):.1f}\" "
                     f"height=\"{frame.bottom - y:.1f}\" fill=\"{BAR_COLOR}\" data-count=\"{int(c)}\">"
                     f"<title>{esc(fmt(a))} \u2013 {esc(fmt(b))}: {int(c)}</title></rect>")
-    return _svg(title, frame.axes(xlabel, "images" if integer else "count") + "".join(bars), name)
+    return _svg(title, frame.axes(xlabel, "images" if integer else "count", x_integer=integer, y_integer=True) + "".join(bars), name)
 
 
 def bars_svg(labels: Sequence[str], series: Dict[str, Sequence[float]], title: str, xlabel: str, name: str) -> str:

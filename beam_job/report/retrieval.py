@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 THUMB_SIDE = 240
 MATCH_HEIGHT = 480
+MATCH_QUALITY = 72  # JPEG: the pictures are mostly thin lines and rings on photos
 DEFAULT_MIN_INLIERS = 15  # as `contact-sheet`: a result with at least this many inliers is "verified"
 
 SORT_SCRIPT = """
@@ -222,6 +223,10 @@ def _badge(cls: str, text: str) -> str:
     return f"<span class=\"badge {cls}\">{esc(text)}</span>"
 
 
+def _ap_name(protocol: str) -> str:
+    return protocol if protocol.startswith("AP") else f"AP {protocol}"
+
+
 def _ap_text(value: float) -> str:
     return "\u2014" if value != value else f"{100 * value:.2f}"
 
@@ -249,7 +254,7 @@ def _metrics_html(gt: Optional[GroundTruth]) -> str:
 
 def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[str, str], k: int,
                 min_inliers: int) -> str:
-    head = ["", "query", "top result", "verified in top k"] + ([f"AP {p}" for p in gt.protocols] if gt else [])
+    head = ["", "query", "top result", "verified in top k"] + ([_ap_name(p) for p in gt.protocols] if gt else [])
     ths = "".join(f"<th data-sort=\"1\">{esc(h)} \u21c5</th>" if h.startswith(("AP", "verified"))
                   else f"<th>{esc(h)}</th>" for h in head)
     rows = []
@@ -296,13 +301,13 @@ def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int) -> st
             f"<div>{badges}</div><div>{link}</div>{problem}</div>")
     ap = ""
     if gt is not None:
-        ap = table([esc(f"AP {p}") for p in gt.protocols], [[_ap_text(q.ap.get(p, float("nan"))) for p in gt.protocols]],
+        ap = table([esc(_ap_name(p)) for p in gt.protocols], [[_ap_text(q.ap.get(p, float("nan"))) for p in gt.protocols]],
                    numeric=range(len(gt.protocols)), attrs="id=\"query-ap\"")
     query_img = f"<img src=\"../{esc(q.thumb)}\" alt=\"query {esc(q.query_id)}\">" if q.thumb else ""
     problem = f"<p class=\"note\">{esc(q.problem)}</p>" if q.problem else ""
     body = (f"<p><a href=\"../index.html\">\u2190 all queries</a></p><h1>Query {esc(q.query_id)}</h1>{problem}"
-            f"<div class=\"tile\" style=\"max-width:320px;border-color:#1e78ff\">{query_img}"
-            f"<div class=\"mono muted\">{esc(q.source)}</div></div>{ap}"
+            f"<div class=\"qhead\"><div class=\"tile query\">{query_img}"
+            f"<div class=\"mono muted\">{esc(q.source)}</div></div><div>{ap}</div></div>"
             f"<h2>Top {len(q.items)} results</h2><div class=\"tiles\">{''.join(tiles)}</div>")
     return page(f"Query {q.query_id}", body)
 
@@ -382,7 +387,7 @@ def write_retrieval_report(
                 picture, _ = draw_matches(query_image, image, query.local.locations, rec.local.locations, v.matches,
                                           v.inlier_mask, max_height=MATCH_HEIGHT,
                                           title=f"{qid} vs {it.image_id}: {v.inliers} inliers / {v.num_putative} putative")
-                it.match = out.put(f"matches/{qp.slug}-{it.rank:03d}.jpg", jpeg_bytes(picture, quality=85))
+                it.match = out.put(f"matches/{qp.slug}-{it.rank:03d}.jpg", jpeg_bytes(picture, quality=MATCH_QUALITY))
                 it.match_inliers = int(v.inliers)
         out.put(f"queries/{qp.slug}.html", _query_page(qp, gt, min_inliers).encode("utf-8"))
         pages.append(qp)

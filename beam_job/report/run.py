@@ -47,7 +47,7 @@ ATTENTION_SAMPLE_ROWS = 256  # rows whose attention scores make the attention hi
 SCATTER_POINTS = 1000  # image sizes plotted (the same hash order)
 THUMB_SIDE = 320  # longest side of a sample thumbnail, pixels
 FAILURE_EXAMPLES = 3  # examples listed per (stage, error type)
-RADIUS_PER_SCALE = 8.0  # keypoint circle radius in original-image pixels per unit of `scales`
+RADIUS_PER_SCALE = 6.0  # keypoint circle radius in original-image pixels per unit of `scales`
 MIN_RADIUS = 1.2  # thumbnail pixels
 DESCRIPTOR_COLUMNS = ("descriptors", "global_descriptor")
 PER_ROW_COLUMNS = ["image_id", "num_features", "original_height", "original_width"]
@@ -430,7 +430,7 @@ def _settings_section(d: RunData) -> str:
 
 def keypoint_svg(sample: SampleImage, lo: float, hi: float) -> str:
     """SVG overlay in thumbnail pixels: one circle per keypoint at (x, y) * thumb/original, radius by scale,
-    colour by attention; each circle keeps the stored location in data-y / data-x."""
+    colour by attention; each circle keeps the stored location (to 0.01 px) in data-y / data-x."""
     tw, th = sample.thumb_size
     h, w = sample.original_hw
     sy, sx = th / max(h, 1), tw / max(w, 1)
@@ -440,8 +440,8 @@ def keypoint_svg(sample: SampleImage, lo: float, hi: float) -> str:
     for i in order:  # lowest attention first, so the strongest are drawn on top
         y, x = (float(v) for v in sample.locations[i])
         r = max(MIN_RADIUS, RADIUS_PER_SCALE * float(sample.scales[i]) * sx)
-        circles.append(f"<circle cx=\"{x * sx:.2f}\" cy=\"{y * sy:.2f}\" r=\"{r:.2f}\" fill=\"{colors[i]}\" "
-                       f"data-y=\"{y:.3f}\" data-x=\"{x:.3f}\" data-attention=\"{float(sample.attention[i]):.4g}\"/>")
+        circles.append(f"<circle cx=\"{x * sx:.1f}\" cy=\"{y * sy:.1f}\" r=\"{r:.1f}\" color=\"{colors[i]}\" "
+                       f"data-y=\"{y:.2f}\" data-x=\"{x:.2f}\"/>")
     return (f"<svg class=\"kp\" viewBox=\"0 0 {tw} {th}\" data-image-id=\"{esc(sample.image_id)}\" "
             f"data-original-height=\"{h}\" data-original-width=\"{w}\" data-thumb-width=\"{tw}\" "
             f"data-thumb-height=\"{th}\" preserveAspectRatio=\"none\">{''.join(circles)}</svg>")
