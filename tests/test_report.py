@@ -504,3 +504,13 @@ def test_retrieval_pages_in_chromium_phone_and_desktop(browser, retrieval, tmp_p
         scored = [float(v) for v in values if v]
         ascending = header.get_attribute("data-dir") == "asc"
         assert scored == sorted(scored, reverse=not ascending) and len(scored) == 3
+
+
+def test_retrieval_pages_written_to_gs(retrieval, gcs_bucket):
+    uri = f"gs://{gcs_bucket.name}/pages"
+    assert write_retrieval_report(retrieval["results"], retrieval["index"], uri, queries_file=retrieval["queries"],
+                                  k=2, max_queries=1) == f"{uri}/index.html"
+    names = sorted(b.name for b in gcs_bucket.list_blobs(prefix="pages/"))
+    assert "pages/index.html" in names and len([n for n in names if n.startswith("pages/queries/")]) == 1
+    assert len([n for n in names if n.startswith("pages/img/")]) == 3  # the query and its two results
+    assert len([n for n in names if n.startswith("pages/matches/")]) == 2
