@@ -191,11 +191,14 @@ def test_report_command_latest_run_by_id_and_output_counts_from_the_summary(two_
     os.remove(os.path.join(out, "runs", two_runs["second"], "report.html"))
     assert cli.main(["report", out]) == 0
     assert capsys.readouterr().out.strip().endswith(os.path.join("runs", two_runs["second"], "report.html"))
-    # an earlier run rebuilt now: its own counts, the output's current counts, a link to the later report
+    # an earlier run rebuilt now: its own counts, the output as its summary saw it, a link to the later report
     assert cli.main(["report", out, "--run_id", two_runs["first"]]) == 0
     text = read_report(out, two_runs["first"])
     shown = shown_counts(text)
-    assert (shown["run.features"], shown["output.features"], shown["output.images"]) == (5, 6, 7)
+    first = summaries(out)[two_runs["first"]]
+    assert (shown["run.features"], shown["output.features"], shown["output.images"]) == (5, 5, 6)
+    assert (shown["output.images"], shown["output.features"], shown["output.failures"]) == tuple(
+        first["output"][k] for k in ("images", "features", "failures"))
     assert f'href="../{two_runs["second"]}/report.html"' in text
     # a summary with the "output" section: shown as is (here made-up numbers, to see where they come from)
     path = os.path.join(out, "runs", two_runs["second"], "summary.json")
@@ -219,7 +222,7 @@ class ColumnSpy:
     """Records the columns (and row groups) every pyarrow Parquet read asks for."""
 
     def __init__(self, monkeypatch):
-        self.calls = []
+        self.calls, self.returned = [], []  # what each read asked for, and the columns pyarrow gave back
         spy = self
 
         def wrap(name):
@@ -227,8 +230,10 @@ class ColumnSpy:
 
             def recorder(self_, *args, **kwargs):
                 groups = args[0] if args and name != "read" else None
+                result = original(self_, *args, **kwargs)
                 spy.calls.append((name, frozenset(kwargs.get("columns") or ()), groups))
-                return original(self_, *args, **kwargs)
+                spy.returned.append(frozenset(getattr(result, "column_names", ())))
+                return result
 
             monkeypatch.setattr(pq.ParquetFile, name, recorder)
 
@@ -237,8 +242,10 @@ class ColumnSpy:
         original_read_table = pq.read_table
 
         def read_table(*args, **kwargs):
+            result = original_read_table(*args, **kwargs)
             spy.calls.append(("read_table", frozenset(kwargs.get("columns") or ()), None))
-            return original_read_table(*args, **kwargs)
+            spy.returned.append(frozenset(result.column_names))
+            return result
 
         monkeypatch.setattr(pq, "read_table", read_table)
 
@@ -283,7 +290,7 @@ def test_report_reads_no_descriptor_column_and_keypoints_only_for_the_sample(tmp
     assert spy.calls and reader.requests
     asked = [set(cols) for _, cols, _ in spy.calls]
     assert all(cols for cols in asked), "every read names its columns"
-    assert not any(cols & {"descriptors", "global_descriptor"} for cols in asked)
+    assert not any(cols & {"descriptors", "global_descriptor"} for cols in asked + spy.returned)
     # locations / scales / attention: only whole row groups holding sampled rows (4 rows per group here)
     heavy = [(name, cols, groups) for name, cols, groups in spy.calls if cols & {"locations", "scales", "attention"}]
     assert all(name == "read_row_groups" and groups for name, _, groups in heavy)

@@ -2,9 +2,9 @@
 
 What is read (Beam `FileSystems`, so local paths and gs:// alike):
   * every runs/*/summary.json (small);
-  * for every feature row of the run: image_id, num_features, original_height, original_width (four
-    scalar columns; for the output-wide counts of an older summary without an "output" section, the
-    image_id column of the other shards too);
+  * for every feature row of the run: image_id, num_features, original_height, original_width;
+  * image_id and path of every shard, through `resume.output_state` (the pipeline's own definition of
+    the output's current features and failures);
   * failures shards: their five string columns;
   * for a bounded, deterministic sample (the rows with the smallest SHA-1 of image_id): `attention` of
     ATTENTION_SAMPLE_ROWS rows, and `path`, `locations`, `scales`, `attention` of SAMPLE_IMAGES rows,
@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_job.imaging import decode_image
 from beam_job.pipeline.inputs import match_paths
 from beam_job.pipeline.options import JobConfigError, join
-from beam_job.pipeline.resume import list_shards
+from beam_job.pipeline.resume import list_shards, output_state
 from beam_job.pipeline.summary import read_json
 from beam_job.report.html import (
     bars_svg, colorbar_svg, colormap, data_uri, esc, figure, fmt, histogram_svg, jpeg_bytes, page, scatter_svg,
@@ -223,11 +223,9 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     # Per-row scalar columns of the plotted shards.
     refs: List[Tuple[str, str, int]] = []  # (sample key, shard, row)
     num_features, heights, widths = [], [], []
-    feature_ids: set = set()
     for path in plot_shards:
         t = reader.read(path, PER_ROW_COLUMNS)
         ids = t.column("image_id").to_pylist()
-        feature_ids.update(ids)
         refs.extend((sample_key(i), path, r) for r, i in enumerate(ids))
         num_features.append(t.column("num_features").to_numpy())
         heights.append(t.column("original_height").to_numpy())
@@ -237,39 +235,27 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     hw = np.stack([np.concatenate(heights), np.concatenate(widths)], axis=1) if heights else np.zeros((0, 2))
     hw = hw[order] if len(order) else hw
 
-    # Failures (string columns only).
-    failure_rows: List[Dict[str, str]] = []
-    run_failure_paths = set(_of_run(failure_shards, rid))
-    for path in failure_shards:
-        t = reader.read(path, FAILURE_COLUMNS)
-        for row in t.to_pylist():
-            row["_this_run"] = path in run_failure_paths
-            failure_rows.append(row)
-
-    # Output-wide counts: from the summary when it has them, else the same rule computed here.
+    # The output's current state, by the pipeline's own rule (resume.output_state: image_id and path columns).
+    state = output_state(output)
     if isinstance(summary.get("output"), dict):
         output_counts = {k: int(summary["output"].get(k, 0)) for k in ("images", "features", "failures")}
-        source = "summary.json"
-    else:
-        for path in feature_shards:
-            if path not in plot_shards:
-                feature_ids.update(reader.read(path, ["image_id"]).column("image_id").to_pylist())
-        failed = {r["image_id"] for r in failure_rows} - feature_ids
-        output_counts = {"images": len(feature_ids) + len(failed), "features": len(feature_ids),
-                         "failures": len(failed)}
-        source = "computed from the shards' image_id columns"
+        source = "as this run's summary.json recorded them at its end"
+    else:  # summaries of older versions have no "output" section
+        output_counts = {k: int(state.counts[k]) for k in ("images", "features", "failures")}
+        source = "now, computed from the shards' image_id and path columns (this summary has no output section)"
+    current = {(where[1], where[2]) for where in state.current.values()}  # (failure shard, row)
+
+    # Failures: string columns only; examples from this run's shards, groups of the output's current ones.
+    run_failure_paths = set(_of_run(failure_shards, rid))
     output_failures: Counter = Counter()
-    seen: set = set()
-    for r in failure_rows:
-        if r["image_id"] in seen or (source != "summary.json" and r["image_id"] in feature_ids):
-            continue
-        seen.add(r["image_id"])
-        output_failures[f"{r['stage']}/{r['error_type']}"] += 1
     run_failures: Dict[str, List[Dict[str, str]]] = defaultdict(list)
-    for r in failure_rows:
-        key = f"{r['stage']}/{r['error_type']}"
-        if r["_this_run"] and len(run_failures[key]) < FAILURE_EXAMPLES:
-            run_failures[key].append(r)
+    for path in failure_shards:
+        for row, r in enumerate(reader.read(path, FAILURE_COLUMNS).to_pylist()):
+            key = f"{r['stage']}/{r['error_type']}"
+            if (path, row) in current:
+                output_failures[key] += 1
+            if path in run_failure_paths and len(run_failures[key]) < FAILURE_EXAMPLES:
+                run_failures[key].append(r)
 
     # Attention of a bounded sample, then keypoints of a smaller one: only the row groups holding them.
     attention_refs = [refs[j] for j in order[:ATTENTION_SAMPLE_ROWS]]
@@ -343,11 +329,16 @@ def _counts_section(d: RunData) -> str:
         ("skipped (already in features)", _count_cell("run.skipped_existing", c.get("skipped_existing")), dash),
         ("duplicate inputs", _count_cell("run.duplicate_inputs", c.get("duplicate_inputs")), dash),
     ]
+    if "retried" in c:
+        rows.append(("retried (had failed before)", _count_cell("run.retried", c["retried"]), dash))
+        rows.append(("retried, still failing", _count_cell("run.retried_still_failing", c.get("retried_still_failing")),
+                     dash))
     kp = d.summary.get("keypoints", {})
     note = (f"<p class=\"muted\">Run: images = features + failures processed by this run; failure ratio "
             f"{esc(fmt(c.get('failure_ratio')))}; {esc(fmt(kp.get('total')))} keypoints "
-            f"({esc(fmt(kp.get('mean_per_image')))} per image). Whole output: current images (a failure counts "
-            f"only while its image has no feature row), {esc(d.output_counts_source)}.</p>")
+            f"({esc(fmt(kp.get('mean_per_image')))} per image). Whole output: its images (an input's failure counts "
+            f"only while it has no feature row, and once however many runs it failed in), "
+            f"{esc(d.output_counts_source)}.</p>")
     return "<h2 id=\"counts\">Counts</h2>" + table(["", "this run", "whole output"], rows, numeric=(1, 2),
                                                   attrs="id=\"counts-table\"") + note
 
@@ -379,7 +370,7 @@ def _failures_section(d: RunData) -> str:
     return ("<h2 id=\"failures\">Failures</h2>"
             + (f"<p>By stage (this run): {stage_line}</p>" if stage_line else "")
             + "<div class=\"scroll\"><table id=\"failures-table\"><thead><tr><th>stage</th><th>error type</th>"
-              "<th class=\"num\">this run</th><th class=\"num\">whole output (current)</th></tr></thead><tbody>"
+              "<th class=\"num\">this run</th><th class=\"num\">whole output now</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></div><p class=\"muted\">Under each group: examples (path: message) "
               "from this run's failures shards.</p>"
             + "<p class=\"muted\">Retry exactly the current failures: pass <code>failures/*.parquet</code> as "
