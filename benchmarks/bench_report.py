@@ -3,7 +3,7 @@
     python benchmarks/bench_report.py [--images 3000] [--features 1000] [--out /tmp/bench-report]
 
 The output is written with the job's own code (beam_job.pipeline.rows.feature_record / features_table,
-writer.shard_schema, summary.build_summary): N feature rows with `--features` local features each
+writer.shard_schema, summary.finalize_run): N feature rows with `--features` local features each
 (float32 descriptors: about 0.5 MB a row), 256 rows per shard in row groups of 16, as the job writes
 them, plus one failures shard. The rows point at a few generated 1024x768 JPEGs so the sample pictures
 are decoded for real. Prints the report build time next to a plain read of every column, and the
@@ -30,8 +30,8 @@ from beam_job.features import DelgFeatures  # noqa: E402
 from beam_job.pipeline.options import JobConfig  # noqa: E402
 from beam_job.pipeline.rows import failure_record, failures_table, feature_record, features_table  # noqa: E402
 from beam_job.pipeline.stats import StageStats  # noqa: E402
-from beam_job.pipeline.summary import build_summary, write_json  # noqa: E402
-from beam_job.pipeline.writer import FAILURES, FEATURES, shard_name, shard_schema  # noqa: E402
+from beam_job.pipeline.summary import finalize_run  # noqa: E402
+from beam_job.pipeline.writer import FAILURES, FEATURES, shard_prefix, shard_schema  # noqa: E402
 from beam_job.report import run as run_report  # noqa: E402
 
 ROWS_PER_SHARD, ROW_GROUP = 256, 16
@@ -53,11 +53,12 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
     shutil.rmtree(out, ignore_errors=True)
     photos = make_images(os.path.join(out, "_photos"))
     job = JobConfig(inputs=(os.path.join(out, "_photos", "*.jpg"),), manifests=(), output=out,
-                    extraction=get_preset("tiny"), started_at="2026-01-01T00:00:00+00:00")
+                    extraction=get_preset("tiny"), started_at="2026-01-01T00:00:00+00:00", model_identity="bench")
     os.makedirs(job.features_dir)
     os.makedirs(job.failures_dir)
     rng = np.random.default_rng(0)
-    infos = []
+    infos, files = [], {FEATURES: [], FAILURES: []}
+    n_shards = -(-images // ROWS_PER_SHARD)
     for start in range(0, images, ROWS_PER_SHARD):
         records, stats = [], StageStats()
         for i in range(start, min(start + ROWS_PER_SHARD, images)):
@@ -74,22 +75,23 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
             record = feature_record(f"img-{i:06d}", photos[i % len(photos)], feats, model="bench", preset="tiny")
             records.append(record)
             stats.add(FEATURES, record, {"read": 1.0, "decode": 10.0, "inference": 500.0})
-        schema = shard_schema(FEATURES, job, "bench")
-        path = os.path.join(job.features_dir, shard_name(job.run_id, [r["image_id"] for r in records]))
+        schema = shard_schema(FEATURES, job)
+        path = f"{shard_prefix(job, FEATURES)}-{start // ROWS_PER_SHARD:05d}-of-{n_shards:05d}.parquet"
         pq.write_table(features_table(records, schema), path, row_group_size=ROW_GROUP, compression="zstd",
                        use_compliant_nested_type=False)
-        infos.append({"kind": FEATURES, "path": path, "rows": len(records), "stats": stats.to_dict()})
+        infos.append({"kind": FEATURES, "rows": len(records), "stats": stats.to_dict()})
+        files[FEATURES].append(path)
     failures = [failure_record(f"bad-{i}", f"/missing/bad-{i}.jpg", "read", "FileNotFoundError", "no such file",
                                model="bench", preset="tiny") for i in range(images // 100)]
     if failures:
         stats = StageStats()
         for r in failures:
             stats.add(FAILURES, r, {"read": 0.1})
-        path = os.path.join(job.failures_dir, shard_name(job.run_id, [r["image_id"] for r in failures]))
-        pq.write_table(failures_table(failures, shard_schema(FAILURES, job, "bench")), path)
-        infos.append({"kind": FAILURES, "path": path, "rows": len(failures), "stats": stats.to_dict()})
-    os.makedirs(job.run_dir)
-    write_json(job.summary_path, build_summary(job, infos, images + len(failures), 0, 0, {}))
+        path = f"{shard_prefix(job, FAILURES)}-00000-of-00001.parquet"
+        pq.write_table(failures_table(failures, shard_schema(FAILURES, job)), path)
+        infos.append({"kind": FAILURES, "rows": len(failures), "stats": stats.to_dict()})
+        files[FAILURES].append(path)
+    finalize_run(job, files[FEATURES], files[FAILURES], infos, images + len(failures), 0, 0)  # summary.json
     return job
 
 
@@ -130,7 +132,9 @@ def main() -> None:
         pq.read_table(os.path.join(job.features_dir, name))
     full = time.perf_counter() - t0
 
-    asked = requested_bytes(reader.requests)
+    state_reads = [(os.path.join(d, f), ("image_id", "path"), None)  # resume.output_state, outside the reader
+                   for d in (job.features_dir, job.failures_dir) for f in sorted(os.listdir(d))]
+    asked = requested_bytes(reader.requests) + requested_bytes(state_reads)
     columns = sorted({c for _, cols, _ in reader.requests for c in cols})
     keypoint_rows = sum(ROW_GROUP * len(g) for _, cols, g in reader.requests if "locations" in cols and g)
     print(f"report: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
@@ -138,7 +142,8 @@ def main() -> None:
     print(f"{'report build (median of %d)' % args.repeat:34s}{statistics.median(times):10.2f}{asked / 2**20:10.1f}")
     print(f"{'read every column once (pyarrow)':34s}{full:10.2f}{size / 2**20:10.1f}")
     print(f"ratio (full read / report): time {full / statistics.median(times):.1f}x, bytes {size / max(asked, 1):.0f}x")
-    print(f"columns the report asked for: {', '.join(columns)}")
+    print(f"columns the report asked for: {', '.join(columns)} (MiB above include image_id + path of every shard, "
+          "read by resume.output_state)")
     print(f"descriptor columns asked for: {reader.descriptor_requests() or 'none'}; rows whose locations were read: "
           f"{keypoint_rows} (row groups of the {run_report.SAMPLE_IMAGES} sampled images)")
 

@@ -8,7 +8,7 @@ solution .csv). It writes, locally or to gs://:
   out_dir/index.html               queries with thumbnails, top result, verified count and AP; the mAP table
   out_dir/queries/<q>.html         the query image and its top-k results: global score, inliers,
                                    verified/unverified, positive/junk/negative; each links to its match picture
-  out_dir/img/<h>.jpg              thumbnails (one per image)
+  out_dir/img/<h>.jpg              thumbnails (one per image file, or per query crop)
   out_dir/matches/<q>-<rank>.jpg   keypoints + inlier lines, drawn by plots.draw_matches as `draw-matches` does
 
 AP and mAP come from beam_job.retrieval.evaluate (the functions `eval-revisitop` / `eval-gldv2` use), so
@@ -184,7 +184,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
 
 
 def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
-    """(Query, image as the query's locations see it) for a query id; raises ValueError when unknown."""
+    """(Query, image as the query's locations see it, thumbnail key) for a query id; ValueError when unknown."""
     from beam_job.imaging import decode_image
     from beam_job.retrieval.cli import load_image
     from beam_job.retrieval.shards import read_bytes
@@ -194,7 +194,7 @@ def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
     try:
         engine.index.position_of(image_id)
         q = engine.query_from_id(image_id, query_id, exclude_self=False)
-        return q, load_image(q.source)
+        return q, load_image(q.source), f"src:{q.source}"
     except KeyError:
         pass
     path = (spec or {}).get("path") or (spec or {}).get("value")
@@ -203,10 +203,10 @@ def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
     bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
     q = engine.query_from_image(path, query_id, bbox_xyxy=bbox)
     if bbox is None:
-        return q, load_image(path)
+        return q, load_image(path), f"src:{path}"
     image = decode_image(read_bytes(path), apply_exif_orientation=False)  # boxes refer to the stored pixels
     x1, y1, x2, y2 = (int(round(v)) for v in bbox)
-    return q, image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)]
+    return q, image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)], f"crop:{path}:{bbox}"
 
 
 def _thumb_file(out: _Out, cache: Dict[str, str], key: str, image: np.ndarray) -> str:
@@ -358,9 +358,9 @@ def write_retrieval_report(
                 it.label, it.detail = gt.label(qid, it.image_id)
         query, query_image = None, None
         try:
-            query, query_image = _query_images(engine, specs, qid)
+            query, query_image, thumb_key = _query_images(engine, specs, qid)
             qp.source = query.source
-            qp.thumb = _thumb_file(out, thumbs, f"query:{qid}", query_image)
+            qp.thumb = _thumb_file(out, thumbs, thumb_key, query_image)
         except Exception as exc:  # unknown or unreadable query image: the results are still shown
             qp.problem = f"query image not available: {exc}"[:300]
         positions = []
@@ -376,13 +376,18 @@ def write_retrieval_report(
             if pos is None:
                 continue
             rec = next(records)
+            draw = matches and query is not None and query.local is not None and rec.local.num_features > 0
+            key = f"src:{rec.path}"
+            if key in thumbs and not draw:  # thumbnail already written, no picture to draw: no decode
+                it.thumb = thumbs[key]
+                continue
             try:
                 image = load_image(rec.path)
             except Exception as exc:
                 it.problem = f"image not readable from {rec.path}: {exc}"[:300]
                 continue
-            it.thumb = _thumb_file(out, thumbs, f"image:{it.image_id}", image)
-            if matches and query is not None and query.local is not None and rec.local.num_features:
+            it.thumb = _thumb_file(out, thumbs, key, image)
+            if draw:
                 v = verify_pair(query.local, rec.local, rerank_config)
                 picture, _ = draw_matches(query_image, image, query.local.locations, rec.local.locations, v.matches,
                                           v.inlier_mask, max_height=MATCH_HEIGHT,
