@@ -63,6 +63,8 @@ svg.kp circle{fill:currentColor;fill-opacity:.2;stroke:currentColor;stroke-width
 a{color:#0b57d0}
 """
 
+_CSS_ONE_LINE = "".join(line.strip() for line in CSS.splitlines())
+
 
 def esc(value) -> str:
     """HTML-escaped text of any value (None -> empty)."""
@@ -97,7 +99,7 @@ def page(title: str, body: str, script: str = "") -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{esc(title)}</title><link rel=\"icon\" href=\"data:,\"><style>{CSS}</style></head>"
+        f"<title>{esc(title)}</title><link rel=\"icon\" href=\"data:,\"><style>{_CSS_ONE_LINE}</style></head>"
         f"<body><main>{body}</main>{tail}</body></html>\n"
     )
 
