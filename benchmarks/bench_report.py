@@ -57,7 +57,7 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
     os.makedirs(job.features_dir)
     os.makedirs(job.failures_dir)
     rng = np.random.default_rng(0)
-    infos, files = [], {FEATURES: [], FAILURES: []}
+    infos = []
     n_shards = -(-images // ROWS_PER_SHARD)
     for start in range(0, images, ROWS_PER_SHARD):
         records, stats = [], StageStats()
@@ -80,7 +80,6 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
         pq.write_table(features_table(records, schema), path, row_group_size=ROW_GROUP, compression="zstd",
                        use_compliant_nested_type=False)
         infos.append({"kind": FEATURES, "rows": len(records), "stats": stats.to_dict()})
-        files[FEATURES].append(path)
     failures = [failure_record(f"bad-{i}", f"/missing/bad-{i}.jpg", "read", "FileNotFoundError", "no such file",
                                model="bench", preset="tiny") for i in range(images // 100)]
     if failures:
@@ -90,8 +89,7 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
         path = f"{shard_prefix(job, FAILURES)}-00000-of-00001.parquet"
         pq.write_table(failures_table(failures, shard_schema(FAILURES, job)), path)
         infos.append({"kind": FAILURES, "rows": len(failures), "stats": stats.to_dict()})
-        files[FAILURES].append(path)
-    finalize_run(job, files[FEATURES], files[FAILURES], infos, images + len(failures), 0, 0)  # summary.json
+    finalize_run(job, infos, images + len(failures), 0, 0)  # finds the shards by name; writes summary.json
     return job
 
 
