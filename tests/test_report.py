@@ -12,7 +12,6 @@ import shutil
 from html.parser import HTMLParser
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -120,7 +119,8 @@ def test_each_run_ends_with_a_report_whose_counts_equal_the_summary(two_runs):
     out = two_runs["out"]
     runs = summaries(out)
     assert set(runs) == {two_runs["first"], two_runs["second"]}
-    for rid, text in ((two_runs["first"], two_runs["first_report"]), (two_runs["second"], read_report(out, two_runs["second"]))):
+    pages = [(two_runs["first"], two_runs["first_report"]), (two_runs["second"], read_report(out, two_runs["second"]))]
+    for rid, text in pages:
         shown = shown_counts(text)
         c = runs[rid]["counts"]
         for key in ("listed", "processed", "features", "failures", "skipped_existing", "duplicate_inputs"):
@@ -264,7 +264,8 @@ def synthetic_output(root, n_rows=60, per_shard=20, group=4, run_id="20260101T00
         feats = DelgFeatures(global_descriptor=g / np.linalg.norm(g),
                              locations=(rng.random((n, 2)) * [300, 400]).astype(np.float32),
                              descriptors=rng.standard_normal((n, 128)).astype(np.float32),
-                             scales=np.ones(n, np.float32), attention=np.sort(rng.random(n).astype(np.float32))[::-1].copy(),
+                             scales=np.ones(n, np.float32),
+                             attention=np.sort(rng.random(n).astype(np.float32))[::-1].copy(),
                              original_hw=(300, 400), processed_hw=(300, 400), scale_factors=(1.0, 1.0))
         records.append(feature_record(f"img-{i:04d}", f"/nonexistent/img-{i:04d}.jpg", feats, model="m", preset="tiny"))
     for s in range(0, n_rows, per_shard):

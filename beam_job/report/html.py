@@ -178,6 +178,14 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
     return ticks
 
 
+def _line(x1: float, y1: float, x2: float, y2: float, color: str = "#333") -> str:
+    return f"<line x1=\"{x1:.1f}\" y1=\"{y1:.1f}\" x2=\"{x2:.1f}\" y2=\"{y2:.1f}\" stroke=\"{color}\"/>"
+
+
+def _text(x: float, y: float, text: str, size: int = 10, anchor: str = "middle") -> str:
+    return f"<text x=\"{x:.1f}\" y=\"{y:.1f}\" font-size=\"{size}\" text-anchor=\"{anchor}\">{esc(text)}</text>"
+
+
 class _Frame:
     """Maps data coordinates to the SVG plot area and draws the axes."""
 
@@ -199,21 +207,20 @@ class _Frame:
 
     def axes(self, xlabel: str, ylabel: str, x_ticks: bool = True, x_integer: bool = False,
              y_integer: bool = False) -> str:
-        parts = [f"<line x1=\"{self.left}\" y1=\"{self.bottom}\" x2=\"{self.right}\" y2=\"{self.bottom}\" stroke=\"#333\"/>",
-                 f"<line x1=\"{self.left}\" y1=\"{self.top}\" x2=\"{self.left}\" y2=\"{self.bottom}\" stroke=\"#333\"/>"]
+        parts = [_line(self.left, self.bottom, self.right, self.bottom),
+                 _line(self.left, self.top, self.left, self.bottom)]
         if x_ticks:
             for t in _nice_ticks(self.x0, self.x1):
                 if x_integer and t != int(t):
                     continue
                 x = float(self.px(t))
-                parts.append(f"<line x1=\"{x:.1f}\" y1=\"{self.bottom}\" x2=\"{x:.1f}\" y2=\"{self.bottom + 4}\" stroke=\"#333\"/>"
-                             f"<text x=\"{x:.1f}\" y=\"{self.bottom + 15}\" font-size=\"10\" text-anchor=\"middle\">{esc(fmt(t))}</text>")
+                parts.append(_line(x, self.bottom, x, self.bottom + 4) + _text(x, self.bottom + 15, fmt(t)))
         for t in _nice_ticks(self.y0, self.y1):
             if y_integer and t != int(t):
                 continue
             y = float(self.py(t))
-            parts.append(f"<line x1=\"{self.left - 4}\" y1=\"{y:.1f}\" x2=\"{self.right}\" y2=\"{y:.1f}\" stroke=\"#eee\"/>"
-                         f"<text x=\"{self.left - 6}\" y=\"{y + 3:.1f}\" font-size=\"10\" text-anchor=\"end\">{esc(fmt(t))}</text>")
+            parts.append(_line(self.left - 4, y, self.right, y, "#eee")
+                         + _text(self.left - 6, y + 3, fmt(t), anchor="end"))
         parts.append(f"<text x=\"{(self.left + self.right) / 2:.1f}\" y=\"{PLOT_HEIGHT - 6}\" font-size=\"11\" "
                      f"text-anchor=\"middle\">{esc(xlabel)}</text>")
         parts.append(f"<text x=\"12\" y=\"{(self.top + self.bottom) / 2:.1f}\" font-size=\"11\" text-anchor=\"middle\" "
@@ -255,7 +262,8 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
         bars.append(f"<rect x=\"{x0:.1f}\" y=\"{y:.1f}\" width=\"{max(x1 - x0 - 1, 0.5):.1f}\" "
                     f"height=\"{frame.bottom - y:.1f}\" fill=\"{BAR_COLOR}\" data-count=\"{int(c)}\">"
                     f"<title>{esc(fmt(a))} \u2013 {esc(fmt(b))}: {int(c)}</title></rect>")
-    return _svg(title, frame.axes(xlabel, "images" if integer else "count", x_integer=integer, y_integer=True) + "".join(bars), name)
+    axes = frame.axes(xlabel, "images" if integer else "count", x_integer=integer, y_integer=True)
+    return _svg(title, axes + "".join(bars), name)
 
 
 def bars_svg(labels: Sequence[str], series: Dict[str, Sequence[float]], title: str, xlabel: str, name: str) -> str:

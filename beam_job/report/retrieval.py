@@ -301,7 +301,8 @@ def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int) -> st
             f"<div>{badges}</div><div>{link}</div>{problem}</div>")
     ap = ""
     if gt is not None:
-        ap = table([esc(_ap_name(p)) for p in gt.protocols], [[_ap_text(q.ap.get(p, float("nan"))) for p in gt.protocols]],
+        values = [_ap_text(q.ap.get(p, float("nan"))) for p in gt.protocols]
+        ap = table([esc(_ap_name(p)) for p in gt.protocols], [values],
                    numeric=range(len(gt.protocols)), attrs="id=\"query-ap\"")
     query_img = f"<img src=\"../{esc(q.thumb)}\" alt=\"query {esc(q.query_id)}\">" if q.thumb else ""
     problem = f"<p class=\"note\">{esc(q.problem)}</p>" if q.problem else ""
@@ -391,7 +392,8 @@ def write_retrieval_report(
                 v = verify_pair(query.local, rec.local, rerank_config)
                 picture, _ = draw_matches(query_image, image, query.local.locations, rec.local.locations, v.matches,
                                           v.inlier_mask, max_height=MATCH_HEIGHT,
-                                          title=f"{qid} vs {it.image_id}: {v.inliers} inliers / {v.num_putative} putative")
+                                          title=f"{qid} vs {it.image_id}: {v.inliers} inliers / "
+                                                f"{v.num_putative} putative")
                 it.match = out.put(f"matches/{qp.slug}-{it.rank:03d}.jpg", jpeg_bytes(picture, quality=MATCH_QUALITY))
                 it.match_inliers = int(v.inliers)
         out.put(f"queries/{qp.slug}.html", _query_page(qp, gt, min_inliers).encode("utf-8"))

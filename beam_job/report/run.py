@@ -189,7 +189,8 @@ def _load_sample_image(sample: SampleImage, config: Dict[str, Any]) -> None:
     sample.decoded_hw = (int(image.shape[0]), int(image.shape[1]))
     if sample.decoded_hw != sample.original_hw:
         sample.problem = (f"the file decodes to {sample.decoded_hw[0]}x{sample.decoded_hw[1]} but the row says "
-                          f"{sample.original_hw[0]}x{sample.original_hw[1]}: it changed since the run, points may be off")
+                          f"{sample.original_hw[0]}x{sample.original_hw[1]}: it changed since the run, points may be "
+                          "off")
     thumb = thumbnail(image, THUMB_SIDE)
     sample.thumb_size = thumb.size
     sample.thumb_jpeg = jpeg_bytes(thumb)
@@ -275,7 +276,8 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
             iid = t.column("image_id")[row].as_py()
             samples[iid] = SampleImage(
                 image_id=iid, path=t.column("path")[row].as_py(),
-                original_hw=(int(t.column("original_height")[row].as_py()), int(t.column("original_width")[row].as_py())),
+                original_hw=(int(t.column("original_height")[row].as_py()),
+                             int(t.column("original_width")[row].as_py())),
                 locations=locs,
                 scales=np.asarray(t.column("scales")[row].as_py() or [], np.float32),
                 attention=np.asarray(t.column("attention")[row].as_py() or [], np.float32),
@@ -363,7 +365,8 @@ def _failures_section(d: RunData) -> str:
         rows.append(f"<tr><td><span data-stage=\"{esc(stage)}\">{esc(stage)}</span></td>"
                     f"<td><span data-error-type=\"{esc(error_type)}\">{esc(error_type)}</span></td>"
                     f"<td class=\"num\">{_count_cell(f'failures.run.{key}', by_key.get(key, 0))}</td>"
-                    f"<td class=\"num\">{_count_cell(f'failures.output.{key}', d.output_failures.get(key, 0))}</td></tr>"
+                    f"<td class=\"num\">{_count_cell(f'failures.output.{key}', d.output_failures.get(key, 0))}"
+                    "</td></tr>"
                     + (f"<tr><td colspan=\"4\"><ul class=\"mono examples\">{ex}</ul></td></tr>" if ex else ""))
     stages = s.get("failures_by_stage") or {}
     stage_line = ", ".join(f"{esc(k)}: {esc(v)}" for k, v in stages.items())
@@ -406,7 +409,8 @@ def _settings_section(d: RunData) -> str:
     model = s.get("model") or {}
     config = s.get("config") or {}
     job = s.get("job") or {}
-    rows = [("model", f"<code>{esc(model.get('identity'))}</code>"), ("model URI", f"<code>{esc(model.get('uri'))}</code>"),
+    rows = [("model", f"<code>{esc(model.get('identity'))}</code>"),
+            ("model URI", f"<code>{esc(model.get('uri'))}</code>"),
             ("preset", esc(config.get("name") or job.get("preset"))),
             ("precision (local descriptors)", esc(job.get("descriptor_dtype", "float32"))),
             ("schema", esc(s.get("schema_version"))), ("job version", esc(s.get("job_version")))]
@@ -454,7 +458,8 @@ def _samples_section(d: RunData) -> str:
                    "background:#ccc\"></div>")
         problem = f"<p class=\"note\">{esc(s.problem)}</p>" if s.problem else ""
         cards.append(
-            f"<div class=\"card\" data-sample=\"{esc(s.image_id)}\"><div class=\"overlay\">{img}{keypoint_svg(s, lo, hi)}"
+            f"<div class=\"card\" data-sample=\"{esc(s.image_id)}\"><div class=\"overlay\">{img}"
+            f"{keypoint_svg(s, lo, hi)}"
             f"</div><div><b>{esc(s.image_id)}</b> <span class=\"muted\">{s.original_hw[1]}x{s.original_hw[0]} px, "
             f"{len(s.locations)} keypoints</span></div><div class=\"mono muted\">{esc(s.path)}</div>{problem}</div>")
     return ("<h2 id=\"samples\">Sample images with their keypoints</h2>"
@@ -491,12 +496,14 @@ def render(d: RunData) -> str:
                     "random weights. They are deterministic but meaningless for retrieval (smoke tests only). Use "
                     "an official preset with its weights for real features.</div>")
     if s.get("status") != "succeeded":
-        head.append(f"<div class=\"warning\" id=\"status-warning\">Run {esc(s.get('status'))}: {esc(s.get('reason'))}</div>")
+        head.append(f"<div class=\"warning\" id=\"status-warning\">Run {esc(s.get('status'))}: "
+                    f"{esc(s.get('reason'))}</div>")
     head.append(table(["", ""], [
         ("output", f"<code>{esc(d.output)}</code>"), ("status", esc(s.get("status"))),
         ("started / finished", f"{esc(s.get('started_at'))} / {esc(s.get('finished_at'))}"),
         ("elapsed", f"{esc(fmt(s.get('elapsed_s')))} s, {esc(fmt(s.get('images_per_s')))} images/s"),
-        ("preset / model", f"{esc((s.get('config') or {}).get('name'))} / <code>{esc((s.get('model') or {}).get('identity'))}</code>"),
+        ("preset / model", f"{esc((s.get('config') or {}).get('name'))} / "
+                           f"<code>{esc((s.get('model') or {}).get('identity'))}</code>"),
     ]))
     nav = ("<p><a href=\"#counts\">counts</a> \u00b7 <a href=\"#failures\">failures</a> \u00b7 <a href=\"#plots\">"
            "distributions</a> \u00b7 <a href=\"#settings\">settings</a> \u00b7 <a href=\"#samples\">keypoints</a> "
