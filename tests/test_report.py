@@ -328,8 +328,9 @@ def retrieval(two_runs):
     index = str(root / "index")
     assert rcli.main(["build", two_runs["out"], index, "--kind", "flat"]) == 0
     queries = root / "queries.csv"
-    queries.write_text(f"query_id,image_id,path\nastronaut,astronaut,\ncoffee,coffee,\n"
-                       f"cat_by_path,,{os.path.join(DEMO, 'chelsea.jpg')}\n")
+    cat = root / "cat_copy.jpg"  # not indexed: extracted with the shards' model, as `query` does
+    shutil.copy(os.path.join(DEMO, "chelsea.jpg"), cat)
+    queries.write_text(f"query_id,image_id,path\nastronaut,astronaut,\ncoffee,coffee,\ncat_by_path,,{cat}\n")
     results = str(root / "results.parquet")
     assert rcli.main(["query", index, "--queries", str(queries), "--k", "5", "--rerank", "5", "--output", results]) == 0
     imlist = ["astronaut", "coffee", "chelsea", "rocket", "rotated", "flipped"]
@@ -406,7 +407,7 @@ def test_retrieval_page_map_equals_eval_revisitop_and_gldv2(retrieval, capsys, t
     # GLDv2: mAP@100 per split and AP@100 per query as evaluate_gldv2 / gldv2_map_at_k give them
     pages = str(tmp_path / "gld")
     rcli.main(["report", retrieval["results"], "--index", retrieval["index"], "--out", pages, "--queries",
-               retrieval["queries"], "--gnd", retrieval["solution"], "--k", "3", "--no-matches"])
+               retrieval["queries"], "--gnd", retrieval["solution"], "--k", "3", "--no_matches"])
     text = open(os.path.join(pages, "index.html"), encoding="utf-8").read()
     metrics = ev.evaluate_gldv2(ranked, ev.read_gldv2_solution(retrieval["solution"]))
     assert f"mAP@100 All: {100 * metrics['All']:.2f}" in text

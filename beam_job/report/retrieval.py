@@ -189,18 +189,16 @@ def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
     from beam_job.retrieval.cli import load_image
     from beam_job.retrieval.shards import read_bytes
 
-    spec = specs.get(query_id)
-    image_id = (spec or {}).get("image_id") or (spec or {}).get("value") or query_id
-    try:
-        engine.index.position_of(image_id)
+    spec = specs.get(query_id) or {}
+    bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
+    name = spec.get("image_id") or spec.get("path") or spec.get("value") or query_id
+    image_id = engine.indexed_id(name) if bbox is None else None  # as query.build_queries decides
+    if image_id is not None:
         q = engine.query_from_id(image_id, query_id, exclude_self=False)
         return q, load_image(q.source), f"src:{q.source}"
-    except KeyError:
-        pass
-    path = (spec or {}).get("path") or (spec or {}).get("value")
+    path = spec.get("path") or spec.get("value")
     if not path:
-        raise ValueError(f"query {query_id!r} is neither an indexed image id nor in the queries file (--queries)")
-    bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
+        raise ValueError(f"query {query_id!r} is neither an indexed image nor in the queries file (--queries)")
     q = engine.query_from_image(path, query_id, bbox_xyxy=bbox)
     if bbox is None:
         return q, load_image(path), f"src:{path}"
