@@ -2,6 +2,7 @@
 
     delg-extract --input 'photos/*.jpg' --output out/ [--preset embedded] [Beam flags...]
     delg-extract presets
+    delg-extract report <output> [--run_id ID]      (write runs/<run_id>/report.html of an existing output)
 
 Invalid configuration fails before launch with one line saying what to fix (exit status 2); a job that
 fails (e.g. --max_failure_ratio exceeded) exits 1 with a one-line reason. Beam's own flags (--runner,
@@ -192,6 +193,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     if argv[:1] == ["presets"]:
         print(describe_presets())
         return None
+    if argv[:1] == ["report"]:
+        from beam_job.report.run import report_command
+
+        report_command(argv[1:])
+        return None
     args, pipeline_args = parse_job_args(argv)
     if args.list_presets:
         print(describe_presets())
@@ -249,6 +255,9 @@ def _run_claimed(job: JobConfig, args, pipeline_args: Sequence[str], local: bool
     _LOGGER.info("done: %d features, %d failures (%s), %s images/s; output: %d images, %d features, %d current "
                  "failures; summary %s", c["features"], c["failures"], summary.get("failures_by_stage"),
                  summary.get("images_per_s"), o["images"], o["features"], o["failures"], job.summary_path)
+    from beam_job.report.run import write_run_report_after_run
+
+    write_run_report_after_run(job.output, job.run_id)  # failed runs get their page too
     if summary.get("status") != "succeeded":
         raise JobFailedError(summary.get("reason") or "the run summary says the run failed")
     return RunOutcome(job=job, summary=summary, result=result, metrics=lines)

@@ -204,3 +204,8 @@ def test_gs_input_output_and_model_give_the_same_rows_as_local(local_inputs, gcs
         assert on_gcs and set(summary["shards"][kind]) == on_gcs, kind
     assert not [n for n in names if "beam-temp-" in n or "/_tmp/" in n], "temporary files left on gs://"
     assert "delg/run1/_claim.json" not in names and "delg/run1/_output.json" in names
+    # The run report went to gs:// too, with thumbnails of the images read back from gs://.
+    report = [n for n in names if n.endswith("/report.html")]
+    assert report == [summary_blobs[0].replace("summary.json", "report.html")]
+    page = gcs_bucket.blob(report[0]).download_as_bytes().decode("utf-8")
+    assert page.count("data:image/jpeg;base64,") == len(IMAGES) and "image not readable" not in page

@@ -8,6 +8,7 @@
   delg-retrieval revisitop-queries gnd_roxford5k.pkl IMAGES_DIR queries.csv   (cropped query list)
   delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
   delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
+  delg-retrieval report RESULTS --index INDEX_DIR --out DIR [--queries FILE] [--gnd FILE] [--max_queries N]
 QUERY names an indexed image by its id or its path (stored features), or an image file (local or gs://)
 extracted with the shards' model. Flags are spelled with underscores, as delg-extract's (--max_trials).
 """
@@ -106,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rerank", type=int, default=8)
     c.add_argument("--min_inliers", type=int, default=15, help="green frame at or above this many inliers")
     _add_rerank_args(c)
+
+    rp = sub.add_parser("report", help="HTML pages of a results file: queries, top-k thumbnails, match pictures, AP")
+    rp.add_argument("results", help="results .parquet/.csv from `query`")
+    rp.add_argument("--index", required=True, help="the index directory the results came from")
+    rp.add_argument("--out", required=True, help="output folder (local or gs://); open <out>/index.html")
+    rp.add_argument("--queries", help="the queries file given to `query` (needed for queries given by image path)")
+    rp.add_argument("--gnd", help="ground truth: gnd_<dataset>.pkl/.mat (revisitop) or a GLDv2 solution .csv")
+    rp.add_argument("--max_queries", type=int, default=None, help="only the first N queries of the results")
+    rp.add_argument("--k", type=int, default=10, help="results shown per query")
+    rp.add_argument("--order", choices=["final_rank", "rank"], default="final_rank")
+    rp.add_argument("--min_inliers", type=int, default=15, help="verified at or above this many inliers")
+    rp.add_argument("--no_matches", action="store_true", help="skip the match pictures")
+    _add_rerank_args(rp)
     return parser
 
 
@@ -282,6 +296,17 @@ def _cmd_contact_sheet(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from beam_job.report.retrieval import write_retrieval_report
+
+    index_html = write_retrieval_report(
+        args.results, args.index, args.out, queries_file=args.queries, ground_truth=args.gnd,
+        max_queries=args.max_queries, k=args.k, order=args.order, min_inliers=args.min_inliers,
+        rerank_config=_rerank_config(args), matches=not args.no_matches)
+    print(json.dumps({"index": index_html}))
+    return 0
+
+
 COMMANDS = {
     "build": _cmd_build,
     "query": _cmd_query,
@@ -290,6 +315,7 @@ COMMANDS = {
     "revisitop-queries": _cmd_revisitop_queries,
     "draw-matches": _cmd_draw_matches,
     "contact-sheet": _cmd_contact_sheet,
+    "report": _cmd_report,
 }
 
 
