@@ -24,7 +24,7 @@ from beam_job.report import run as run_report
 from beam_job.report.retrieval import write_retrieval_report
 from beam_job.retrieval import cli as rcli
 from beam_job.retrieval import evaluate as ev
-from schemas import delg_v1
+from beam_job.schemas import delg_v1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "examples", "images")

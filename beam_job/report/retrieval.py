@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from beam_job import storage
 from beam_job.report.html import esc, jpeg_bytes, page, table, thumbnail
 from beam_job.retrieval import evaluate as ev
 from beam_job.retrieval.query import read_query_file, read_results
 from beam_job.retrieval.rerank import RerankConfig, verify_pair
-from beam_job.retrieval.shards import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +88,9 @@ class _Out:
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir.rstrip("/")
-        self.fs, self.root = resolve(self.out_dir)
-        self.local = not self.out_dir.startswith("gs://")
 
     def put(self, rel: str, data: bytes) -> str:
-        path = f"{self.root}/{rel}"
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with self.fs.open_output_stream(path) as out:
-            out.write(data)
+        storage.write_bytes(self.uri(rel), data)
         return rel
 
     def uri(self, rel: str) -> str:

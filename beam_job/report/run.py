@@ -1,6 +1,6 @@
 """The run report: <output>/runs/<run_id>/report.html built from summary.json and a few Parquet columns.
 
-What is read (Beam `FileSystems`, so local paths and gs:// alike):
+What is read (through beam_job.storage, so local paths and gs:// alike):
   * every runs/*/summary.json (small);
   * for every feature row of the run: image_id, num_features, original_height, original_width;
   * image_id and path of every shard, through `resume.output_state` (the pipeline's own definition of
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,11 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
+from beam_job import storage
 from beam_job.imaging import decode_image
-from beam_job.pipeline.inputs import match_paths
 from beam_job.pipeline.options import JobConfigError, join
 from beam_job.pipeline.resume import list_shards, output_state
 from beam_job.pipeline.summary import read_json
@@ -65,7 +61,7 @@ class ColumnReader:
 
     def read(self, path: str, columns: Sequence[str], row_groups: Optional[Sequence[int]] = None) -> pa.Table:
         self.requests.append((path, tuple(columns), tuple(row_groups) if row_groups is not None else None))
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        with storage.open_read(path) as fh:
             pf = pq.ParquetFile(fh)
             md = pf.metadata
             self._sizes[path] = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
@@ -76,7 +72,7 @@ class ColumnReader:
 
     def row_group_sizes(self, path: str) -> List[int]:
         if path not in self._sizes:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            with storage.open_read(path) as fh:
                 md = pq.ParquetFile(fh).metadata
                 self._sizes[path] = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         return self._sizes[path]
@@ -110,7 +106,7 @@ def sample_key(image_id: str) -> str:
 def list_runs(output: str) -> List[Dict[str, Any]]:
     """Summaries of every run under <output>/runs/, oldest first (by finished/started time, then run id)."""
     try:
-        paths = match_paths(join(output, "runs", "*", "summary.json"))
+        paths = storage.match(join(output, "runs", "*", "summary.json"))
     except Exception:  # a missing local folder raises on some filesystems
         paths = []
     runs = []
@@ -169,7 +165,7 @@ class RunData:
 
 
 def _read_image(path: str, config: Dict[str, Any]) -> np.ndarray:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    with storage.open_read(path) as fh:
         data = fh.read()
     kwargs = {"apply_exif_orientation": bool(config.get("apply_exif_orientation", True))}
     if config.get("max_image_pixels"):
@@ -289,7 +285,7 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     for s in runs:
         if s["run_id"] != rid:
             try:
-                run_reports[s["run_id"]] = FileSystems.exists(join(output, "runs", s["run_id"], REPORT_NAME))
+                run_reports[s["run_id"]] = storage.exists(join(output, "runs", s["run_id"], REPORT_NAME))
             except Exception:
                 run_reports[s["run_id"]] = False
     return RunData(output=output, summary=summary, runs=runs, output_counts=output_counts,
@@ -515,10 +511,7 @@ def render(d: RunData) -> str:
 
 def _write_text(path: str, text: str) -> None:
     """Temp name then rename, so a reader never sees half a page (local or gs://)."""
-    tmp = path + f".tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp, mime_type="text/html", compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        fh.write(text.encode("utf-8"))
-    FileSystems.rename([tmp], [path])
+    storage.write_bytes(path, text.encode("utf-8"), "text/html")
 
 
 def write_run_report(output: str, run_id: Optional[str] = None, reader: Optional[ColumnReader] = None) -> str:
@@ -547,9 +540,6 @@ def report_command(argv: Sequence[str]) -> str:
     parser.add_argument("output", help="the job's --output (local or gs://)")
     parser.add_argument("--run_id", default=None, help="the run to report (default: the latest)")
     args = parser.parse_args(list(argv))
-    from beam_job.pipeline.gcs_auth import use_anonymous_credentials_if_emulated
-
-    use_anonymous_credentials_if_emulated()
     path = write_run_report(args.output, args.run_id)
     print(path)
     return path
