@@ -167,8 +167,10 @@ def test_receptive_boxes_hand_formula():
 def test_module_matches_reference_algorithm(tiny, module, image):
     out = module(image, SCALES, 1000, 0.0, [2, 0])
     ref = reference_extract(tiny, image, SCALES, 1000, 0.0, [2, 0])
-    for key in ("boxes", "scales", "scores"):
+    for key in ("boxes", "scales"):
         np.testing.assert_array_equal(out[key], ref[key], err_msg=key)
+    # The module folds each BatchNorm into its convolution: same function, last-bit rounding differs.
+    np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out["features"], ref["features"], atol=1e-5)
     np.testing.assert_allclose(out["global_descriptors"], ref["global_descriptors"], rtol=1e-5, atol=1e-5)
     # grid: 45x57 -> 2x2, 64x80 -> 2x3, 34x43 -> 1x2 cells
@@ -202,13 +204,28 @@ def test_global_rows_order_duplicates_and_out_of_range(tiny, module, image):
     assert module(image, SCALES, 10, 0.0, [])["global_descriptors"].shape == (0, 2048)
 
 
-def test_global_only_at_requested_scales_equals_official_all_scales(tiny, module, image):
-    official = DelgExtractionModule(tiny, global_at_all_scales=True)
+def test_global_only_at_requested_scales_equals_official_all_scales(tiny, image):
+    # Layer by layer (no BatchNorm folding), computing the global head only where requested is bit-identical to
+    # the official computation (global head at every scale, rows discarded).
+    official = DelgExtractionModule(tiny, global_at_all_scales=True, fold_batchnorm=False)
+    exact = DelgExtractionModule(tiny, fold_batchnorm=False)
     for ind in ([1], [0, 2], [0, 1, 2], []):
-        ours = module(image, SCALES, 1000, 0.0, ind)
+        ours = exact(image, SCALES, 1000, 0.0, ind)
         theirs = official(image, SCALES, 1000, 0.0, ind)
         for key in ours:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{key} {ind}")
+
+
+def test_folded_batchnorm_graph_gives_the_official_outputs_within_1e5(tiny, module, image):
+    official = DelgExtractionModule(tiny, global_at_all_scales=True, fold_batchnorm=False)
+    assert module.fold_batchnorm and not official.fold_batchnorm
+    ours = module(image, SCALES, 1000, 0.0, [0, 2])
+    theirs = official(image, SCALES, 1000, 0.0, [0, 2])
+    for key in ("boxes", "scales"):  # the same keypoints, in the same order
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    for key in ("features", "scores", "global_descriptors"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert not np.array_equal(ours["features"], theirs["features"])  # it is a different computation
 
 
 def test_variants_local_only_global_only_and_kaggle(tiny, module, image):
@@ -236,10 +253,18 @@ def test_variants_local_only_global_only_and_kaggle(tiny, module, image):
         DelgExtractionModule(tiny, local=False, global_=False)
 
 
-def test_tiny_levels_do_not_crash(module):
-    # 12 * 0.25 = 3 px: the official graph fails (empty max-pool); we run that level at 5 px (one cell).
-    image = np.full((12, 12, 3), 200, np.uint8)
-    out = module(image, [0.25, 1.0], 100, 0.0, [0, 1])
-    assert out["global_descriptors"].shape == (2, 2048) and np.all(np.isfinite(out["global_descriptors"]))
-    assert out["boxes"].shape == (2, 4)  # one cell per level
-    np.testing.assert_array_equal(np.sort(out["scales"]), [1.0, 4.0])
+def test_levels_under_5_px_give_no_cells_as_the_official_graph(tiny, module, image):
+    # 12 * 0.25 = 3 px: the trunk's valid 3x3 max-pool leaves an empty grid, so that level has no cells
+    # (what the official graph gives); the 1.0 level is untouched. A 0-px level fails, as officially.
+    small = image[20:32, 30:42]
+    official = DelgExtractionModule(tiny, global_at_all_scales=True, fold_batchnorm=False)
+    for mod in (module, official):
+        out = mod(small, [0.25, 1.0], 100, 0.0, [1])
+        alone = mod(small, [1.0], 100, 0.0, [0])  # the same image without the 3-px level
+        assert out["boxes"].shape == (1, 4) and np.all(out["scales"] == 1.0)
+        for key in out:
+            np.testing.assert_array_equal(out[key], alone[key], err_msg=key)
+        only_tiny = mod(small, [0.25], 100, 0.0, [])
+        assert only_tiny["boxes"].shape == (0, 4) and only_tiny["features"].shape == (0, 128)
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            mod(small, [0.01, 1.0], 100, 0.0, [1])

@@ -3,8 +3,9 @@
 Algorithm (the official export's `ExtractLocalAndGlobalFeatures`, re-implemented):
   1. image uint8 [H,W,3] -> float32 (x - 128) / 128 BEFORE any resize, batch of 1.
   2. For each scale s = input_scales[k], in the given order: size = int32(round([H,W] * s)) (half to even),
-     tf.image.resize bilinear (no antialias), even at s = 1.0; trunk to block3. (Departure where the
-     official graph crashes: a level under MIN_LEVEL_SIZE = 5 px per side is resized to 5 px.)
+     tf.image.resize bilinear (no antialias), even at s = 1.0; trunk to block3. A level of 1-4 px on a side
+     has an empty grid after the trunk's valid 3x3 max-pool: no cells (as the official graph); a 0-px level
+     fails (as the official graph).
   3. Local: attention prob (softplus) and 128-d autoencoder descriptors on the block3 grid [h,w].
      Cell (i, j) (row-major, i outer) has the receptive box
      [32i - 145, 32j - 145, 32i + 145, 32j + 145] / s   (ymin, xmin, ymax, xmax; model-input pixels),
@@ -34,15 +35,16 @@ from typing import Dict, Optional, Tuple
 import tensorflow as tf
 
 from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+from beam_job.delg.folded import FoldedWeights
 
 logger = logging.getLogger(__name__)
+
+# Smallest pyramid level (pixels per side) with a grid cell: conv1 /2 then a valid 3x3 max-pool.
+MIN_LEVEL_SIZE = 5
 
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
 GLOBAL_OUTPUT = "global_descriptors"
-
-# Smallest pyramid level (pixels per side) the trunk accepts: conv1 /2 then a valid 3x3 max-pool.
-MIN_LEVEL_SIZE = 5
 
 _SPECS = {
     "input_image": tf.TensorSpec([None, None, 3], tf.uint8, name="input_image"),
@@ -98,6 +100,7 @@ class DelgExtractionModule(tf.Module):
         global_scales_input: bool = True,
         global_at_all_scales: bool = False,
         iou_threshold: float = 1.0,
+        fold_batchnorm: bool = True,
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
@@ -109,6 +112,7 @@ class DelgExtractionModule(tf.Module):
         self.global_scales_input = bool(global_scales_input) and self.global_
         self.global_at_all_scales = bool(global_at_all_scales)
         self.iou_threshold = float(iou_threshold)
+        self.fold_batchnorm = bool(fold_batchnorm)
         names = ["input_image", "input_scales"]
         if self.local:
             names += ["input_max_feature_num", "input_abs_thres"]
@@ -152,6 +156,8 @@ class DelgExtractionModule(tf.Module):
     # ------------------------------------------------------------------------------------------------------
     def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> Dict[str, tf.Tensor]:
         model = self.model
+        # The folded weights are computed once per call, outside the pyramid loop.
+        net = FoldedWeights(model) if self.fold_batchnorm else model
         local_dim = int(model.arch.local_dim)
         embedding_dim = int(model.arch.embedding_dim)
         normalized = (tf.cast(image, tf.float32) - 128.0) / 128.0
@@ -168,12 +174,23 @@ class DelgExtractionModule(tf.Module):
                 tf.equal(tf.range(num_scales)[:, None], tf.reshape(global_ind, [1, -1])), axis=1
             )
 
+        def level_size(k):
+            return tf.cast(tf.round(hw * scales[k]), tf.int32)
+
+        def has_cells(k):
+            return tf.reduce_min(level_size(k)) >= MIN_LEVEL_SIZE
+
         def resize(k):
-            size = tf.cast(tf.round(hw * scales[k]), tf.int32)
-            # Below 5 px the trunk's valid 3x3 max-pool has no output and the official graph fails; we resize
-            # such levels to 5 px instead (a 1x1 grid). Larger levels are untouched.
-            size = tf.maximum(size, MIN_LEVEL_SIZE)
-            return tf.image.resize(normalized, size)
+            # A level of 1-4 px has an empty grid: the official graph gives no cells there (oneDNN's max-pool
+            # kernel refuses an empty output, so the trunk runs at MIN_LEVEL_SIZE and its grid is cut to 0 x 0
+            # below, in local_grid). A 0-px level fails in tf.image.resize, as in the official graph.
+            size = level_size(k)
+            safe = tf.where(tf.reduce_min(size) > 0, tf.maximum(size, MIN_LEVEL_SIZE), size)
+            return tf.image.resize(normalized, safe)
+
+        def local_grid(k, tensor):
+            """The grid of level k, or none of its rows when the level is under MIN_LEVEL_SIZE."""
+            return tensor[:, : tf.where(has_cells(k), tf.shape(tensor)[1], 0)]
 
         def array(shape):
             return tf.TensorArray(tf.float32, size=num_scales, element_shape=tf.TensorShape(shape),
@@ -189,8 +206,9 @@ class DelgExtractionModule(tf.Module):
         # at 768x1024 over the 7 official scales).
         def local_body(k, boxes_ta, feats_ta, scales_ta, scores_ta, block3_ta):
             scale = scales[k]
-            block3 = model.block3(resize(k))
-            prob, desc = model.local_heads(block3)
+            block3 = net.block3(resize(k))
+            prob, desc = net.local_heads(block3)
+            prob, desc = local_grid(k, prob), local_grid(k, desc)
             scores = tf.reshape(prob, [-1])
             boxes_ta = boxes_ta.write(k, receptive_boxes(tf.shape(prob)[1], tf.shape(prob)[2], scale))
             feats_ta = feats_ta.write(k, tf.reshape(desc, [-1, local_dim]))
@@ -213,8 +231,11 @@ class DelgExtractionModule(tf.Module):
         # output does not depend on the local inputs: `.prune` works for either output alone.
         def global_body(k, global_ta):
             def row():
-                block3 = block3_ta.read(k) if self.local else model.block3(resize(k))
-                return tf.reshape(model.forward_global(block3), [-1, embedding_dim])
+                block3 = block3_ta.read(k) if self.local else net.block3(resize(k))
+                value = tf.reshape(net.forward_global(block3), [-1, embedding_dim])
+                # GeM over the empty grid of a level under MIN_LEVEL_SIZE is a mean of nothing: NaN, as the
+                # official graph gives (only reachable with a global scale index on such a level).
+                return tf.where(has_cells(k), value, tf.fill(tf.shape(value), float("nan")))
 
             if self.global_at_all_scales:
                 value = row()
