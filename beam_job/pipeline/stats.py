@@ -1,62 +1,107 @@
-"""Mergeable per-stage statistics for the run summary: timing sums, maxima and log-scale histograms (p50/p95).
+"""Mergeable per-stage statistics for the run summary: timing sums, maxima and quantile sketches (p50/p95).
 
-A timing entry is a JSON-friendly dict {"count", "total", "max", "hist"}; "hist" counts samples in
-quarter-octave buckets (bucket b covers up to 0.1 ms * 2**(b/4), about 19% wide), so percentiles from merged
-entries are exact to within one bucket.
+A timing entry is a JSON-friendly dict {"count", "total", "max", "values", "sketch"}. Up to EXACT_SAMPLES
+samples are kept as they are ("values"), so small runs report exact percentiles (numpy's default linear
+interpolation between order statistics). Beyond that the samples move into "sketch": a DDSketch-style
+histogram (Masson et al., VLDB 2019) whose bucket i holds the samples in (GAMMA**(i-1), GAMMA**i] ms with
+GAMMA = (1 + ALPHA) / (1 - ALPHA), so every bucket is represented by a value within ALPHA = 0.5% of each of
+its samples. Entries merge by adding counts per bucket, in any order (shards, workers), with the same result.
+Hand-written (about 60 lines) rather than the `ddsketch` package, which is not installed, and whose protobuf
+form is not JSON; the definition is the same.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
-_BASE_MS = 0.1
-_PER_OCTAVE = 4
-_MAX_BUCKET = 4 * 40  # 0.1 ms * 2**40: far beyond any stage time
+ALPHA = 0.005  # relative accuracy of a bucket's representative value
+GAMMA = (1.0 + ALPHA) / (1.0 - ALPHA)
+_LOG_GAMMA = math.log(GAMMA)
+EXACT_SAMPLES = 64  # samples kept exactly before an entry switches to the sketch
+_MIN_MS = 1e-6  # samples at or below this (e.g. 0.0) count in bucket "z", represented by 0.0
 
 
 def new_timing() -> Dict[str, Any]:
-    return {"count": 0, "total": 0.0, "max": 0.0, "hist": {}}
+    return {"count": 0, "total": 0.0, "max": 0.0, "values": [], "sketch": {}}
 
 
-def _bucket(ms: float) -> int:
-    if ms <= _BASE_MS:
-        return 0
-    return min(_MAX_BUCKET, int(math.ceil(_PER_OCTAVE * math.log2(ms / _BASE_MS))))
+def _key(ms: float) -> str:
+    return "z" if ms <= _MIN_MS else str(int(math.ceil(math.log(ms) / _LOG_GAMMA)))
 
 
-def _upper_edge(bucket: int) -> float:
-    return _BASE_MS * 2.0 ** (bucket / _PER_OCTAVE)
+def _value(key: str) -> float:
+    """The representative of a bucket: within ALPHA of every sample in it."""
+    if key == "z":
+        return 0.0
+    return 2.0 * GAMMA ** int(key) / (GAMMA + 1.0)
+
+
+def _to_sketch(entry: Dict[str, Any], values: List[float]) -> None:
+    sketch = entry.setdefault("sketch", {})
+    for ms in values:
+        key = _key(ms)
+        sketch[key] = sketch.get(key, 0) + 1
+
+
+def _settle(entry: Dict[str, Any]) -> None:
+    """Move the exact samples into the sketch once there are too many (or once the entry has a sketch)."""
+    if entry["values"] and (entry.get("sketch") or len(entry["values"]) > EXACT_SAMPLES):
+        _to_sketch(entry, entry["values"])
+        entry["values"] = []
 
 
 def add_sample(entry: Dict[str, Any], ms: float) -> None:
+    ms = float(ms)
     entry["count"] += 1
     entry["total"] += ms
     entry["max"] = max(entry["max"], ms)
-    key = str(_bucket(ms))
-    entry["hist"][key] = entry["hist"].get(key, 0) + 1
+    entry.setdefault("values", []).append(ms)
+    _settle(entry)
 
 
 def merge_into(entry: Dict[str, Any], other: Dict[str, Any]) -> None:
     entry["count"] += other["count"]
     entry["total"] += other["total"]
     entry["max"] = max(entry["max"], other["max"])
-    for key, n in other["hist"].items():
-        entry["hist"][key] = entry["hist"].get(key, 0) + n
+    entry.setdefault("values", []).extend(other.get("values", []))
+    for key, n in other.get("sketch", {}).items():
+        entry.setdefault("sketch", {})[key] = entry["sketch"].get(key, 0) + n
+    # Entries written before the sketch (quarter-octave "hist" buckets, upper edge 0.1 ms * 2**(b/4)).
+    for bucket, n in other.get("hist", {}).items():
+        _to_sketch(entry, [0.1 * 2.0 ** (int(bucket) / 4.0)] * int(n))
+    _settle(entry)
+
+
+def _runs(entry: Dict[str, Any]) -> List[Tuple[float, int]]:
+    """(value, count) runs of every sample (exact, or its bucket's representative), ascending."""
+    runs = [(ms, 1) for ms in entry.get("values", [])]
+    runs += [(_value(key), int(n)) for key, n in entry.get("sketch", {}).items()]
+    return sorted(runs)
+
+
+def _order_statistic(runs: List[Tuple[float, int]], index: int) -> float:
+    seen = 0
+    for value, n in runs:
+        seen += n
+        if seen > index:
+            return value
+    return runs[-1][0]
 
 
 def percentile(entry: Dict[str, Any], q: float) -> float:
-    """Upper edge of the bucket holding the q-quantile (0 < q <= 1), capped at the observed maximum."""
-    if not entry["count"]:
+    """The q-quantile (0 <= q <= 1) with numpy's default (linear) interpolation; exact up to EXACT_SAMPLES
+    samples, else within ALPHA (relative) of it. Capped at the observed maximum."""
+    runs = _runs(entry)
+    total = sum(n for _, n in runs)
+    if not total:
         return 0.0
-    target = q * entry["count"]
-    seen = 0
-    for bucket in sorted(int(k) for k in entry["hist"]):
-        seen += entry["hist"][str(bucket)]
-        if seen >= target:
-            return min(_upper_edge(bucket), entry["max"])
-    return entry["max"]
+    rank = q * (total - 1)
+    low = int(math.floor(rank))
+    low_value = _order_statistic(runs, low)
+    high_value = _order_statistic(runs, min(low + 1, total - 1))
+    return min(low_value + (high_value - low_value) * (rank - low), entry["max"])
 
 
 def describe(entry: Dict[str, Any]) -> Dict[str, float]:
