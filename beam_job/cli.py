@@ -94,7 +94,7 @@ def _check_output_identity(job: JobConfig, existing: bool) -> JobConfig:
 
 
 def _check_model(job: JobConfig) -> str:
-    """Load the model on the launcher (as workers will) and return its identity; JobConfigError if unusable."""
+    """Check the model from its signature/graph metadata (no weights restored) and return its identity."""
     cfg = job.extraction
     if not cfg.model:
         url = cfg.official_model_url
@@ -102,9 +102,9 @@ def _check_model(job: JobConfig) -> str:
         raise JobConfigError(
             f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
     try:
-        from beam_job.pipeline.handler import DelgModelService
+        from beam_job.delg.extractor import check_extraction
 
-        return DelgModelService(cfg).identity()
+        return check_extraction(cfg)
     except (ValueError, OSError) as exc:
         raise JobConfigError(f"model {cfg.model} cannot be used: {_first_line(exc)}") from None
 

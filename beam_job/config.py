@@ -24,6 +24,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 EMBEDDED_MODEL_PREFIX = "embedded:"
 
+# Compute precisions of the model (beam_job.delg.precision): fp32 is the model as exported, bf16 opt-in.
+PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class PcaConfig:
@@ -65,6 +68,9 @@ class ExtractionConfig:
       apply_exif_orientation  rotate by the EXIF orientation tag (the reference does not).
       max_image_pixels    decompression-bomb guard, checked on the header before decoding.
       untrained           the model has random weights: features are meaningless for retrieval.
+      precision           "fp32" (default: the model as exported, bit-identical to the official extractor)
+                          or "bf16" (bfloat16 compute on CPUs with native bf16, float32 outputs; an
+                          approximation, see docs/delg-core.md).
     """
 
     name: str
@@ -87,6 +93,7 @@ class ExtractionConfig:
     global_pca: Optional[PcaConfig] = None
     local_pca: Optional[PcaConfig] = None
     untrained: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # Normalise sequences so configs built from lists compare and hash like preset ones.
@@ -117,6 +124,8 @@ class ExtractionConfig:
                 raise ValueError(f"{name} must be -1 (off) or a positive size, got {value}")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
 

@@ -59,6 +59,55 @@ def _post_process_descriptors(descriptors, pca):
     return out
 
 
+def _model_uri(config: ExtractionConfig) -> str:
+    """config.model, or a ValueError naming the official tarball to download when the preset has none."""
+    if not config.model:
+        url = config.official_model_url
+        where = f"download {url} and pass it" if url else "pass a DELG SavedModel"
+        raise ValueError(
+            f"preset {config.name!r} has no model: {where} with --model <.tar.gz, unpacked directory or gs:// URI>"
+        )
+    return config.model
+
+
+def _check_fits(config: ExtractionConfig, uri: str, has_local: bool, has_global: bool) -> None:
+    """ValueError (one line) when the model lacks the outputs the config asks for."""
+    if config.use_local_features and not has_local:
+        raise ValueError(
+            f"model {uri} has no local outputs (boxes, features, scales, scores) but the config asks for "
+            "local features: set use_local_features=False or use a local+global DELG model"
+        )
+    if config.use_global_features and not has_global:
+        raise ValueError(
+            f"model {uri} has no global_descriptors output but the config asks for global features: "
+            "set use_global_features=False or use a local+global DELG model"
+        )
+
+
+def check_extraction(config: ExtractionConfig) -> str:
+    """Check that `config` can run, WITHOUT restoring the model's weights; returns the model identity.
+
+    Runs the checks DelgExtractor runs at construction: the model's inputs and outputs (read from its
+    saved_model.pb, beam_job.delg.loader.inspect_delg_model), the outputs the config needs, the precision on
+    this machine and the PCA files. Raises ValueError (ModelLoadError for model problems), one line.
+    """
+    from beam_job.delg.loader import inspect_delg_model
+    from beam_job.delg.precision import check_precision, with_precision
+
+    uri = _model_uri(config)
+    problem = check_precision(config.precision)
+    if problem:
+        raise ValueError(problem)
+    _, info = inspect_delg_model(uri)
+    _check_fits(config, uri, info.has_local, info.has_global)
+    for pca, wanted in ((config.global_pca, config.use_global_features), (config.local_pca, config.use_local_features)):
+        if pca is not None and wanted:
+            from beam_job.delg.datum import load_pca
+
+            load_pca(pca)
+    return with_precision(info.identity, config.precision)
+
+
 class DelgExtractor:
     """Extract DELG features from images with a loaded model and an ExtractionConfig.
 
@@ -74,24 +123,14 @@ class DelgExtractor:
 
         self.config = config
         if model is None:
-            if not config.model:
-                url = config.official_model_url
-                where = f"download {url} and pass it" if url else "pass a DELG SavedModel"
-                raise ValueError(
-                    f"preset {config.name!r} has no model: {where} with --model <.tar.gz, unpacked directory or gs:// URI>"
-                )
-            model = load_delg_model(config.model)
+            model = load_delg_model(_model_uri(config), precision=config.precision)
+        elif model.precision != config.precision:
+            raise ValueError(
+                f"model {model.uri} was loaded in {model.precision} but the config asks for {config.precision}: "
+                f"load it with load_delg_model(..., precision={config.precision!r})"
+            )
         self.model = model
-        if config.use_local_features and not model.has_local:
-            raise ValueError(
-                f"model {model.uri} has no local outputs (boxes, features, scales, scores) but the config asks for "
-                "local features: set use_local_features=False or use a local+global DELG model"
-            )
-        if config.use_global_features and not model.has_global:
-            raise ValueError(
-                f"model {model.uri} has no global_descriptors output but the config asks for global features: "
-                "set use_global_features=False or use a local+global DELG model"
-            )
+        _check_fits(config, model.uri, model.has_local, model.has_global)
         self._global_pca = self._local_pca = None
         if config.global_pca is not None and config.use_global_features:
             from beam_job.delg.datum import load_pca

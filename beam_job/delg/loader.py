@@ -297,7 +297,9 @@ class LoadedDelgModel:
     has_global:   the model outputs global_descriptors.
     takes_global_scales_ind: the model selects global rows itself (input_global_scales_ind). When False
                   (Kaggle 2020 model) it returns one row per input scale and run() keeps the requested ones.
-    identity:     "<uri>@sha256:<first 12 hex of saved_model.pb>", for output metadata.
+    identity:     "<uri>@sha256:<first 12 hex of saved_model.pb>", for output metadata ("+bf16" appended
+                  when run in bfloat16).
+    precision:    "fp32" or "bf16", the compute precision it runs in.
     """
 
     uri: str
@@ -307,6 +309,7 @@ class LoadedDelgModel:
     has_global: bool
     takes_global_scales_ind: bool
     identity: str
+    precision: str
     _call: Callable[..., Dict[str, np.ndarray]] = dataclasses.field(repr=False)
     _keep: Any = dataclasses.field(default=None, repr=False)  # keeps the loaded TF object alive
 
@@ -364,21 +367,63 @@ def _missing_local(names) -> List[str]:
     return [n for n in LOCAL_OUTPUTS if n not in names]
 
 
-def _build_tf2(obj, where: str):
-    """Wrap a TF2 serving_default signature; returns (call, has_local, has_global, takes_gsi)."""
-    import tensorflow as tf
+@dataclasses.dataclass(frozen=True)
+class DelgModelInfo:
+    """What a DELG SavedModel offers, read from its saved_model.pb alone (no weights restored, no graph run).
 
-    signatures = getattr(obj, "signatures", None)
-    if signatures is None or "serving_default" not in signatures:
-        keys = sorted(signatures.keys()) if signatures is not None else []
+    format:      "tf2" (an object graph with signatures) or "tf1" (a graph driven through .prune).
+    has_local / has_global / takes_global_scales_ind: as LoadedDelgModel.
+    feeds:       official input names the model call takes, in official order.
+    fetches:     official output names the model call returns, in official order.
+    dtypes:      input name -> TensorFlow dtype enum value of that input.
+    identity:    "<uri>@sha256:<first 12 hex of saved_model.pb>".
+    """
+
+    format: str
+    has_local: bool
+    has_global: bool
+    takes_global_scales_ind: bool
+    feeds: Tuple[str, ...]
+    fetches: Tuple[str, ...]
+    dtypes: Tuple[Tuple[str, int], ...]
+    identity: str
+
+
+def _meta_graph(local_path: str, where: str):
+    """The serving MetaGraphDef of a SavedModel and whether tf.saved_model.load reads it as a TF2 object graph."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(os.path.join(local_path, SAVED_MODEL_FILE), "rb") as handle:
+            proto.ParseFromString(handle.read())
+    except Exception as err:  # DecodeError and friends: one line
+        raise ModelLoadError(f"{where}: {SAVED_MODEL_FILE} cannot be parsed ({_first_line(err)}); {_HINT}") from None
+    if not proto.meta_graphs:
+        raise ModelLoadError(f"{where}: {SAVED_MODEL_FILE} holds no MetaGraph; {_HINT}")
+    # tf.saved_model.load's own rule: one MetaGraph with an object graph is a TF2 model, anything else TF1.
+    is_tf2 = len(proto.meta_graphs) == 1 and proto.meta_graphs[0].HasField("object_graph_def")
+    serving = [m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags]
+    return (serving or list(proto.meta_graphs))[0], is_tf2
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_tf2(meta, where: str):
+    """Inputs/outputs of the serving_default signature; returns (has_local, has_global, takes_gsi, dtypes)."""
+    signatures = meta.signature_def
+    if "serving_default" not in signatures:
+        keys = sorted(k for k in signatures.keys() if not k.startswith("__"))
         raise ModelLoadError(
             f"{where} has no 'serving_default' signature (signatures: {keys or 'none'}): "
             "export it with the official export_local_and_global_model.py or beam_job.delg.export"
         )
     sig = signatures["serving_default"]
-    _, kwargs = sig.structured_input_signature
-    inputs = dict(kwargs)
-    outputs = dict(sig.structured_outputs)
+    inputs = {name: info.dtype for name, info in sig.inputs.items()}
+    outputs = set(sig.outputs.keys())
     extra = sorted(set(inputs) - set(OFFICIAL_INPUTS))
     if extra:
         raise ModelLoadError(
@@ -406,130 +451,153 @@ def _build_tf2(obj, where: str):
         for name in (IN_MAX_FEATURES, IN_THRESHOLD):
             if name not in inputs:
                 raise ModelLoadError(f"{where} serving_default lacks input '{name}' needed by its local outputs")
-    takes_gsi = IN_GLOBAL_IND in inputs
-    dtypes = {name: spec.dtype for name, spec in inputs.items()}
-    names = [n for n in OFFICIAL_OUTPUTS if n in outputs]
-
-    def call(image, scales, max_feature_num, abs_thres, gsi):
-        feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres, IN_GLOBAL_IND: gsi}
-        kwargs = {name: tf.constant(feeds[name], dtype=dtypes[name]) for name in inputs}
-        result = sig(**kwargs)
-        out = {name: result[name].numpy() for name in names}
-        if has_global and not takes_gsi:
-            out[GLOBAL_OUTPUT] = _select_global_rows(out[GLOBAL_OUTPUT], gsi)
-        return out
-
-    return call, has_local, has_global, takes_gsi
+    return has_local, has_global, IN_GLOBAL_IND in inputs, inputs
 
 
-def _placeholder_deps(graph, tensor_name: str) -> set:
-    """Names of the Placeholder ops that `tensor_name` depends on (data and control edges)."""
-    start = graph.get_tensor_by_name(tensor_name).op
+def _node_name(edge: str) -> str:
+    return edge.lstrip("^").split(":", 1)[0]
+
+
+def _placeholder_deps(nodes: Dict[str, Any], name: str) -> set:
+    """Names of the Placeholder nodes that node `name` depends on (data and control edges) in a GraphDef."""
     seen = set()
-    stack = [start]
+    stack = [name]
     found = set()
     while stack:
-        op = stack.pop()
-        if op.name in seen:
+        current = stack.pop()
+        if current in seen or current not in nodes:
             continue
-        seen.add(op.name)
-        if op.type in ("Placeholder", "PlaceholderV2") or (op.type == "PlaceholderWithDefault" and op.name in OFFICIAL_INPUTS):
-            found.add(op.name)
-        stack.extend(t.op for t in op.inputs)
-        stack.extend(op.control_inputs)
+        seen.add(current)
+        node = nodes[current]
+        if node.op in ("Placeholder", "PlaceholderV2") or (node.op == "PlaceholderWithDefault" and current in OFFICIAL_INPUTS):
+            found.add(current)
+        stack.extend(_node_name(edge) for edge in node.input)
     return found
 
 
-def _build_tf1(obj, where: str):
-    """Prune a TF1 graph SavedModel once, with every available feed and fetch."""
-    import tensorflow as tf
-
-    graph = obj.graph
-
-    def exists(tensor_name: str) -> bool:
-        try:
-            graph.get_tensor_by_name(tensor_name)
-            return True
-        except (KeyError, ValueError):
-            return False
-
+def _check_tf1(meta, where: str):
+    """Tensors of a TF1 graph; returns (has_local, has_global, takes_gsi, feed dtypes, fetch names)."""
+    nodes = {node.name: node for node in meta.graph_def.node}
     for name in (IN_IMAGE, IN_SCALES):
-        if not exists(name + ":0"):
+        if name not in nodes:
             raise ModelLoadError(f"{where} graph has no '{name}:0' tensor: not a DELG export ({_HINT})")
-    present_local = [n for n in LOCAL_OUTPUTS if exists(n + ":0")]
+    present_local = [n for n in LOCAL_OUTPUTS if n in nodes]
     if present_local and _missing_local(present_local):
         raise ModelLoadError(
             f"{where} graph lacks output tensor(s) {[n + ':0' for n in _missing_local(present_local)]} "
             f"(has {[n + ':0' for n in present_local]})"
         )
     has_local = bool(present_local)
-    has_global = exists(GLOBAL_OUTPUT + ":0")
+    has_global = GLOBAL_OUTPUT in nodes
     if not (has_local or has_global):
         raise ModelLoadError(
             f"{where} graph has neither local (boxes:0, features:0, scales:0, scores:0) nor global_descriptors:0 outputs"
         )
-    fetch_names = [n for n in OFFICIAL_OUTPUTS if exists(n + ":0")]
-    feedable = set(OFFICIAL_INPUTS)
+    fetch_names = [n for n in OFFICIAL_OUTPUTS if n in nodes]
     needed: set = set()
     for name in fetch_names:
-        deps = _placeholder_deps(graph, name + ":0")
-        unknown = sorted(deps - feedable)
+        deps = _placeholder_deps(nodes, name)
+        unknown = sorted(deps - set(OFFICIAL_INPUTS))
         if unknown:
             raise ModelLoadError(f"{where}: output '{name}:0' depends on placeholder(s) {unknown} that DELG extraction cannot feed")
         needed |= deps
-    takes_gsi = has_global and IN_GLOBAL_IND in _placeholder_deps(graph, GLOBAL_OUTPUT + ":0")
+    takes_gsi = has_global and IN_GLOBAL_IND in _placeholder_deps(nodes, GLOBAL_OUTPUT)
     feed_names = [n for n in OFFICIAL_INPUTS if n in needed or n in (IN_IMAGE, IN_SCALES)]
-    dtypes = {n: graph.get_tensor_by_name(n + ":0").dtype for n in feed_names}
-    try:
-        pruned = obj.prune([n + ":0" for n in feed_names], [n + ":0" for n in fetch_names])
-    except Exception as err:  # pragma: no cover - TF-internal failures are reported on one line
-        raise ModelLoadError(f"{where}: cannot prune the graph to DELG inputs/outputs ({err})") from None
+    dtypes = {n: nodes[n].attr["dtype"].type for n in feed_names}
+    return has_local, has_global, takes_gsi, dtypes, fetch_names
+
+
+def inspect_delg_model(uri: str, *, cache_dir: Optional[str] = None) -> Tuple[str, DelgModelInfo]:
+    """Resolve a model URI and check it from its saved_model.pb alone: (local path, DelgModelInfo).
+
+    Runs every check load_delg_model runs on the model's inputs and outputs, without restoring weights or
+    building a graph (milliseconds and a few MB instead of the whole model); raises ModelLoadError (one line).
+    """
+    local_path = resolve_model_path(uri, cache_dir=cache_dir)
+    meta, is_tf2 = _meta_graph(local_path, uri)
+    if is_tf2:
+        has_local, has_global, takes_gsi, dtypes = _check_tf2(meta, uri)
+        fetches = [n for n in OFFICIAL_OUTPUTS if n in meta.signature_def["serving_default"].outputs]
+    else:
+        has_local, has_global, takes_gsi, dtypes, fetches = _check_tf1(meta, uri)
+    info = DelgModelInfo(
+        format="tf2" if is_tf2 else "tf1",
+        has_local=has_local,
+        has_global=has_global,
+        takes_global_scales_ind=takes_gsi,
+        feeds=tuple(n for n in OFFICIAL_INPUTS if n in dtypes),
+        fetches=tuple(fetches),
+        dtypes=tuple(sorted(dtypes.items())),
+        identity=f"{uri}@sha256:{_sha12(os.path.join(local_path, SAVED_MODEL_FILE))}",
+    )
+    return local_path, info
+
+
+def _model_call(info: DelgModelInfo, function, *, keyword: bool):
+    """The per-image call of a loaded signature (keyword inputs) or pruned function (positional inputs)."""
+    import tensorflow as tf
+
+    dtypes = {name: tf.dtypes.as_dtype(value) for name, value in info.dtypes}
+    fix_rows = info.has_global and not info.takes_global_scales_ind
 
     def call(image, scales, max_feature_num, abs_thres, gsi):
         feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres, IN_GLOBAL_IND: gsi}
-        args = [tf.constant(feeds[n], dtype=dtypes[n]) for n in feed_names]
-        result = pruned(*args)
-        out = {name: tensor.numpy() for name, tensor in zip(fetch_names, result)}
-        if has_global and not takes_gsi:
+        tensors = [tf.constant(feeds[name], dtype=dtypes[name]) for name in info.feeds]
+        if keyword:
+            result = function(**dict(zip(info.feeds, tensors)))
+            out = {name: result[name].numpy() for name in info.fetches}
+        else:
+            out = {name: tensor.numpy() for name, tensor in zip(info.fetches, function(*tensors))}
+        if fix_rows:
             out[GLOBAL_OUTPUT] = _select_global_rows(out[GLOBAL_OUTPUT], gsi)
         return out
 
-    return call, has_local, has_global, takes_gsi, pruned
+    return call
 
 
-def load_delg_model(uri: str, *, cache_dir: Optional[str] = None) -> LoadedDelgModel:
-    """Resolve, load and validate a DELG SavedModel; raises ModelLoadError (one line) when it cannot be used."""
-    local_path = resolve_model_path(uri, cache_dir=cache_dir)
+def load_delg_model(uri: str, *, cache_dir: Optional[str] = None, precision: str = "fp32") -> LoadedDelgModel:
+    """Resolve, check, load a DELG SavedModel; raises ModelLoadError (one line) when it cannot be used.
+
+    precision: "fp32" (default, the model as exported) or "bf16" (see beam_job.delg.precision); set for the
+    whole process before the model's graph is built.
+    """
+    from beam_job.delg.precision import use_precision, with_precision
+
+    local_path, info = inspect_delg_model(uri, cache_dir=cache_dir)
+    try:
+        use_precision(precision)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
     import tensorflow as tf
 
     try:
         obj = tf.saved_model.load(local_path)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{uri}: TensorFlow cannot load this SavedModel ({first}); {_HINT}") from None
-    where = uri
-    keep: Any = obj
-    if hasattr(obj, "prune") and hasattr(obj, "graph"):
-        fmt = "tf1"
-        call, has_local, has_global, takes_gsi, pruned = _build_tf1(obj, where)
-        keep = (obj, pruned)
+        raise ModelLoadError(f"{uri}: TensorFlow cannot load this SavedModel ({_first_line(err)}); {_HINT}") from None
+    if info.format == "tf1":
+        try:
+            function = obj.prune([n + ":0" for n in info.feeds], [n + ":0" for n in info.fetches])
+        except Exception as err:  # pragma: no cover - TF-internal failures are reported on one line
+            raise ModelLoadError(f"{uri}: cannot prune the graph to DELG inputs/outputs ({_first_line(err)})") from None
+        keep: Any = (obj, function)
     else:
-        fmt = "tf2"
-        call, has_local, has_global, takes_gsi = _build_tf2(obj, where)
-    identity = f"{uri}@sha256:{_sha12(os.path.join(local_path, SAVED_MODEL_FILE))}"
+        function = obj.signatures["serving_default"]
+        keep = obj
+    identity = with_precision(info.identity, precision)
     model = LoadedDelgModel(
         uri=uri,
         local_path=local_path,
-        format=fmt,
-        has_local=has_local,
-        has_global=has_global,
-        takes_global_scales_ind=takes_gsi,
+        format=info.format,
+        has_local=info.has_local,
+        has_global=info.has_global,
+        takes_global_scales_ind=info.takes_global_scales_ind,
         identity=identity,
-        _call=call,
+        precision=precision,
+        _call=_model_call(info, function, keyword=info.format == "tf2"),
         _keep=keep,
     )
     logger.info(
-        "Loaded DELG model %s (%s; local=%s, global=%s, global_scales_ind input=%s) from %s",
-        identity, fmt, has_local, has_global, takes_gsi, local_path,
+        "Loaded DELG model %s (%s; local=%s, global=%s, global_scales_ind input=%s, %s) from %s",
+        identity, info.format, info.has_local, info.has_global, info.takes_global_scales_ind, precision, local_path,
     )
     return model

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_job.config import PRESETS, ExtractionConfig, get_preset
+from beam_job.config import PRECISIONS, PRESETS, ExtractionConfig, get_preset
 
 DEFAULT_PRESET = "embedded"
 DEFAULT_ROWS_PER_SHARD = 256
@@ -188,6 +188,9 @@ FLAGS: Tuple[Flag, ...] = (
     Flag("min_image_size", "grow the longest side to this first (-1: off)", MODEL, "extraction", type=int),
     Flag("max_image_pixels", "refuse images with more pixels, checked on the header before decoding "
          "(decompression bombs)", MODEL, "extraction", type=int),
+    Flag("precision", "model compute precision: fp32 (the model as exported, exact) or bf16 (bfloat16 compute on "
+         "CPUs with native bf16, float32 outputs; approximate, see docs/performance.md)", MODEL, "extraction",
+         choices=PRECISIONS),
     Flag("no_exif", "do not rotate images by their EXIF orientation (the reference extractor does not)", MODEL,
          "extraction",
          dest="apply_exif_orientation", default=False, action="store_true", invert=True),

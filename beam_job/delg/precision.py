@@ -1,0 +1,84 @@
+"""Compute precision of DELG models in this process: "fp32" (default) or "bf16" (bfloat16 compute, float32 outputs).
+
+bf16 turns on TensorFlow's Grappler pass `auto_mixed_precision_onednn_bfloat16`: when a graph is optimised,
+ops that oneDNN runs well in bfloat16 (convolutions, matmuls and the element-wise ops between them) are
+rewritten to bfloat16 with casts at the edges; reductions, softplus, NMS, the GeM power and every output stay
+float32. It works on any DELG SavedModel (TF2 signature or TF1 graph, ours or the official ones) because it
+rewrites the loaded graph, not the model code. It is a process-wide TensorFlow setting that applies to graphs
+optimised after it is set, so it is set here, at model load, before the model's first call; a process
+therefore runs ONE precision and refuses a model of the other (a job's output is one precision).
+
+`check_precision(p)` says in one line why p cannot be used here (without changing anything);
+`use_precision(p)` checks and applies it. No Beam.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+from beam_job.config import PRECISIONS
+# CPU flags (Linux /proc/cpuinfo) of the native bfloat16 instructions oneDNN uses for bf16 convolutions.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+_GRAPPLER_PASS = "auto_mixed_precision_onednn_bfloat16"
+
+_LOCK = threading.Lock()
+_process_precision: Optional[str] = None
+
+
+def with_precision(identity: str, precision: str) -> str:
+    """A model identity as recorded in outputs: unchanged in fp32, "<identity>+bf16" in bf16."""
+    return identity if precision == "fp32" else f"{identity}+{precision}"
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_precision(precision: str) -> Optional[str]:
+    """None when `precision` can run in this process, else a one-line reason (what to change)."""
+    if precision not in PRECISIONS:
+        return f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+    if precision == "fp32":
+        return None
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
+        return "--precision bf16 needs TensorFlow's oneDNN CPU kernels: unset TF_ENABLE_ONEDNN_OPTS=0 or use --precision fp32"
+    if not _cpu_flags() & set(BF16_CPU_FLAGS):
+        return (
+            "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16, e.g. Intel Cooper Lake / "
+            "Sapphire Rapids or AMD Zen 4 and later; Dataflow machine types c3 / n2d on Genoa); this CPU has "
+            "neither: use --precision fp32"
+        )
+    return None
+
+
+def use_precision(precision: str) -> None:
+    """Check `precision` and set it for this process before a model graph is built; ValueError (one line) if not."""
+    global _process_precision
+    problem = check_precision(precision)
+    if problem:
+        raise ValueError(problem)
+    with _LOCK:
+        if _process_precision is not None and _process_precision != precision:
+            raise ValueError(
+                f"this process already runs DELG models in {_process_precision}; a {precision} model needs a "
+                "process of its own (the bfloat16 rewrite is process-wide)"
+            )
+        if precision == "bf16":
+            import tensorflow as tf
+
+            if tf.config.list_physical_devices("GPU"):
+                raise ValueError(
+                    "--precision bf16 is implemented for CPU workers (oneDNN); this process sees a GPU, "
+                    "where the model runs in fp32: use --precision fp32"
+                )
+            tf.config.optimizer.set_experimental_options({_GRAPPLER_PASS: True})
+        _process_precision = precision
