@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = tuple(_ARCHITECTURE_SPECS)  # the names embedded:<arch> accepts
 # Bump when the export layout changes; the source hash below also invalidates the cache on model-code edits.
 EMBEDDED_FORMAT_VERSION = 1
-_MODEL_MODULES = ("architecture", "keras_model", "graph", "export")
+_MODEL_MODULES = ("architecture", "keras_model", "folded", "graph", "export")
 
 OFFICIAL_MODELS_HINT = (
     "for real features download an official model, e.g. "

@@ -6,9 +6,10 @@ folded graph is Conv2D + BiasAdd (+ Add) (+ Relu) chains, which TensorFlow's Gra
 single oneDNN `_FusedConv2D` kernels; the layer-by-layer graph pays two extra full passes (Mul, Add) over every
 activation map. Same function, float32 rounding differs in the last bits (measured in docs/delg-model.md).
 
-`FoldedDelg(model).fold()` computes the folded weights (tensors, once per graph call, outside the pyramid
-loop) and returns a `FoldedWeights` whose `block3`, `local_heads` and `forward_global` mirror
-DelgKerasModel's. No Beam.
+`FoldedWeights(model)` computes the folded weights ONCE, into variables of its own (a tf.Module, so an export
+of a module holding it saves the folded weights only: no per-call folding, no second copy of the weights in
+memory), and has `block3`, `local_heads` and `forward_global` mirroring DelgKerasModel's. It is a snapshot:
+change the model's weights afterwards and build a new one. No Beam.
 """
 
 from __future__ import annotations
@@ -38,14 +39,19 @@ def _conv(x, weights, strides: int = 1, padding: str = "VALID"):
     return tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=strides, padding=padding), bias)
 
 
-class FoldedWeights:
-    """Folded (kernel, bias) pairs of one DelgKerasModel and the forward passes that use them."""
+def _variables(pair: Tuple[tf.Tensor, tf.Tensor]) -> Tuple[tf.Variable, tf.Variable]:
+    return tuple(tf.Variable(t, trainable=False) for t in pair)
 
-    def __init__(self, model):
-        self.model = model
+
+class FoldedWeights(tf.Module):
+    """Folded (kernel, bias) variables of one DelgKerasModel and the forward passes that use them."""
+
+    def __init__(self, model, name: str = "folded"):
+        super().__init__(name=name)
         backbone = model.backbone
         self.arch = model.arch
-        w: Dict[str, Tuple[tf.Tensor, tf.Tensor]] = {"conv1": _fold(backbone.conv1, backbone.bn_conv1)}
+        self.attention_input = str(model.attention_input)
+        w: Dict[str, Tuple[tf.Variable, tf.Variable]] = {"conv1": _variables(_fold(backbone.conv1, backbone.bn_conv1))}
         self.units = []
         for names in backbone.stage_units:
             stage = []
@@ -53,19 +59,20 @@ class FoldedWeights:
                 unit = getattr(backbone, unit_name)
                 entry = {
                     "strides": int(unit.conv2a.strides[0]),
-                    "a": _fold(unit.conv2a, unit.bn2a),
-                    "b": _fold(unit.conv2b, unit.bn2b),
-                    "c": _fold(unit.conv2c, unit.bn2c),
+                    "a": _variables(_fold(unit.conv2a, unit.bn2a)),
+                    "b": _variables(_fold(unit.conv2b, unit.bn2b)),
+                    "c": _variables(_fold(unit.conv2c, unit.bn2c)),
                 }
                 if unit.use_shortcut:
-                    entry["shortcut"] = _fold(unit.conv_shortcut, unit.bn_shortcut)
+                    entry["shortcut"] = _variables(_fold(unit.conv_shortcut, unit.bn_shortcut))
                 stage.append(entry)
             self.units.append(stage)
-        w["attention1"] = _fold(model.attention.conv1, model.attention.bn_conv1)
-        w["attention2"] = _plain(model.attention.conv2)
-        w["reduce"] = _plain(model.autoencoder.conv1)
-        w["expand"] = _plain(model.autoencoder.conv2)
-        w["embedding"] = _plain(backbone.embedding_layer)
+        w["attention1"] = _variables(_fold(model.attention.conv1, model.attention.bn_conv1))
+        w["attention2"] = _variables(_plain(model.attention.conv2))
+        w["reduce"] = _variables(_plain(model.autoencoder.conv1))
+        if self.attention_input != "block3":
+            w["expand"] = _variables(_plain(model.autoencoder.conv2))
+        w["embedding"] = _variables(_plain(backbone.embedding_layer))
         self.w = w
 
     @staticmethod
@@ -93,7 +100,7 @@ class FoldedWeights:
 
     def local_heads(self, block3):
         reduced = _conv(block3, self.w["reduce"])
-        if self.model.attention_input == "block3":
+        if self.attention_input == "block3":
             attention_in = block3
         else:
             attention_in = tf.nn.relu(_conv(reduced, self.w["expand"]))

@@ -85,6 +85,10 @@ class DelgExtractionModule(tf.Module):
     global_at_all_scales:  run block4 + GeM + embedding at every scale and keep the requested rows (the
                            official computation); default False computes them only where requested.
     iou_threshold:         NMS IoU (1.0, the official export default, suppresses nothing).
+    fold_batchnorm:        run a copy of the weights with every BatchNorm folded into its convolution (default;
+                           beam_job/delg/folded.py: faster, within float32 rounding of the layer-by-layer graph;
+                           a snapshot of the weights at construction). False runs the model layer by layer.
+    The official computation is global_at_all_scales=True, fold_batchnorm=False.
 
     Inputs (in this positional order, only those that apply): input_image uint8 [H,W,3], input_scales
     float32 [S], input_max_feature_num int32 [], input_abs_thres float32 [], input_global_scales_ind int32 [G].
@@ -106,13 +110,20 @@ class DelgExtractionModule(tf.Module):
         super().__init__(name=name)
         if not (local or global_):
             raise ValueError("DelgExtractionModule needs local=True or global_=True (both off extracts nothing)")
-        self.model = model
+        self.fold_batchnorm = bool(fold_batchnorm)
+        if self.fold_batchnorm:
+            # The folded weights replace the model's in this module (and in its exports); the model itself is
+            # not tracked, so a SavedModel holds one copy of the weights.
+            self.arch = model.arch
+            self.net = FoldedWeights(model)
+        else:
+            self.arch = model.arch
+            self.net = model
         self.local = bool(local)
         self.global_ = bool(global_)
         self.global_scales_input = bool(global_scales_input) and self.global_
         self.global_at_all_scales = bool(global_at_all_scales)
         self.iou_threshold = float(iou_threshold)
-        self.fold_batchnorm = bool(fold_batchnorm)
         names = ["input_image", "input_scales"]
         if self.local:
             names += ["input_max_feature_num", "input_abs_thres"]
@@ -155,11 +166,9 @@ class DelgExtractionModule(tf.Module):
 
     # ------------------------------------------------------------------------------------------------------
     def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> Dict[str, tf.Tensor]:
-        model = self.model
-        # The folded weights are computed once per call, outside the pyramid loop.
-        net = FoldedWeights(model) if self.fold_batchnorm else model
-        local_dim = int(model.arch.local_dim)
-        embedding_dim = int(model.arch.embedding_dim)
+        net = self.net
+        local_dim = int(self.arch.local_dim)
+        embedding_dim = int(self.arch.embedding_dim)
         normalized = (tf.cast(image, tf.float32) - 128.0) / 128.0
         normalized = tf.expand_dims(normalized, 0)
         hw = tf.cast(tf.shape(image)[0:2], tf.float32)
@@ -222,7 +231,7 @@ class DelgExtractionModule(tf.Module):
             boxes_ta, feats_ta, scales_ta, scores_ta, block3_ta = loop(
                 local_body,
                 (array([None, 4]), array([None, local_dim]), array([None]), array([None]),
-                 array([1, None, None, int(model.arch.block3_channels)])),
+                 array([1, None, None, int(self.arch.block3_channels)])),
             )
 
         # Loop 2, global: block4 + GeM + embedding at the wanted scales only (all scales with

@@ -1,0 +1,111 @@
+"""--precision: fp32 default, bf16 in a process of its own (close to fp32), refusals in one line; the launcher's
+model check reads saved_model.pb only."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tensorflow as tf
+
+from beam_job.config import get_preset
+from beam_job.delg import precision as precision_mod
+from beam_job.delg.extractor import check_extraction
+from beam_job.delg.loader import ModelLoadError, inspect_delg_model, load_delg_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_precision_is_a_validated_config_field_recorded_in_the_config_json():
+    assert get_preset("tiny").precision == "fp32"
+    assert json.loads(get_preset("tiny", precision="bf16").to_json())["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        get_preset("tiny", precision="fp16")
+
+
+def test_bf16_refused_in_one_line_where_it_cannot_apply(monkeypatch):
+    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    problem = precision_mod.check_precision("bf16")
+    assert "needs a CPU with native bfloat16" in problem and "\n" not in problem
+    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert "unset TF_ENABLE_ONEDNN_OPTS=0" in precision_mod.check_precision("bf16")
+    with pytest.raises(ValueError, match="TF_ENABLE_ONEDNN_OPTS"):
+        check_extraction(get_preset("tiny", precision="bf16"))  # the launcher's check refuses it too
+    assert precision_mod.check_precision("fp32") is None
+
+
+def test_this_test_process_runs_fp32_and_refuses_a_bf16_model(tiny_model_path):
+    load_delg_model(tiny_model_path)  # fp32: the process precision is now fp32
+    # On a CPU with native bf16 the mix is what gets refused; elsewhere the CPU is.
+    reason = "already runs DELG models in fp32" if precision_mod.check_precision("bf16") is None else "native bfloat16"
+    with pytest.raises(ModelLoadError, match=reason):
+        load_delg_model(tiny_model_path, precision="bf16")
+
+
+def test_launcher_check_reads_saved_model_pb_without_restoring_weights(tiny_model_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the check must not load the model")
+
+    monkeypatch.setattr(tf.saved_model, "load", no_load)
+    config = get_preset("tiny", model=tiny_model_path)
+    identity = check_extraction(config)
+    _, info = inspect_delg_model(tiny_model_path)
+    assert identity == info.identity and identity.startswith(tiny_model_path + "@sha256:")
+    assert (info.format, info.has_local, info.has_global, info.takes_global_scales_ind) == ("tf2", True, True, True)
+    with pytest.raises(ValueError, match="no model"):
+        check_extraction(get_preset("r50_gldv2clean"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    from beam_job.delg.export import export_tf2
+    from beam_job.delg.keras_model import build_delg
+
+    return export_tf2(build_delg("tiny", seed=0), str(tmp_path_factory.mktemp("precision") / "tiny_tf2"))
+
+
+def test_bf16_extraction_in_its_own_process_is_close_to_fp32(tiny_model_path, tmp_path):
+    # One process per precision (the rewrite is process-wide): fp32 and bf16 children, same image.
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np
+        from beam_job.config import get_preset
+        from beam_job.delg.extractor import DelgExtractor
+        model, precision, out = sys.argv[1:4]
+        rng = np.random.default_rng(0)
+        image = np.clip(rng.normal(128, 60, (80, 96, 3)), 0, 255).astype(np.uint8)
+        config = get_preset("tiny", model=model, precision=precision, max_feature_num=10**6)
+        try:
+            extractor = DelgExtractor(config)
+        except ValueError as err:
+            sys.exit(f"refused: {err}")
+        f = extractor.extract(image)
+        np.savez(out, g=f.global_descriptor, loc=f.locations, d=f.descriptors, a=f.attention,
+                 identity=np.array(extractor.identity))
+        """
+    )
+    import numpy as np
+
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        out = str(tmp_path / f"{precision}.npz")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        done = subprocess.run([sys.executable, "-c", script, tiny_model_path, precision, out], env=env, cwd=ROOT,
+                              timeout=300, capture_output=True, text=True)
+        problem = precision_mod.check_precision(precision)
+        if problem:  # a CPU without native bf16: refused at load, in one line
+            assert done.returncode == 1 and f"refused: {problem}" in done.stderr.strip().splitlines()[-1]
+            return
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[precision] = np.load(out)
+    fp32, bf16 = outs["fp32"], outs["bf16"]
+    assert str(bf16["identity"]).endswith("+bf16") and "+" not in str(fp32["identity"]).rsplit("@", 1)[1]
+    np.testing.assert_array_equal(bf16["loc"], fp32["loc"])  # all cells: the same keypoints
+    assert float(np.dot(bf16["g"], fp32["g"])) > 0.999
+    cos = np.sum(bf16["d"] * fp32["d"], axis=1)
+    assert cos.min() > 0.99
+    assert np.max(np.abs(bf16["a"] - fp32["a"]) / fp32["a"]) < 0.05
+    assert not np.array_equal(bf16["d"], fp32["d"])  # bf16 really ran
