@@ -109,3 +109,22 @@ def test_bf16_extraction_in_its_own_process_is_close_to_fp32(tiny_model_path, tm
     assert cos.min() > 0.99
     assert np.max(np.abs(bf16["a"] - fp32["a"]) / fp32["a"]) < 0.05
     assert not np.array_equal(bf16["d"], fp32["d"])  # bf16 really ran
+
+
+def test_job_refuses_bf16_before_any_work_in_one_line(tmp_path, monkeypatch, capsys):
+    from beam_job import cli
+
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (90, 120, 200)).save(image)
+    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx2"})
+    out = tmp_path / "out"
+    argv = ["--input", str(image.parent / "*.png"), "--output", str(out), "--preset", "tiny", "--no_progress"]
+    assert cli.main(argv + ["--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CPU with native bfloat16" in err[0] and "--precision fp32" in err[0]
+    assert not (out / "features").exists()
+    assert cli.main(argv + ["--precision", "fp16"]) == 2
+    assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
