@@ -1,4 +1,4 @@
-"""Side-by-side speed, memory and quality benchmark: bare extractor vs whole job, our graph vs the official one, fp32 vs bf16.
+"""Side-by-side speed, memory, quality: bare extractor vs whole job, our graph vs the official one, fp32 vs bf16.
 
 Every variant runs in a process of its own, and the variants alternate within each round, so that a change in
 the machine's load hits them all alike. Per variant the parent measures the process's wall time (start-up
@@ -13,9 +13,9 @@ included) and its peak RSS (`os.wait4`'s ru_maxrss); the child reports seconds p
   ours-bf16 / official-bf16   the same two models with --precision bf16
 
 Model variants time every --model_photos photo after one untimed warm-up call, then, in the first round, extract
-all cells (untimed; threshold 0, max_feature_num 10**6) for the quality comparison: ours vs official in fp32 (global max |diff|,
-same keypoints, descriptors at the same keypoints), bf16 vs fp32 of the same model (global cosine, descriptor
-cosine at the same cells, attention relative error, top-1000 overlap).
+all cells (untimed; threshold 0, max_feature_num 10**6) for the quality comparison: ours vs official in fp32
+(global max |diff|, same keypoints, descriptors at the same keypoints), bf16 vs fp32 of the same model (global
+cosine, descriptor cosine at the same cells, attention relative error, top-1000 overlap).
 
   python benchmarks/bench_side_by_side.py /path/to/photos                 # R50, 12 + 4 photos, 2 rounds
   python benchmarks/bench_side_by_side.py /path/to/photos --quick         # tiny model, 4 + 2 photos, 1 round
@@ -219,7 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--job_photos", type=int, help="photos for bare vs job (default 12, quick 4)")
     parser.add_argument("--model_photos", type=int, help="photos for the model variants (default 4, quick 2)")
     parser.add_argument("--rounds", type=int, help="rounds of all variants, alternating (default 2, quick 1)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--tf_threads", type=int, help="TF_NUM_INTRAOP_THREADS for every variant (default: TF's)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -293,7 +294,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _report(runs: Dict[str, List[Dict[str, Any]]], spec: Dict[str, Any], n_model: int, load: List[float]) -> Dict[str, Any]:
+def _report(runs: Dict[str, List[Dict[str, Any]]], spec: Dict[str, Any], n_model: int,
+            load: List[float]) -> Dict[str, Any]:
     def med(variant: str, key: str) -> Optional[float]:
         values = [r[key] for r in runs.get(variant, []) if key in r]
         return statistics.median(values) if values else None

@@ -16,7 +16,6 @@ The same TensorFlow ops as the reference are used so results agree to the last b
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import numpy as np
 
@@ -52,7 +51,8 @@ def _post_process_descriptors(descriptors, pca):
                 f"PCA mean has {int(pca['mean'].shape[0])} dims but the model gives {int(descriptors.shape[1])}-d "
                 "descriptors: use PCA files computed for this model"
             )
-        out = tf.matmul(tf.subtract(out, pca["mean"]), tf.slice(pca["matrix"], [0, 0], [pca["dim"], -1]), transpose_b=True)
+        matrix = tf.slice(pca["matrix"], [0, 0], [pca["dim"], -1])
+        out = tf.matmul(tf.subtract(out, pca["mean"]), matrix, transpose_b=True)
         if pca["use_whitening"]:
             out = tf.divide(out, tf.sqrt(tf.slice(pca["variances"], [0], [pca["dim"]])))
         out = tf.nn.l2_normalize(out, axis=1)

@@ -26,7 +26,8 @@ def _fold(conv, bn) -> Tuple[tf.Tensor, tf.Tensor]:
     """(kernel, bias) of conv followed by inference-mode BN, as one convolution."""
     inv = tf.math.rsqrt(tf.convert_to_tensor(bn.moving_variance) + BN_EPSILON) * tf.convert_to_tensor(bn.gamma)
     kernel = tf.convert_to_tensor(conv.kernel) * inv
-    bias = (tf.convert_to_tensor(conv.bias) - tf.convert_to_tensor(bn.moving_mean)) * inv + tf.convert_to_tensor(bn.beta)
+    mean, beta = tf.convert_to_tensor(bn.moving_mean), tf.convert_to_tensor(bn.beta)
+    bias = (tf.convert_to_tensor(conv.bias) - mean) * inv + beta
     return kernel, bias
 
 

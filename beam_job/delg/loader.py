@@ -88,7 +88,9 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def build_once(target: str, build: Callable[[str], None], *, is_complete: Optional[Callable[[str], bool]] = None) -> str:
+def build_once(
+    target: str, build: Callable[[str], None], *, is_complete: Optional[Callable[[str], bool]] = None
+) -> str:
     """Create directory `target` exactly once, even when several processes race for it.
 
     `build(tmp_dir)` fills a fresh temporary directory next to `target`; it is then renamed onto
@@ -174,7 +176,9 @@ def _find_saved_model_dir(root: str, origin: str) -> str:
         raise ModelLoadError(f"{origin} contains no {SAVED_MODEL_FILE}: it is not a SavedModel archive; {_HINT}")
     if len(found) > 1:
         rel = [os.path.relpath(f, root) for f in found]
-        raise ModelLoadError(f"{origin} contains several SavedModels ({', '.join(rel)}): unpack it and pass one directory")
+        raise ModelLoadError(
+            f"{origin} contains several SavedModels ({', '.join(rel)}): unpack it and pass one directory"
+        )
     return found[0]
 
 
@@ -217,7 +221,9 @@ def _resolve_tarball(uri: str, cache_dir: str) -> str:
                         shutil.copyfileobj(resp, out, length=1 << 20)
                 except OSError as err:
                     reason = " ".join(str(err).split())[:200]
-                    raise ModelLoadError(f"cannot download {uri} ({reason}); download it by hand and pass the file") from None
+                    raise ModelLoadError(
+                        f"cannot download {uri} ({reason}); download it by hand and pass the file"
+                    ) from None
         logger.info("Unpacking %s into %s", uri, target)
         unpacked = os.path.join(tmp, "unpacked")
         _unpack_tarball(archive, unpacked, uri)
@@ -255,7 +261,9 @@ def _resolve_gcs_dir(uri: str, cache_dir: str) -> str:
 def resolve_model_path(uri: str, *, cache_dir: Optional[str] = None) -> str:
     """The local SavedModel directory for a model URI (downloading / unpacking into the cache once)."""
     if not uri or not isinstance(uri, str):
-        raise ModelLoadError("no model given: pass --model with a SavedModel directory, .tar.gz, gs:// URI or embedded:<arch>")
+        raise ModelLoadError(
+            "no model given: pass --model with a SavedModel directory, .tar.gz, gs:// URI or embedded:<arch>"
+        )
     cache = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     if uri.startswith(EMBEDDED_MODEL_PREFIX):
         from beam_job.delg.embedded import embedded_model_path
@@ -440,7 +448,9 @@ def _check_tf2(meta, where: str):
     has_global = GLOBAL_OUTPUT in outputs
     present_local = [n for n in LOCAL_OUTPUTS if n in outputs]
     if present_local and _missing_local(outputs):
-        raise ModelLoadError(f"{where} serving_default lacks output(s) {_missing_local(outputs)} (outputs: {sorted(outputs)})")
+        raise ModelLoadError(
+            f"{where} serving_default lacks output(s) {_missing_local(outputs)} (outputs: {sorted(outputs)})"
+        )
     has_local = bool(present_local)
     if not (has_local or has_global):
         raise ModelLoadError(
@@ -469,7 +479,8 @@ def _placeholder_deps(nodes: Dict[str, Any], name: str) -> set:
             continue
         seen.add(current)
         node = nodes[current]
-        if node.op in ("Placeholder", "PlaceholderV2") or (node.op == "PlaceholderWithDefault" and current in OFFICIAL_INPUTS):
+        official_default = node.op == "PlaceholderWithDefault" and current in OFFICIAL_INPUTS
+        if node.op in ("Placeholder", "PlaceholderV2") or official_default:
             found.add(current)
         stack.extend(_node_name(edge) for edge in node.input)
     return found
@@ -491,7 +502,8 @@ def _check_tf1(meta, where: str):
     has_global = GLOBAL_OUTPUT in nodes
     if not (has_local or has_global):
         raise ModelLoadError(
-            f"{where} graph has neither local (boxes:0, features:0, scales:0, scores:0) nor global_descriptors:0 outputs"
+            f"{where} graph has neither local (boxes:0, features:0, scales:0, scores:0) nor "
+            "global_descriptors:0 outputs"
         )
     fetch_names = [n for n in OFFICIAL_OUTPUTS if n in nodes]
     needed: set = set()
@@ -499,7 +511,9 @@ def _check_tf1(meta, where: str):
         deps = _placeholder_deps(nodes, name)
         unknown = sorted(deps - set(OFFICIAL_INPUTS))
         if unknown:
-            raise ModelLoadError(f"{where}: output '{name}:0' depends on placeholder(s) {unknown} that DELG extraction cannot feed")
+            raise ModelLoadError(
+                f"{where}: output '{name}:0' depends on placeholder(s) {unknown} that DELG extraction cannot feed"
+            )
         needed |= deps
     takes_gsi = has_global and IN_GLOBAL_IND in _placeholder_deps(nodes, GLOBAL_OUTPUT)
     feed_names = [n for n in OFFICIAL_INPUTS if n in needed or n in (IN_IMAGE, IN_SCALES)]
@@ -541,7 +555,8 @@ def _model_call(info: DelgModelInfo, function, *, keyword: bool):
     fix_rows = info.has_global and not info.takes_global_scales_ind
 
     def call(image, scales, max_feature_num, abs_thres, gsi):
-        feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres, IN_GLOBAL_IND: gsi}
+        feeds = {IN_IMAGE: image, IN_SCALES: scales, IN_MAX_FEATURES: max_feature_num, IN_THRESHOLD: abs_thres,
+                 IN_GLOBAL_IND: gsi}
         tensors = [tf.constant(feeds[name], dtype=dtypes[name]) for name in info.feeds]
         if keyword:
             result = function(**dict(zip(info.feeds, tensors)))

@@ -50,7 +50,8 @@ def check_precision(precision: str) -> Optional[str]:
     if precision == "fp32":
         return None
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
-        return "--precision bf16 needs TensorFlow's oneDNN CPU kernels: unset TF_ENABLE_ONEDNN_OPTS=0 or use --precision fp32"
+        return ("--precision bf16 needs TensorFlow's oneDNN CPU kernels: unset TF_ENABLE_ONEDNN_OPTS=0 or use "
+                "--precision fp32")
     if not _cpu_flags() & set(BF16_CPU_FLAGS):
         return (
             "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16, e.g. Intel Cooper Lake / "
