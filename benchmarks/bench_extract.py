@@ -2,7 +2,7 @@
 
 Runs exactly the code the Beam job runs for each image, stage by stage, without Beam's scheduling:
 
-  read      bytes of the file through Beam's FileSystems (local paths or gs://)
+  read      bytes of the file through the project's storage layer (local paths or gs://)
   decode    beam_job.imaging.decode_image + prepare_image (EXIF, resize rule of the preset)
   infer     DelgExtractor.extract_prepared (the TensorFlow model: pyramid, attention, descriptors)
   rows      beam_job.pipeline.rows.feature_record + features_table (numpy -> Arrow, delg_v1 schema)
@@ -86,7 +86,7 @@ class RssSampler:
 
 def list_images(source: str, limit: Optional[int]) -> List[str]:
     """Image paths from a folder (its image files, sorted) or a glob pattern (local or gs://)."""
-    from apache_beam.io.filesystems import FileSystems
+    from beam_job import storage
 
     if "://" not in source and os.path.isdir(source):
         paths = sorted(
@@ -95,8 +95,7 @@ def list_images(source: str, limit: Optional[int]) -> List[str]:
             if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(source, name))
         )
     else:
-        (match,) = FileSystems.match([source])
-        paths = sorted(m.path for m in match.metadata_list)
+        paths = storage.match(source)
     if not paths:
         raise SystemExit(f"no images found in {source!r}: give a folder of images or a glob such as 'dir/*.jpg'")
     return paths[:limit] if limit else paths
@@ -112,8 +111,8 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
 
     with RssSampler() as rss:
         import pyarrow.parquet as pq
-        from apache_beam.io.filesystems import FileSystems
 
+        from beam_job import storage
         from beam_job.config import get_preset
         from beam_job.delg.extractor import DelgExtractor
         from beam_job.imaging import decode_image, prepare_image
@@ -129,16 +128,15 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
         load_s = time.perf_counter() - t0
         identity = extractor.identity
         job = JobConfig(inputs=("bench",), manifests=(), output=opts["out_dir"], extraction=config,
-                        descriptor_dtype=opts["descriptor_dtype"])
-        schema = shard_schema(FEATURES, job, identity)
+                        descriptor_dtype=opts["descriptor_dtype"], model_identity=identity)
+        schema = shard_schema(FEATURES, job)
         shard_path = os.path.join(opts["out_dir"], f"bench-worker{index}.parquet")
         writer = pq.ParquetWriter(shard_path, schema, compression="zstd", use_compliant_nested_type=True)
 
         def run_one(path: str, times: Optional[Dict[str, List[float]]], pending: List[Dict[str, Any]]) -> int:
             marks = [time.perf_counter()]
             rss.set_stage("read")
-            with FileSystems.open(path) as fh:
-                data = fh.read()
+            data = storage.read_bytes(path)
             marks.append(time.perf_counter())
             rss.set_stage("decode")
             image = decode_image(data, apply_exif_orientation=config.apply_exif_orientation,
