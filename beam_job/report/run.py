@@ -395,7 +395,7 @@ def _plots_section(d: RunData) -> str:
     figs.append(figure(bars_svg(stages, {"p50 ms": [timings[k].get("p50_ms", 0) for k in stages],
                                          "p95 ms": [timings[k].get("p95_ms", 0) for k in stages]},
                                 "Time per image by stage", "milliseconds", "timings"),
-                       "per image, except write: per shard. " + esc(", ".join(
+                       "per image, except write: per row group (building its Arrow table). " + esc(", ".join(
                            f"{k} mean {fmt(timings[k].get('mean_ms'))} ms" for k in stages))))
     return "<h2 id=\"plots\">Distributions</h2><div class=\"plots\">" + "".join(figs) + "</div>"
 
