@@ -110,15 +110,13 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
     import resource
 
     with RssSampler() as rss:
-        import pyarrow.parquet as pq
-
         from beam_job import storage
         from beam_job.config import get_preset
         from beam_job.delg.extractor import DelgExtractor
         from beam_job.imaging import decode_image, prepare_image
         from beam_job.pipeline.options import JobConfig
         from beam_job.pipeline.rows import feature_record, features_table
-        from beam_job.pipeline.writer import FEATURES, shard_schema
+        from beam_job.pipeline.writer import FEATURES, parquet_writer, shard_schema
 
         overrides = {"model": opts["model"]} if opts["model"] else {}
         config = get_preset(opts["preset"], **overrides)
@@ -131,7 +129,7 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
                         descriptor_dtype=opts["descriptor_dtype"], model_identity=identity)
         schema = shard_schema(FEATURES, job)
         shard_path = os.path.join(opts["out_dir"], f"bench-worker{index}.parquet")
-        writer = pq.ParquetWriter(shard_path, schema, compression="zstd", use_compliant_nested_type=True)
+        writer = parquet_writer(shard_path, schema)
 
         def run_one(path: str, times: Optional[Dict[str, List[float]]], pending: List[Dict[str, Any]]) -> int:
             marks = [time.perf_counter()]
