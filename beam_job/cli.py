@@ -287,5 +287,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def exit_without_teardown(status: int) -> None:
+    """End the process now with `status`, once every output is closed, skipping the interpreter's teardown.
+
+    Tearing down a process that has imported TensorFlow and Beam (module objects, TensorFlow's C++ static
+    destructors, thread pools) takes 1.3-1.8 s here and does nothing for the user: every shard, summary and
+    report is closed before `main` returns. The exit handlers registered with `atexit` (logging, temporary
+    directories, weakref finalizers, coverage tools) still run first, then buffered output is flushed, then
+    `os._exit`. Where the interpreter has no `atexit._run_exitfuncs` (not CPython), it exits normally.
+    """
+    import atexit
+    import os
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:
+        sys.exit(status)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to write there
+            pass
+    os._exit(status)
+
+
+def console_main() -> None:
+    """`delg-extract` and `python -m beam_job`: main(), then exit_without_teardown (see there)."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

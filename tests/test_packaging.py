@@ -116,4 +116,4 @@ def test_sdist_installs_offline_with_pinned_requirements(sdist, tmp_path):
     assert f'tensorflow-cpu=={tf_version}; extra == "cpu"' in requires
     assert f'tensorflow[and-cuda]=={tf_version}; extra == "gpu"' in requires
     scripts = (dist_info / "entry_points.txt").read_text()
-    assert "delg-extract = beam_job.cli:main" in scripts
+    assert "delg-extract = beam_job.cli:console_main" in scripts
