@@ -114,3 +114,27 @@ def test_shard_schema_footer_names_version_model_preset():
     assert meta[b"delg.untrained_model"] == b"true"
     assert (meta[b"delg.run_id"], meta[b"delg.run_started_at"]) == (b"r1", b"2026-12-02T00:00:00+00:00")
     assert schema.field("descriptors").type.value_type.value_type == pa.float16()
+
+
+def test_writer_steps_allocate_arrow_buffers_with_malloc():
+    """The job's table and shard writers switch Arrow to the system pool, so tables reuse the heap that
+    TensorFlow freed instead of raising peak RSS (writer.use_system_memory_pool). Run in a fresh process:
+    the switch is process-wide."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pyarrow as pa\n"
+        "from beam_job.config import get_preset\n"
+        "from beam_job.pipeline.options import JobConfig\n"
+        "from beam_job.pipeline.writer import ToTablesFn\n"
+        "before = pa.default_memory_pool().backend_name\n"
+        "job = JobConfig(inputs=('x/*.jpg',), manifests=(), output='/tmp/o', extraction=get_preset('tiny'),\n"
+        "                model_identity='embedded:tiny@sha256:abc', run_id='r1')\n"
+        "ToTablesFn('features', job).setup()\n"
+        "print(before, pa.default_memory_pool().backend_name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stdout.split()
+    assert before != "system" and after == "system"

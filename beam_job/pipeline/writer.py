@@ -80,6 +80,18 @@ def _group_sizes(job: JobConfig, kind: str):
     return group, max(1, rows_per_shard // group)
 
 
+def use_system_memory_pool() -> None:
+    """Make Arrow allocate with malloc in this worker process, instead of its own mimalloc/jemalloc pool.
+
+    After each image, a worker's malloc heap holds the hundreds of MB that TensorFlow freed; Arrow's default
+    pool ignores them and maps fresh memory for the tables and the Parquet writer, which raised the job's
+    peak RSS after the last image. Measured on 3 R50 photos (the in-memory runner, one process): +41 MB of
+    peak with the default pool, none with malloc's. Process-wide, and harmless to call more than once.
+    """
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def parquet_writer(where, schema: pa.Schema) -> pq.ParquetWriter:
     """The job's Parquet writer settings for a shard (a path or a writable stream).
 
@@ -132,6 +144,7 @@ class DelgParquetSink(FileBasedSink):
 
     def open(self, temp_path):
         storage.prepare_remote_access()
+        use_system_memory_pool()
         stream = super().open(temp_path)
         return _OpenParquet(stream, parquet_writer(stream, self._schema))
 
@@ -159,6 +172,7 @@ class ToTablesFn(beam.DoFn):
         self._group, _ = _group_sizes(job, kind)
 
     def setup(self):
+        use_system_memory_pool()
         self._schema = shard_schema(self._kind, self._job)
         self._build_ms = Metrics.distribution(METRICS_NAMESPACE, f"table_ms_per_{self._kind}_group")
         self._rows = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}_rows_written")
