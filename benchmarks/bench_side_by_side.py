@@ -11,6 +11,9 @@ included) and its peak RSS (`os.wait4`'s ru_maxrss); the child reports seconds p
   ours-fp32       DelgExtractor on our default export (embedded:<arch>): block4 only at the global scales,
                   BatchNorm folded into the convolutions
   ours-bf16 / official-bf16   the same two models with --precision bf16
+  bare-official / job-official   (only when asked for) bare and job on the official-computation export: the
+                  job's per-image cost on an official-format model (summary p50 vs the loop's median, which
+                  also counts the decode, about 1%)
 
 Model variants time every --model_photos photo after one untimed warm-up call, then, in the first round, extract
 all cells (untimed; threshold 0, max_feature_num 10**6) for the quality comparison: ours vs official in fp32
@@ -42,6 +45,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 VARIANTS = ("bare", "job", "official-fp32", "ours-fp32", "ours-bf16", "official-bf16")
+# Not run by default: bare loop and job on the official-computation export (the job's per-image cost there).
+EXTRA_VARIANTS = ("bare-official", "job-official")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 ALL_CELLS = 10**6
 
@@ -60,13 +65,13 @@ def _config(spec: Dict[str, Any], model: Optional[str] = None, precision: str = 
     return get_preset(spec["preset"], **kwargs)
 
 
-def child_bare(spec: Dict[str, Any]) -> Dict[str, Any]:
+def child_bare(spec: Dict[str, Any], official: bool = False) -> Dict[str, Any]:
     """README's API in a loop: the cost the job should match."""
     from beam_job.delg.extractor import DelgExtractor
     from beam_job.imaging import decode_image
 
     t0 = time.perf_counter()
-    extractor = DelgExtractor(_config(spec))
+    extractor = DelgExtractor(_config(spec, model=spec["official_model"] if official else None))
     load_s = time.perf_counter() - t0
     times = []
     for path in spec["job_photos"]:
@@ -113,8 +118,8 @@ def child_model(spec: Dict[str, Any], which: str, precision: str) -> Dict[str, A
 
 
 def run_child(variant: str, spec: Dict[str, Any]) -> None:
-    if variant == "bare":
-        result = child_bare(spec)
+    if variant in ("bare", "bare-official"):
+        result = child_bare(spec, official=variant == "bare-official")
     else:
         which, precision = variant.split("-")
         result = child_model(spec, which, precision)
@@ -220,7 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model_photos", type=int, help="photos for the model variants (default 4, quick 2)")
     parser.add_argument("--rounds", type=int, help="rounds of all variants, alternating (default 2, quick 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all of these), "
+                        f"or also {','.join(EXTRA_VARIANTS)}")
     parser.add_argument("--tf_threads", type=int, help="TF_NUM_INTRAOP_THREADS for every variant (default: TF's)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -232,9 +238,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.photos or not os.path.isdir(args.photos):
         parser.error("give a folder of photos")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(VARIANTS) - set(EXTRA_VARIANTS))
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     preset, arch = ("tiny", "tiny") if args.quick else ("embedded", "r50")
     n_job = args.job_photos or (4 if args.quick else 12)
     n_model = args.model_photos or (2 if args.quick else 4)
@@ -267,10 +273,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in range(rounds):
         for variant in variants:
             log = os.path.join(work, f"{variant}-{r}.log")
-            if variant == "job":
-                out = os.path.join(work, f"job-out-{r}")
+            if variant in ("job", "job-official"):
+                out = os.path.join(work, f"{variant}-out-{r}")
                 cmd = [sys.executable, "-m", "beam_job", "--input", os.path.join(job_dir, "*"), "--output", out,
                        "--preset", preset, "--no_progress"]
+                if variant == "job-official":
+                    cmd += ["--model", spec["official_model"]]
                 run = _spawn(cmd, env, log)
                 with open(glob.glob(os.path.join(out, "runs", "*", "summary.json"))[0]) as handle:
                     summary = json.load(handle)
@@ -324,6 +332,13 @@ def _report(runs: Dict[str, List[Dict[str, Any]]], spec: Dict[str, Any], n_model
         if inference:
             print(f"job summary inference p50: {', '.join(f'{v:.0f} ms' for v in inference)}; bare loop median: "
                   f"{per_image('bare') * 1000:.0f} ms (includes decode)")
+    if "job-official" in runs and "bare-official" in runs:
+        report["job_vs_bare_official_wall"] = med("job-official", "wall_s") / med("bare-official", "wall_s")
+        inference = [r["inference_ms"]["p50_ms"] for r in runs["job-official"] if r.get("inference_ms")]
+        bare = per_image("bare-official")
+        print(f"official-computation export: job / bare loop wall {report['job_vs_bare_official_wall']:.3f}x; "
+              f"job summary inference p50 {', '.join(f'{v:.0f} ms' for v in inference)} vs bare loop median "
+              f"{bare * 1000:.0f} ms (with decode): {statistics.median(inference) / (bare * 1000):.3f}x")
     pairs = [("ours-fp32", "official-fp32", "our graph / official computation, fp32", 0.9),
              ("ours-bf16", "ours-fp32", "ours bf16 / ours fp32", 0.55),
              ("official-bf16", "official-fp32", "official bf16 / official fp32", 0.55)]
