@@ -294,13 +294,16 @@ def exit_without_teardown(status: int) -> None:
     destructors, thread pools) takes 1.3-1.8 s here and does nothing for the user: every shard, summary and
     report is closed before `main` returns. The exit handlers registered with `atexit` (logging, temporary
     directories, weakref finalizers, coverage tools) still run first, then buffered output is flushed, then
-    `os._exit`. Where the interpreter has no `atexit._run_exitfuncs` (not CPython), it exits normally.
+    `os._exit`. It exits normally instead where a non-daemon thread is still running (the interpreter would
+    wait for it) or the interpreter has no `atexit._run_exitfuncs` (not CPython).
     """
     import atexit
     import os
+    import threading
 
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if run_exit_handlers is None or others:
         sys.exit(status)
     run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):

@@ -105,6 +105,19 @@ def test_console_exit_keeps_the_status_runs_exit_handlers_and_flushes(tmp_path):
     assert proc.stdout == "buffered line\n"
     assert marker.read_text() == "yes"
 
+
+def test_console_exit_waits_for_a_running_non_daemon_thread(tmp_path):
+    marker = tmp_path / "thread-finished"
+    code = (
+        "import threading, time\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, 'w').write('done'))).start()\n"
+        "from beam_job.cli import exit_without_teardown\n"
+        "exit_without_teardown(4)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4
+    assert marker.read_text() == "done"
+
 def test_flags_are_beam_pipeline_options_and_beam_flags_pass_through():
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
