@@ -37,6 +37,16 @@ def test_bf16_refused_in_one_line_where_it_cannot_apply(monkeypatch):
     assert precision_mod.check_precision("fp32") is None
 
 
+def test_bf16_without_amx_is_allowed_with_a_speed_caution(monkeypatch):
+    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert precision_mod.check_precision("bf16") is None
+    note = precision_mod.bf16_speed_note("bf16")
+    assert "without AMX" in note and "bench_cpu_bf16.py" in note and "\n" not in note
+    assert precision_mod.bf16_speed_note("fp32") is None
+    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert precision_mod.bf16_speed_note("bf16") is None
+
+
 def test_this_test_process_runs_fp32_and_refuses_a_bf16_model(tiny_model_path):
     load_delg_model(tiny_model_path)  # fp32: the process precision is now fp32
     # On a CPU with native bf16 the mix is what gets refused; elsewhere the CPU is.

@@ -14,11 +14,14 @@ therefore runs ONE precision and refuses a model of the other (a job's output is
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Optional
 
 from beam_job.config import PRECISIONS
+
+_LOGGER = logging.getLogger(__name__)
 # CPU flags (Linux /proc/cpuinfo) of the native bfloat16 instructions oneDNN uses for bf16 convolutions.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 _GRAPPLER_PASS = "auto_mixed_precision_onednn_bfloat16"
@@ -61,6 +64,20 @@ def check_precision(precision: str) -> Optional[str]:
     return None
 
 
+def bf16_speed_note(precision: str) -> Optional[str]:
+    """A one-line caution when bf16 will run on avx512_bf16 kernels only (no AMX), else None.
+
+    Without AMX, oneDNN's bf16 convolutions use `vdpbf16ps`, whose speed against fp32 depends on the core: on
+    the Emerald Rapids VM this was measured on (AMX not exposed), it multiplies bf16 at 0.49x the fp32 rate and
+    the R50 ran 1.6-2x slower in bf16 (docs/performance.md). Allowed, since other cores differ; said once.
+    """
+    if precision != "bf16" or "amx_bf16" in _cpu_flags():
+        return None
+    return ("--precision bf16 on a CPU without AMX runs oneDNN's avx512_bf16 kernels, which are slower than fp32 "
+            "on some cores (measured 1.6-2x slower on an Intel Xeon without AMX): check this machine type with "
+            "benchmarks/bench_cpu_bf16.py")
+
+
 def use_precision(precision: str) -> None:
     """Check `precision` and set it for this process before a model graph is built; ValueError (one line) if not."""
     global _process_precision
@@ -82,4 +99,6 @@ def use_precision(precision: str) -> None:
                     "where the model runs in fp32: use --precision fp32"
                 )
             tf.config.optimizer.set_experimental_options({_GRAPPLER_PASS: True})
+            if _process_precision is None and bf16_speed_note(precision):
+                _LOGGER.warning(bf16_speed_note(precision))
         _process_precision = precision
