@@ -86,14 +86,14 @@ def test_bf16_extraction_in_its_own_process_is_close_to_fp32(tiny_model_path, tm
         from beam_job.delg.extractor import DelgExtractor
         model, precision, out = sys.argv[1:4]
         rng = np.random.default_rng(0)
-        image = np.clip(rng.normal(128, 60, (80, 96, 3)), 0, 255).astype(np.uint8)
+        image = np.clip(rng.normal(128, 60, (200, 264, 3)), 0, 255).astype(np.uint8)
         config = get_preset("tiny", model=model, precision=precision, max_feature_num=10**6)
         try:
             extractor = DelgExtractor(config)
         except ValueError as err:
             sys.exit(f"refused: {err}")
         f = extractor.extract(image)
-        np.savez(out, g=f.global_descriptor, loc=f.locations, d=f.descriptors, a=f.attention,
+        np.savez(out, g=f.global_descriptor, loc=f.locations, s=f.scales, d=f.descriptors, a=f.attention,
                  identity=np.array(extractor.identity))
         """
     )
@@ -113,11 +113,15 @@ def test_bf16_extraction_in_its_own_process_is_close_to_fp32(tiny_model_path, tm
         outs[precision] = np.load(out)
     fp32, bf16 = outs["fp32"], outs["bf16"]
     assert str(bf16["identity"]).endswith("+bf16") and "+" not in str(fp32["identity"]).rsplit("@", 1)[1]
-    np.testing.assert_array_equal(bf16["loc"], fp32["loc"])  # all cells: the same keypoints
+    # All cells, at every level (tiny: scales 1 and sqrt 2): the same keypoints and scales, to the bit.
+    assert len(set(fp32["s"].tolist())) == 2
+    o16, o32 = (np.lexsort((z["loc"][:, 1], z["loc"][:, 0], z["s"])) for z in (bf16, fp32))
+    np.testing.assert_array_equal(bf16["s"][o16], fp32["s"][o32])
+    np.testing.assert_array_equal(bf16["loc"][o16], fp32["loc"][o32])
     assert float(np.dot(bf16["g"], fp32["g"])) > 0.999
-    cos = np.sum(bf16["d"] * fp32["d"], axis=1)
+    cos = np.sum(bf16["d"][o16] * fp32["d"][o32], axis=1)
     assert cos.min() > 0.99
-    assert np.max(np.abs(bf16["a"] - fp32["a"]) / fp32["a"]) < 0.05
+    assert np.max(np.abs(bf16["a"][o16] - fp32["a"][o32]) / fp32["a"][o32]) < 0.05
     assert not np.array_equal(bf16["d"], fp32["d"])  # bf16 really ran
 
 
@@ -138,3 +142,33 @@ def test_job_refuses_bf16_before_any_work_in_one_line(tmp_path, monkeypatch, cap
     assert not (out / "features").exists()
     assert cli.main(argv + ["--precision", "fp16"]) == 2
     assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_exact_receptive_geometry_restores_the_fp32_boxes_and_scales_bit_for_bit():
+    import numpy as np
+
+    from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+    from beam_job.delg.loader import exact_receptive_geometry
+
+    scales = np.array([0.25, 0.70710677, 1.0, 1.4142135, 2.0], np.float32)
+    rng = np.random.default_rng(1)
+    level = rng.integers(0, len(scales), 500)
+    cells = rng.integers(0, 64, (500, 2)).astype(np.float32)
+    bias = np.array([-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, RECEPTIVE_FIELD - 1 - RECEPTIVE_PADDING,
+                     RECEPTIVE_FIELD - 1 - RECEPTIVE_PADDING], np.float32)
+    s = scales[level][:, None]
+    boxes = (np.float32(FEATURE_STRIDE) * np.concatenate([cells, cells], 1) + bias) / s  # as the fp32 graph
+    inv = np.float32(1) / scales[level]
+
+    def bf16(x):  # round to bfloat16 (8 bits of mantissa), as the rewritten graph's arithmetic does
+        bits = np.asarray(x, np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+
+    assert not np.array_equal(bf16(boxes), boxes) and not np.array_equal(bf16(inv), inv)
+    fixed_boxes, fixed_scales = exact_receptive_geometry(bf16(boxes), bf16(inv), scales)
+    np.testing.assert_array_equal(fixed_boxes, boxes)
+    np.testing.assert_array_equal(fixed_scales, inv)
+    # A row off the DELG grid (another geometry) is left as the model gave it.
+    odd = (np.float32(FEATURE_STRIDE) * np.array([[3, 4, 3, 4]], np.float32) + bias) / np.float32(2.0) + 11  # 0.7 cell
+    kept, _ = exact_receptive_geometry(odd, np.array([0.5], np.float32), scales)
+    np.testing.assert_array_equal(kept, odd)

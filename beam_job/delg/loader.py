@@ -345,13 +345,45 @@ class LoadedDelgModel:
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
-        return self._call(
+        scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+        out = self._call(
             image,
-            np.asarray(scales, dtype=np.float32).reshape(-1),
+            scales,
             int(max_feature_num),
             float(abs_thres),
             np.asarray(global_scales_ind, dtype=np.int32).reshape(-1),
         )
+        if self.precision != "fp32" and "boxes" in out and len(out["boxes"]):
+            out["boxes"], out["scales"] = exact_receptive_geometry(out["boxes"], out["scales"], scales)
+        return out
+
+
+def exact_receptive_geometry(boxes: np.ndarray, inv_scales: np.ndarray, scales: np.ndarray):
+    """The float32 boxes and 1/scale outputs that the fp32 graph gives, recovered from a bf16 run's.
+
+    In bf16 the Grappler pass also rewrites the box arithmetic, (stride * cell + offset) / scale and 1 / scale,
+    which moved keypoints by up to 0.4% of their coordinates (1/sqrt(2) came out as 0.70703125). Both are pure
+    functions of the cell index and the requested scale, so each row's level is the requested scale nearest its
+    1/scale, its cell index the nearest integer, and the geometry is computed again in float32 exactly as the
+    graph computes it (multiply-add of integers, then one correctly rounded division: the same bits). Keeping
+    the pass away from the division instead (its deny list) also turned off bf16 for the whole network. Rows
+    that do not fit the DELG grid (a model with other geometry) are left as the model gave them.
+    """
+    from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+
+    scales = np.asarray(scales, np.float32)
+    inverse = np.float32(1.0) / scales
+    level = np.argmin(np.abs(np.asarray(inv_scales, np.float32).reshape(-1, 1) - inverse.reshape(1, -1)), axis=1)
+    s = scales[level].reshape(-1, 1)
+    bias = np.array([-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0,
+                     -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0], np.float32)
+    cells = (np.asarray(boxes, np.float64) * s - bias) / FEATURE_STRIDE
+    index = np.rint(cells)
+    exact = (np.float32(FEATURE_STRIDE) * index.astype(np.float32) + bias) / s
+    fits = (np.abs(cells - index).max(axis=1) < 0.25) & (index[:, 0] == index[:, 2]) & (index[:, 1] == index[:, 3])
+    fixed_boxes = np.where(fits[:, None], exact, boxes).astype(np.float32)
+    fixed_scales = np.where(fits, inverse[level], inv_scales).astype(np.float32)
+    return fixed_boxes, fixed_scales
 
 
 def _select_global_rows(rows: np.ndarray, global_scales_ind: np.ndarray) -> np.ndarray:

@@ -3,10 +3,12 @@
 bf16 turns on TensorFlow's Grappler pass `auto_mixed_precision_onednn_bfloat16`: when a graph is optimised,
 ops that oneDNN runs well in bfloat16 (convolutions, matmuls and the element-wise ops between them) are
 rewritten to bfloat16 with casts at the edges; reductions, softplus, NMS, the GeM power and every output stay
-float32. It works on any DELG SavedModel (TF2 signature or TF1 graph, ours or the official ones) because it
-rewrites the loaded graph, not the model code. It is a process-wide TensorFlow setting that applies to graphs
-optimised after it is set, so it is set here, at model load, before the model's first call; a process
-therefore runs ONE precision and refuses a model of the other (a job's output is one precision).
+float32. The pass also rewrites the keypoint box arithmetic; `LoadedDelgModel.run` restores the exact float32
+boxes and scales afterwards (loader.exact_receptive_geometry). It works on any DELG SavedModel (TF2 signature
+or TF1 graph, ours or the official ones) because it rewrites the loaded graph, not the model code. It is a
+process-wide TensorFlow setting that applies to graphs optimised after it is set, so it is set here, at model
+load, before the model's first call; a process therefore runs ONE precision and refuses a model of the other
+(a job's output is one precision).
 
 `check_precision(p)` says in one line why p cannot be used here (without changing anything);
 `use_precision(p)` checks and applies it. No Beam.
