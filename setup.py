@@ -59,5 +59,8 @@ setup(
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
         "retrieval": [DEV[name] for name in RETRIEVAL_PACKAGES],
     },
-    entry_points={"console_scripts": ["delg-extract=beam_job.cli:console_main", "delg-retrieval=beam_job.retrieval.cli:main"]},
+    entry_points={"console_scripts": [
+        "delg-extract=beam_job.cli:console_main",
+        "delg-retrieval=beam_job.retrieval.cli:main",
+    ]},
 )
