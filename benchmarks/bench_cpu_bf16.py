@@ -47,7 +47,10 @@ int main(void) {
 
 
 def cpu_description() -> dict:
-    info = {"model": "unknown", "family_model": "", "flags": []}
+    """Model name, family and model numbers, and the bf16-related flags (beam_job.delg.precision.cpu_flags)."""
+    from beam_job.delg.precision import cpu_flags
+
+    info = {"model": "unknown", "family_model": ""}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -56,12 +59,11 @@ def cpu_description() -> dict:
                     info["model"] = value.strip()
                 if key.strip() in ("cpu family", "model") and len(info["family_model"].split()) < 4:
                     info["family_model"] += f" {key.strip()} {value.strip()}"
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    info["flags"] = sorted(flags & {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
+                if key.strip() == "flags":
                     break
     except OSError:
         pass
+    info["flags"] = sorted(cpu_flags() & {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
     return info
 
 

@@ -26,10 +26,10 @@ def test_precision_is_a_validated_config_field_recorded_in_the_config_json():
 
 
 def test_bf16_refused_in_one_line_where_it_cannot_apply(monkeypatch):
-    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx2", "avx512f"})
     problem = precision_mod.check_precision("bf16")
     assert "needs a CPU with native bfloat16" in problem and "\n" not in problem
-    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert "unset TF_ENABLE_ONEDNN_OPTS=0" in precision_mod.check_precision("bf16")
     with pytest.raises(ValueError, match="TF_ENABLE_ONEDNN_OPTS"):
@@ -38,12 +38,12 @@ def test_bf16_refused_in_one_line_where_it_cannot_apply(monkeypatch):
 
 
 def test_bf16_without_amx_is_allowed_with_a_speed_caution(monkeypatch):
-    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert precision_mod.check_precision("bf16") is None
     note = precision_mod.bf16_speed_note("bf16")
     assert "without AMX" in note and "bench_cpu_bf16.py" in note and "\n" not in note
     assert precision_mod.bf16_speed_note("fp32") is None
-    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16", "amx_tile"})
     assert precision_mod.bf16_speed_note("bf16") is None
 
 
@@ -133,7 +133,7 @@ def test_job_refuses_bf16_before_any_work_in_one_line(tmp_path, monkeypatch, cap
     from PIL import Image
 
     Image.new("RGB", (40, 30), (90, 120, 200)).save(image)
-    monkeypatch.setattr(precision_mod, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx2"})
     out = tmp_path / "out"
     argv = ["--input", str(image.parent / "*.png"), "--output", str(out), "--preset", "tiny", "--no_progress"]
     assert cli.main(argv + ["--precision", "bf16"]) == 2

@@ -11,6 +11,9 @@ from typing import Dict, Tuple, Union
 RECEPTIVE_FIELD = 291.0
 FEATURE_STRIDE = 32.0
 RECEPTIVE_PADDING = 145.0
+# Receptive box of cell (i, j) at the fed image's pixels: FEATURE_STRIDE * (i, j, i, j) + RECEPTIVE_BOX_OFFSETS.
+RECEPTIVE_BOX_OFFSETS = (-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0,
+                         -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0)
 
 GEM_EPS = 1e-6
 BN_EPSILON = 1e-3

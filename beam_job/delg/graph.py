@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_BOX_OFFSETS
 from beam_job.delg.folded import FoldedWeights
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,7 @@ def receptive_boxes(height, width, scale=None):
     cols, rows = tf.meshgrid(tf.range(width), tf.range(height))  # both [height, width]
     coords = tf.reshape(tf.stack([rows, cols], axis=2), [-1, 2])
     points = tf.cast(tf.concat([coords, coords], axis=1), tf.float32)
-    bias = tf.constant(
-        [-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0,
-         -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0],
-        tf.float32,
-    )
+    bias = tf.constant(RECEPTIVE_BOX_OFFSETS, tf.float32)
     boxes = FEATURE_STRIDE * points + bias
     if scale is not None:
         boxes = tf.divide(boxes, scale)

@@ -369,14 +369,13 @@ def exact_receptive_geometry(boxes: np.ndarray, inv_scales: np.ndarray, scales: 
     the pass away from the division instead (its deny list) also turned off bf16 for the whole network. Rows
     that do not fit the DELG grid (a model with other geometry) are left as the model gave them.
     """
-    from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_FIELD, RECEPTIVE_PADDING
+    from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_BOX_OFFSETS
 
     scales = np.asarray(scales, np.float32)
     inverse = np.float32(1.0) / scales
     level = np.argmin(np.abs(np.asarray(inv_scales, np.float32).reshape(-1, 1) - inverse.reshape(1, -1)), axis=1)
     s = scales[level].reshape(-1, 1)
-    bias = np.array([-RECEPTIVE_PADDING, -RECEPTIVE_PADDING, -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0,
-                     -RECEPTIVE_PADDING + RECEPTIVE_FIELD - 1.0], np.float32)
+    bias = np.array(RECEPTIVE_BOX_OFFSETS, np.float32)
     cells = (np.asarray(boxes, np.float64) * s - bias) / FEATURE_STRIDE
     index = np.rint(cells)
     exact = (np.float32(FEATURE_STRIDE) * index.astype(np.float32) + bias) / s

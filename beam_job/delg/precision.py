@@ -37,7 +37,8 @@ def with_precision(identity: str, precision: str) -> str:
     return identity if precision == "fp32" else f"{identity}+{precision}"
 
 
-def _cpu_flags() -> set:
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unreadable."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             for line in handle:
@@ -57,7 +58,7 @@ def check_precision(precision: str) -> Optional[str]:
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
         return ("--precision bf16 needs TensorFlow's oneDNN CPU kernels: unset TF_ENABLE_ONEDNN_OPTS=0 or use "
                 "--precision fp32")
-    if not _cpu_flags() & set(BF16_CPU_FLAGS):
+    if not cpu_flags() & set(BF16_CPU_FLAGS):
         return (
             "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16, e.g. Intel Cooper Lake / "
             "Sapphire Rapids or AMD Zen 4 and later; Dataflow machine types c3 / n2d on Genoa); this CPU has "
@@ -73,7 +74,7 @@ def bf16_speed_note(precision: str) -> Optional[str]:
     the Emerald Rapids VM this was measured on (AMX not exposed), it multiplies bf16 at 0.49x the fp32 rate and
     the R50 ran 1.6-2x slower in bf16 (docs/performance.md). Allowed, since other cores differ; said once.
     """
-    if precision != "bf16" or "amx_bf16" in _cpu_flags():
+    if precision != "bf16" or "amx_bf16" in cpu_flags():
         return None
     return ("--precision bf16 on a CPU without AMX runs oneDNN's avx512_bf16 kernels, which are slower than fp32 "
             "on some cores (measured 1.6-2x slower on an Intel Xeon without AMX): check this machine type with "
@@ -101,6 +102,7 @@ def use_precision(precision: str) -> None:
                     "where the model runs in fp32: use --precision fp32"
                 )
             tf.config.optimizer.set_experimental_options({_GRAPPLER_PASS: True})
-            if _process_precision is None and bf16_speed_note(precision):
-                _LOGGER.warning(bf16_speed_note(precision))
+            note = bf16_speed_note(precision)
+            if _process_precision is None and note:
+                _LOGGER.warning(note)
         _process_precision = precision

@@ -86,7 +86,8 @@ def use_system_memory_pool() -> None:
     After each image, a worker's malloc heap holds the hundreds of MB that TensorFlow freed; Arrow's default
     pool ignores them and maps fresh memory for the tables and the Parquet writer, which raised the job's
     peak RSS after the last image. Measured on 3 R50 photos (the in-memory runner, one process): +41 MB of
-    peak with the default pool, none with malloc's. Process-wide, and harmless to call more than once.
+    peak with the default pool, none with malloc's. Process-wide: called from ToTablesFn.setup, the step that
+    builds the tables, which Beam fuses with the sink's writes in the same worker.
     """
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
@@ -144,7 +145,6 @@ class DelgParquetSink(FileBasedSink):
 
     def open(self, temp_path):
         storage.prepare_remote_access()
-        use_system_memory_pool()
         stream = super().open(temp_path)
         return _OpenParquet(stream, parquet_writer(stream, self._schema))
 
