@@ -3,6 +3,7 @@ model check reads saved_model.pb only."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,52 @@ def test_job_refuses_bf16_before_any_work_in_one_line(tmp_path, monkeypatch, cap
     assert not (out / "features").exists()
     assert cli.main(argv + ["--precision", "fp16"]) == 2
     assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_worker_without_bf16_fails_its_model_load_in_one_line(tiny_model_path, monkeypatch):
+    """A worker whose CPU lacks bf16 (SIMULATED: precision.cpu_flags monkeypatched to report a worker CPU with
+    neither avx512_bf16 nor amx_bf16) loading a bf16 model through the job's RunInference handler: the load
+    fails with one ModelLoadError line naming the machine, the missing flags and what to do, and leaves the
+    process's precision unset (no fallback to fp32)."""
+    from beam_job.pipeline.handler import DelgModelHandler
+
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    before = precision_mod._process_precision
+    handler = DelgModelHandler(get_preset("tiny", model=tiny_model_path, precision="bf16"))
+    with pytest.raises(ModelLoadError) as info:
+        handler.load_model()
+    message = str(info.value)
+    assert "\n" not in message and message == precision_mod.check_precision("bf16")
+    assert "lacks the CPU flags avx512_bf16 and amx_bf16" in message and message.endswith("or use --precision fp32")
+    assert f"host {socket.gethostname()}, {precision_mod.cpu_model_name()})" in message
+    assert precision_mod._process_precision == before
+    # A remote launcher's check judges the name only; an unknown precision is still refused there.
+    assert precision_mod.check_precision("bf16", here=False) is None
+    assert "must be one of fp32, bf16" in precision_mod.check_precision("fp16", here=False)
+
+
+def test_job_whose_worker_cannot_run_bf16_fails_with_that_line(tmp_path, monkeypatch, capsys):
+    """The worker's refusal reaches the job's error output (SIMULATED worker CPU without bf16: precision.cpu_flags
+    monkeypatched; the in-process runner's worker shares this process). --skip_model_check keeps the launcher
+    from refusing first, as a remote launcher would not; the job fails (exit 1) with the worker's line and
+    writes no feature row."""
+    from PIL import Image
+
+    from beam_job import cli
+
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.new("RGB", (40, 30), (90, 120, 200)).save(image)
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx2"})
+    out = tmp_path / "out"
+    argv = ["--input", str(image.parent / "*.png"), "--output", str(out), "--preset", "tiny", "--no_progress",
+            "--precision", "bf16", "--skip_model_check"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("delg-extract: job failed: "), err
+    assert "needs a CPU with native bfloat16" in err[0], err
+    assert "lacks the CPU flags avx512_bf16 and amx_bf16" in err[0] and "or use --precision fp32" in err[0], err
+    assert not list(out.glob("features/*.parquet")) and not (out / "_SUCCESS").exists()
 
 
 def test_exact_receptive_geometry_restores_the_fp32_boxes_and_scales_bit_for_bit():

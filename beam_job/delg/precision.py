@@ -11,13 +11,17 @@ load, before the model's first call; a process therefore runs ONE precision and 
 (a job's output is one precision).
 
 `check_precision(p)` says in one line why p cannot be used here (without changing anything);
-`use_precision(p)` checks and applies it. No Beam.
+`check_precision(p, here=False)` only whether p is a known precision (a launcher whose workers run elsewhere:
+their CPUs are judged where the model loads); `use_precision(p)` checks and applies it, and is what a worker
+runs at model load, so a worker whose CPU cannot run bf16 fails its model load with that one line rather than
+running another precision than the output's. No Beam.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import Optional
 
@@ -49,22 +53,48 @@ def cpu_flags() -> set:
     return set()
 
 
-def check_precision(precision: str) -> Optional[str]:
-    """None when `precision` can run in this process, else a one-line reason (what to change)."""
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), "unknown CPU" where unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _no_bf16_cpu() -> Optional[str]:
+    """None when this machine's CPU has a native bfloat16 flag, else the one-line refusal naming what it lacks."""
+    flags = cpu_flags()
+    if flags & set(BF16_CPU_FLAGS):
+        return None
+    lacks = ("lacks the CPU flags avx512_bf16 and amx_bf16" if flags else
+             "has no readable CPU flags (/proc/cpuinfo), so neither avx512_bf16 nor amx_bf16 is known to be there")
+    return (
+        f"--precision bf16 needs a CPU with native bfloat16: this machine (host {socket.gethostname()}, "
+        f"{cpu_model_name()}) {lacks}; run bf16 on CPUs with them (for speed amx_bf16: Intel Sapphire Rapids and "
+        "later, e.g. Dataflow c3/c4/n4; check with benchmarks/bench_cpu_bf16.py) or use --precision fp32"
+    )
+
+
+def check_precision(precision: str, *, here: bool = True) -> Optional[str]:
+    """None when `precision` can run in this process, else a one-line reason (what to change).
+
+    here=False: only whether `precision` is a known one. For a launcher whose workers run on other machines (a
+    remote runner): this machine's CPU and environment say nothing about theirs, and each worker runs the full
+    check when it loads the model (use_precision).
+    """
     if precision not in PRECISIONS:
         return f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-    if precision == "fp32":
+    if precision == "fp32" or not here:
         return None
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
         return ("--precision bf16 needs TensorFlow's oneDNN CPU kernels: unset TF_ENABLE_ONEDNN_OPTS=0 or use "
                 "--precision fp32")
-    if not cpu_flags() & set(BF16_CPU_FLAGS):
-        return (
-            "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16, e.g. Intel Cooper Lake / "
-            "Sapphire Rapids or AMD Zen 4 and later; Dataflow machine types c3 / n2d on Genoa); this CPU has "
-            "neither: use --precision fp32"
-        )
-    return None
+    return _no_bf16_cpu()
 
 
 def bf16_speed_note(precision: str) -> Optional[str]:
@@ -82,7 +112,12 @@ def bf16_speed_note(precision: str) -> Optional[str]:
 
 
 def use_precision(precision: str) -> None:
-    """Check `precision` and set it for this process before a model graph is built; ValueError (one line) if not."""
+    """Check `precision` and set it for this process before a model graph is built; ValueError (one line) if not.
+
+    This is the check that counts on a worker: a CPU without native bfloat16 raises here, at model load, and
+    the job fails with that line. There is deliberately no fallback to fp32: an output holds one precision
+    (the model identity says "+bf16"), so a worker quietly computing fp32 rows would mix two in it.
+    """
     global _process_precision
     problem = check_precision(precision)
     if problem:
