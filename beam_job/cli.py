@@ -93,8 +93,13 @@ def _check_output_identity(job: JobConfig, existing: bool) -> JobConfig:
     return job
 
 
-def _check_model(job: JobConfig) -> str:
-    """Check the model from its signature/graph metadata (no weights restored) and return its identity."""
+def _check_model(job: JobConfig, local: bool = True) -> str:
+    """Check the model from its signature/graph metadata (no weights restored) and return its identity.
+
+    local: whether the runner runs the workers on this machine (pipeline.is_local_runner). When it does not,
+    this machine's CPU is not judged for the precision (bf16 needs the workers' CPUs, which check themselves
+    when they load the model, precision.use_precision); the precision's name and every model check still run.
+    """
     cfg = job.extraction
     if not cfg.model:
         url = cfg.official_model_url
@@ -103,8 +108,18 @@ def _check_model(job: JobConfig) -> str:
             f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
     try:
         from beam_job.delg.extractor import check_extraction
+        from beam_job.delg.precision import check_precision, with_precision
 
-        return check_extraction(cfg)
+        if local:
+            return check_extraction(cfg)
+        problem = check_precision(cfg.precision, here=False)
+        if problem:
+            raise ValueError(problem)
+        if cfg.precision != "fp32":
+            _LOGGER.info("--precision %s on a remote runner: each worker checks its own CPU when it loads the "
+                         "model (this machine's is not judged)", cfg.precision)
+        # The other checks, on the fp32 config (precision plays no part in them); the identity gets its suffix.
+        return with_precision(check_extraction(cfg.replace(precision="fp32")), cfg.precision)
     except (ValueError, OSError) as exc:
         raise JobConfigError(f"model {cfg.model} cannot be used: {_first_line(exc)}") from None
 
@@ -167,9 +182,9 @@ def prepare_job(args, pipeline_args: Sequence[str]):
         if args.skip_model_check:
             extra["model_identity"] = job.extraction.model or ""
             if not job.extraction.model:
-                _check_model(job)
+                _check_model(job, local)
         else:
-            extra["model_identity"] = _check_model(job)
+            extra["model_identity"] = _check_model(job, local)
         job = job.replace(**extra)
         if existing and job.overwrite:  # only once everything else checked out
             n = clear_outputs(job)

@@ -71,6 +71,58 @@ def test_unwritable_output_and_unusable_models_fail_before_launch(tmp_path, imag
     assert not os.listdir(out)  # the claim taken for the checks is released: nothing is left
 
 
+def _prepare(image_dir, out, *extra):
+    from beam_job.pipeline.options import parse_job_args
+
+    argv = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny", "--no_progress", *extra]
+    return cli.prepare_job(*parse_job_args(argv))
+
+
+@pytest.mark.parametrize("runner", ["DataflowRunner", "FlinkRunner", "PortableRunner", "SparkRunner"])
+def test_remote_runner_launcher_does_not_judge_its_own_cpu_for_bf16(tmp_path, image_dir, monkeypatch, capsys,
+                                                                    runner):
+    """A launcher whose CPU lacks bf16 (SIMULATED: precision.cpu_flags monkeypatched to report a launcher CPU
+    with neither avx512_bf16 nor amx_bf16) launching bf16 onto remote workers: no refusal at the model check,
+    whose other checks still run; the workers judge their own CPUs at model load."""
+    from beam_job.delg import precision
+    from beam_job.pipeline import claim as output_claim
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert precision.check_precision("bf16") is not None  # the simulated CPU would be refused for local work
+    job, _, local, _, held = _prepare(image_dir, tmp_path / "out", "--precision", "bf16", f"--runner={runner}")
+    try:
+        assert local is False and job.extraction.precision == "bf16"
+        assert job.model_identity.startswith("embedded:tiny@sha256:") and job.model_identity.endswith("+bf16")
+    finally:
+        output_claim.release(held)
+    # Every other model check still runs on the launcher: an unusable model is refused before launch.
+    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(tmp_path / "out2"), "--preset", "tiny",
+                         "--precision", "bf16", f"--runner={runner}", "--model", str(tmp_path / "no_model")],
+                "cannot be used", "does not exist")
+
+
+@pytest.mark.parametrize("runner", ["FnApiRunner", "DirectRunner", None])
+def test_local_runner_launcher_still_refuses_bf16_on_a_cpu_without_it(tmp_path, image_dir, monkeypatch, capsys,
+                                                                      runner):
+    """The same launcher CPU without bf16 (SIMULATED through precision.cpu_flags) with a local runner, whose
+    workers are this machine: refused before launch in one line, as before; fp32 passes."""
+    from beam_job.delg import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    out = tmp_path / "out"
+    argv = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny", "--no_progress",
+            *([f"--runner={runner}"] if runner else [])]
+    line = _fails_with(capsys, argv + ["--precision", "bf16"], "needs a CPU with native bfloat16",
+                       "lacks the CPU flags avx512_bf16 and amx_bf16", "--precision fp32")
+    assert line.startswith("delg-extract: error: model embedded:tiny cannot be used: ")
+    assert not (out / "features").exists()
+    from beam_job.pipeline import claim as output_claim
+
+    job, _, local, _, held = _prepare(image_dir, out, "--precision", "fp32", *argv[7:])
+    output_claim.release(held)
+    assert local is True and "+" not in job.model_identity.rsplit("@", 1)[1]
+
+
 def test_presets_listing(capsys):
     assert cli.main(["presets"]) == 0
     text = capsys.readouterr().out
