@@ -410,6 +410,7 @@ def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
               if not a.startswith("-") and (i == 0 or not beam_args[i - 1].startswith("-") or "=" in beam_args[i - 1])]
     if strays:
         return strays
+    load_runner_options(beam_args)
     quiet = logging.getLogger("apache_beam.options.pipeline_options")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "Discarding unparseable args": we report them ourselves
@@ -420,6 +421,23 @@ def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
         quiet.setLevel(level)
     names = {n.split("=", 1)[0] for n in names}
     return [a for a in beam_args if a.startswith("--") and a[2:].split("=", 1)[0] in names]
+
+
+def load_runner_options(beam_args: Sequence[str]) -> None:
+    """Import the module of the runner that `--runner` names, as Beam does when the pipeline is built, so that
+    the options it defines (Dask's, for one) are registered before the unknown-flag check. A runner that
+    cannot be loaded fails in one line."""
+    from apache_beam.runners.runner import create_runner
+
+    args = list(beam_args)
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+    names += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--runner"]
+    for name in names:
+        try:
+            create_runner(name)
+        except (ImportError, ValueError, AttributeError) as exc:
+            raise JobConfigError(f"--runner {name}: cannot load this Beam runner ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:

@@ -117,43 +117,66 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options).lower() in LOCAL_RUNNERS
 
 
+def _metric_value(result):
+    """(value, "committed" | "attempted") of one MetricResult: the committed value where the runner reports one,
+    else the attempted value (portable runners such as Flink's may report attempted values only; an attempted
+    value also counts work of retried bundles)."""
+    try:
+        committed = result.committed
+    except Exception:  # some runners raise instead of returning None for an unsupported committed value
+        committed = None
+    if committed is not None:
+        return committed, "committed"
+    return result.attempted, "attempted"
+
+
 def metrics_report(result) -> List[str]:
-    """Human-readable lines of the job's counters and distributions (namespaces delg and RunInference)."""
+    """Human-readable lines of the job's counters and distributions (namespaces delg and RunInference); a value
+    the runner reports as attempted only is marked "(attempted)"."""
     lines: List[str] = []
     try:
         metrics = result.metrics().query()
     except Exception:  # some runners have no metrics API
         return ["(metrics unavailable on this runner)"]
-    counters: Dict[str, int] = {}
+    counters: Dict[str, List] = {}
     for c in metrics.get("counters", []):
         if c.key.metric.namespace in (METRICS_NAMESPACE, "RunInference"):
             name = f"{c.key.metric.namespace}/{c.key.metric.name}"
-            counters[name] = counters.get(name, 0) + int(c.committed or 0)
+            value, kind = _metric_value(c)
+            cur = counters.setdefault(name, [0, set()])
+            cur[0] += int(value or 0)
+            cur[1].add(kind)
     for name in sorted(counters):
-        lines.append(f"counter {name} = {counters[name]}")
-    dists: Dict[str, List[float]] = {}
+        lines.append(f"counter {name} = {counters[name][0]}{_kind_note(counters[name][1])}")
+    dists: Dict[str, List] = {}
     for d in metrics.get("distributions", []):
-        if d.key.metric.namespace in (METRICS_NAMESPACE, "RunInference") and d.committed is not None:
+        value, kind = _metric_value(d)
+        if d.key.metric.namespace in (METRICS_NAMESPACE, "RunInference") and value is not None:
             name = f"{d.key.metric.namespace}/{d.key.metric.name}"
-            v = d.committed
-            cur = dists.setdefault(name, [0, 0, None, None])
-            cur[0] += v.count
-            cur[1] += v.sum
-            cur[2] = v.min if cur[2] is None else min(cur[2], v.min)
-            cur[3] = v.max if cur[3] is None else max(cur[3], v.max)
+            cur = dists.setdefault(name, [0, 0, None, None, set()])
+            cur[0] += value.count
+            cur[1] += value.sum
+            cur[2] = value.min if cur[2] is None else min(cur[2], value.min)
+            cur[3] = value.max if cur[3] is None else max(cur[3], value.max)
+            cur[4].add(kind)
     for name in sorted(dists):
-        count, total, lo, hi = dists[name]
+        count, total, lo, hi, kinds = dists[name]
         mean = total / count if count else 0.0
-        lines.append(f"distribution {name}: count={count} mean={mean:.1f} min={lo} max={hi}")
+        lines.append(f"distribution {name}: count={count} mean={mean:.1f} min={lo} max={hi}{_kind_note(kinds)}")
     return lines
 
 
+def _kind_note(kinds) -> str:
+    return " (attempted)" if "attempted" in kinds else ""
+
+
 def counter_value(result, name: str, namespace: str = METRICS_NAMESPACE) -> int:
-    """Sum of a committed counter over all steps (0 when absent)."""
+    """Sum of a counter over all steps (0 when absent): committed values, attempted ones where the runner
+    reports no committed value."""
     from apache_beam.metrics.metric import MetricsFilter
 
     found = result.metrics().query(MetricsFilter().with_namespace(namespace).with_name(name))["counters"]
-    return int(sum(c.committed or 0 for c in found))
+    return int(sum(_metric_value(c)[0] or 0 for c in found))
 
 
 def run_pipeline(job: JobConfig, beam_args: Sequence[str], test_pipeline: Optional[beam.Pipeline] = None):

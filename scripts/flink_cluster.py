@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""Start and stop a local Apache Flink cluster that runs the DELG job with --runner=FlinkRunner.
+
+    python scripts/flink_cluster.py start           # JobManager + 2 TaskManagers + SDK worker pool, on loopback
+    python scripts/flink_cluster.py flags           # the Beam flags that send a job to it
+    python -m beam_job --input 'photos/*.jpg' --output out/flink $(python scripts/flink_cluster.py flags)
+    python scripts/flink_cluster.py stop
+
+Everything comes from package registries and is cached (docs/flink.md): the Flink distribution is the jar
+folder of the PyPI sdist `apache-flink-libraries` (downloaded with pip, unpacked, never installed: PyFlink
+pins an older apache-beam), and Beam's Flink job server is built with Maven from `flink/pom.xml` (Maven
+Central serves the runner library but not Beam's prebuilt job-server jar). Both land in the cache folder
+(`$DELG_FLINK_CACHE`, default ~/.cache/delg-beam/flink) and are reused by later starts; Maven keeps its own
+download cache in ~/.m2.
+
+The processes are plain `java` and `python` commands, each in its own process group, their ids kept in
+`<dir>/cluster.json`, so that a test (or a person) can SIGKILL one TaskManager or one SDK worker and see
+Flink recover. Flink restarts failed work with a fixed-delay restart strategy (`--restart-attempts`).
+SDK workers are Beam's EXTERNAL environment: one worker pool on loopback, started with this Python's
+environment first on PATH (the pool starts each worker as `python -m ...` from PATH).
+
+Standard library only: the script runs before any of the project's requirements are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POM = os.path.join(ROOT, "flink", "pom.xml")
+
+# The Flink minor version is the one the job-server build targets (flink/pom.xml: beam-runners-flink-1.19);
+# the patch version is the newest apache-flink-libraries 1.19.x on PyPI. Beam's FlinkRunner is told the
+# minor version with --flink_version.
+FLINK_VERSION = "1.19.3"
+FLINK_MINOR = "1.19"
+FLINK_SDIST = "apache-flink-libraries"
+
+DEFAULT_DIR = os.path.join(ROOT, ".flink")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "delg-beam", "flink")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be prepared or started; the message says what failed and where its log is."""
+
+
+# --------------------------------------------------------------------------------------------- artifacts
+
+
+def cache_dir() -> str:
+    return os.environ.get("DELG_FLINK_CACHE") or DEFAULT_CACHE
+
+
+def flink_home(cache: Optional[str] = None) -> str:
+    """A Flink distribution's lib/ folder, unpacked once from the PyPI sdist into the cache."""
+    home = os.path.join(cache or cache_dir(), f"flink-{FLINK_VERSION}")
+    if os.path.exists(os.path.join(home, "lib", f"flink-dist-{FLINK_VERSION}.jar")):
+        return home
+    downloads = os.path.join(cache or cache_dir(), "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    sdists = glob.glob(os.path.join(downloads, f"apache-flink-libraries-{FLINK_VERSION}.tar.gz"))
+    if not sdists:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", downloads,
+              f"{FLINK_SDIST}=={FLINK_VERSION}"], "downloading the Flink distribution from PyPI")
+        sdists = glob.glob(os.path.join(downloads, f"apache-flink-libraries-{FLINK_VERSION}.tar.gz"))
+    if not sdists:
+        raise ClusterError(f"pip download of {FLINK_SDIST}=={FLINK_VERSION} left no sdist in {downloads}")
+    partial = home + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # deps/lib: the distribution's jars; deps/bin/bash-java-utils.jar: what Flink's start scripts use to turn
+    # the memory settings into JVM flags and the TaskManager's resource settings (see _memory_args).
+    prefix = f"apache-flink-libraries-{FLINK_VERSION}/deps/"
+    with tarfile.open(sdists[0]) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and (
+            m.name.startswith(prefix + "lib/") or m.name == prefix + "bin/bash-java-utils.jar")]
+        for member in members:
+            member.name = member.name[len(prefix):]
+        tar.extractall(partial, members=members, filter="data")
+    if not os.path.exists(os.path.join(partial, "lib", f"flink-dist-{FLINK_VERSION}.jar")):
+        raise ClusterError(f"{sdists[0]} holds no lib/flink-dist-{FLINK_VERSION}.jar")
+    shutil.rmtree(home, ignore_errors=True)
+    os.replace(partial, home)
+    return home
+
+
+def job_server_jar(cache: Optional[str] = None) -> str:
+    """Beam's Flink job server, built from flink/pom.xml once per version of that file."""
+    with open(POM, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    jar = os.path.join(cache or cache_dir(), f"beam-flink-job-server-{digest}.jar")
+    if os.path.exists(jar):
+        return jar
+    if not shutil.which("mvn"):
+        raise ClusterError("Maven (mvn) is needed once to build Beam's Flink job server: install maven")
+    _run(["mvn", "-q", "-B", "-f", POM, "package"], "building Beam's Flink job server with Maven")
+    built = os.path.join(ROOT, "flink", "target", "beam-flink-job-server.jar")
+    os.makedirs(os.path.dirname(jar), exist_ok=True)
+    shutil.copyfile(built, jar + ".partial")
+    os.replace(jar + ".partial", jar)
+    return jar
+
+
+def _run(cmd: List[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise ClusterError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+# ----------------------------------------------------------------------------------------------- cluster
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(rest_port: int, rpc_port: int, slots: int, attempts: int, workdir: str) -> Dict[str, str]:
+    """Flink settings: everything on 127.0.0.1, small memory, quick loss detection, fixed-delay restarts."""
+    return {
+        "jobmanager.rpc.address": "127.0.0.1",
+        "jobmanager.rpc.port": str(rpc_port),
+        "jobmanager.bind-host": "127.0.0.1",
+        "rest.address": "127.0.0.1",
+        "rest.bind-address": "127.0.0.1",  # Flink's default is every interface
+        "rest.port": str(rest_port),
+        "taskmanager.bind-host": "127.0.0.1",
+        "taskmanager.host": "127.0.0.1",
+        "taskmanager.rpc.port": "0",
+        "taskmanager.data.port": "0",
+        "blob.server.port": "0",
+        "taskmanager.numberOfTaskSlots": str(slots),
+        "jobmanager.memory.process.size": "768m",
+        "taskmanager.memory.process.size": "1280m",
+        "taskmanager.memory.managed.size": "64m",
+        # Beam's batch plan on Flink has many shuffles between few slots: 256 MB of 32 KB network buffers.
+        "taskmanager.memory.network.min": "256m",
+        "taskmanager.memory.network.max": "256m",
+        "cluster.evenly-spread-out-slots": "true",  # one subtask per TaskManager: killing one hits running work
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(attempts),
+        "restart-strategy.fixed-delay.delay": "2 s",
+        # A SIGKILLed TaskManager is noticed when its connections drop; the heartbeat is the fallback.
+        "heartbeat.interval": "2000",
+        "heartbeat.timeout": "15000",
+        "io.tmp.dirs": os.path.join(workdir, "tmp"),
+        "web.tmpdir": os.path.join(workdir, "tmp"),
+        "blob.storage.directory": os.path.join(workdir, "tmp"),
+    }
+
+
+_LOG4J = """\
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = MainAppender
+appender.main.name = MainAppender
+appender.main.type = File
+appender.main.fileName = ${sys:log.file}
+appender.main.layout.type = PatternLayout
+appender.main.layout.pattern = %d{yyyy-MM-dd HH:mm:ss,SSS} %-5p %-60c %x - %m%n
+"""
+
+
+def _spawn(cmd: List[str], log: str, env: Optional[Dict[str, str]] = None) -> int:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, cwd=os.path.dirname(log))
+    return proc.pid
+
+
+def _java_binary() -> str:
+    java = shutil.which("java")
+    if not java:
+        raise ClusterError("Java 11 or 17 is needed for Flink: install a JDK (java on PATH)")
+    return java
+
+
+def _memory_args(home: str, workdir: str, role: str) -> List[str]:
+    """JVM flags and dynamic settings for a JobManager ("JM") or TaskManager ("TM") from the memory settings in
+    config.yaml, computed by Flink's own BashJavaUtils as its start scripts do (a TaskManager refuses to
+    start without the resource settings it derives)."""
+    classpath = os.pathsep.join([os.path.join(home, "bin", "bash-java-utils.jar"), os.path.join(home, "lib", "*")])
+    proc = subprocess.run([_java_binary(), "-cp", classpath, "org.apache.flink.runtime.util.bash.BashJavaUtils",
+                           f"GET_{role}_RESOURCE_PARAMS", "--configDir", os.path.join(workdir, "conf")],
+                          capture_output=True, text=True)
+    results = [line.split(":", 1)[1] for line in proc.stdout.splitlines()
+               if line.startswith("BASH_JAVA_UTILS_EXEC_RESULT:")]
+    if proc.returncode or len(results) != 2:
+        raise ClusterError(f"Flink's BashJavaUtils could not size the {role} memory: "
+                           + (proc.stdout + proc.stderr).strip()[-500:])
+    jvm, dynamic = results
+    return [*jvm.split(), "\0", *dynamic.split()]
+
+
+def _java(home: str, workdir: str, name: str, main: str, role: str, *args: str) -> List[str]:
+    jvm_and_dynamic = _memory_args(home, workdir, role)
+    cut = jvm_and_dynamic.index("\0")
+    return [_java_binary(), *jvm_and_dynamic[:cut], f"-Dlog.file={os.path.join(workdir, 'log', name + '.log')}",
+            f"-Dlog4j.configurationFile=file:{os.path.join(workdir, 'conf', 'log4j.properties')}",
+            "-cp", os.path.join(home, "lib", "*"), main, "--configDir", os.path.join(workdir, "conf"),
+            *jvm_and_dynamic[cut + 1:], *args]
+
+
+def _get_json(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only: the cluster's REST API
+        return json.load(resp)
+
+
+def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, rest_port: int = 0,
+          pool_port: int = 0, restart_attempts: int = 3, env: Optional[Dict[str, str]] = None,
+          timeout: float = 180.0) -> Dict:
+    """Start the cluster; returns the state also written to <workdir>/cluster.json. `env`: extra variables
+    for the SDK worker pool (and so for every SDK worker it starts)."""
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(os.path.join(workdir, "cluster.json")):
+        state = load(workdir)
+        if any(_alive(pid) for pid in _pids(state)):
+            raise ClusterError(f"a cluster from {workdir} is running: stop it first (flink_cluster.py stop)")
+    home, jar = flink_home(), job_server_jar()
+    for sub in ("conf", "log", "tmp"):
+        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    rest_port, rpc_port, pool_port = rest_port or free_port(), free_port(), pool_port or free_port()
+    config = _config(rest_port, rpc_port, slots, restart_attempts, workdir)
+    with open(os.path.join(workdir, "conf", "config.yaml"), "w") as fh:
+        fh.writelines(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
+    with open(os.path.join(workdir, "conf", "log4j.properties"), "w") as fh:
+        fh.write(_LOG4J)
+
+    state: Dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "rest_port": rest_port,
+                   "pool_port": pool_port, "slots": slots, "jobmanager": None, "taskmanagers": {}, "pool": None}
+    try:
+        state["jobmanager"] = _spawn(_java(home, workdir, "jobmanager",
+                                           "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint", "JM"),
+                                     os.path.join(workdir, "log", "jobmanager.out"))
+        for i in range(1, taskmanagers + 1):
+            state["taskmanagers"][f"tm-{i}"] = start_taskmanager(state, f"tm-{i}")
+        state["pool"] = _spawn(_pool_command(pool_port), os.path.join(workdir, "log", "sdk-worker-pool.out"),
+                               env=_pool_env(env))
+        _save(state)
+        wait_ready(state, taskmanagers, timeout)
+    except BaseException:
+        stop(workdir, quiet=True)
+        raise
+    return state
+
+
+def start_taskmanager(state: Dict, name: str) -> int:
+    """Start (or restart) one TaskManager of a running cluster; returns its pid."""
+    workdir = state["workdir"]
+    pid = _spawn(_java(state["flink_home"], workdir, name, "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
+                       "TM", "-D", f"taskmanager.resource-id={name}"), os.path.join(workdir, "log", name + ".out"))
+    state["taskmanagers"][name] = pid
+    _save(state)
+    return pid
+
+
+def _pool_command(port: int) -> List[str]:
+    return [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"]
+
+
+def _pool_env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+    env = dict(os.environ)
+    # The pool starts each SDK worker as `python -m apache_beam.runners.worker.sdk_worker_main` from PATH:
+    # put this interpreter's folder first, or workers start without the job's packages and die.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONPATH", ROOT)
+    env.update(extra or {})
+    return env
+
+
+def wait_ready(state: Dict, taskmanagers: int, timeout: float) -> None:
+    """Until the REST API lists `taskmanagers` TaskManagers and the worker pool accepts connections."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{state['rest_port']}/taskmanagers"
+    while True:
+        dead = [name for name, pid in [("jobmanager", state["jobmanager"]), ("sdk-worker-pool", state["pool"]),
+                                       *state["taskmanagers"].items()] if not _alive(pid)]
+        if dead:
+            raise ClusterError(f"{dead[0]} exited at start: see {os.path.join(state['workdir'], 'log')}")
+        try:
+            registered = len(_get_json(url)["taskmanagers"])
+            with socket.create_connection(("127.0.0.1", state["pool_port"]), timeout=2):
+                pass
+        except (OSError, urllib.error.URLError, ValueError, KeyError):
+            registered = -1
+        if registered >= taskmanagers:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the cluster was not ready after {timeout:.0f} s ({max(registered, 0)} of "
+                               f"{taskmanagers} TaskManagers): see {os.path.join(state['workdir'], 'log')}")
+        time.sleep(0.5)
+
+
+def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
+    """The Beam pipeline options that run a job on this cluster."""
+    workers = parallelism or len(state["taskmanagers"])
+    return [
+        "--runner=FlinkRunner",
+        f"--flink_master=127.0.0.1:{state['rest_port']}",
+        f"--flink_version={FLINK_MINOR}",
+        f"--flink_job_server_jar={state['job_server_jar']}",
+        "--environment_type=EXTERNAL",
+        f"--environment_config=127.0.0.1:{state['pool_port']}",
+        # Keep each TaskManager's SDK worker between the job's stages. Without it, Beam closes the EXTERNAL
+        # environment after every stage and asks the pool for a new one under the same worker id; the pool's
+        # stop of the old worker can then hit the new one, and the stage waits for it forever (seen with the
+        # 2.62 job server and the 2.77 SDK). It also keeps the model loaded between stages.
+        "--environment_cache_millis=600000",
+        f"--parallelism={workers}",
+    ]
+
+
+def _save(state: Dict) -> None:
+    path = os.path.join(state["workdir"], "cluster.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(state, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load(workdir: str = DEFAULT_DIR) -> Dict:
+    path = os.path.join(os.path.abspath(workdir), "cluster.json")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster state in {path}: start one with flink_cluster.py start") from None
+
+
+def _pids(state: Dict) -> List[int]:
+    return [p for p in [state.get("pool"), *state.get("taskmanagers", {}).values(), state.get("jobmanager")] if p]
+
+
+def _alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop(workdir: str = DEFAULT_DIR, quiet: bool = False, grace: float = 10.0) -> None:
+    """Stop every process of the cluster (their whole process groups: SDK workers too)."""
+    try:
+        state = load(workdir)
+    except ClusterError:
+        if quiet:
+            return
+        raise
+    pids = _pids(state)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            break
+    os.remove(os.path.join(state["workdir"], "cluster.json"))
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="flink_cluster.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("prepare", "start", "flags", "status", "stop"))
+    parser.add_argument("--dir", default=DEFAULT_DIR, help="the cluster's working folder (default: .flink)")
+    parser.add_argument("--taskmanagers", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=2, help="task slots per TaskManager")
+    parser.add_argument("--rest-port", type=int, default=8081, help="Flink's REST port (0: any free port)")
+    parser.add_argument("--pool-port", type=int, default=50000, help="the SDK worker pool's port (0: any)")
+    parser.add_argument("--restart-attempts", type=int, default=3, help="Flink's fixed-delay restart attempts")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            print(flink_home())
+            print(job_server_jar())
+        elif args.command == "start":
+            state = start(args.dir, args.taskmanagers, args.slots, args.rest_port, args.pool_port,
+                          args.restart_attempts)
+            print(f"Flink {FLINK_VERSION}: JobManager and {args.taskmanagers} TaskManagers on 127.0.0.1, web UI "
+                  f"http://127.0.0.1:{state['rest_port']}, SDK worker pool 127.0.0.1:{state['pool_port']}, "
+                  f"logs in {os.path.join(state['workdir'], 'log')}", file=sys.stderr)
+        elif args.command == "flags":
+            print(" ".join(job_flags(load(args.dir))))
+        elif args.command == "status":
+            state = load(args.dir)
+            for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items(),
+                              ("sdk-worker-pool", state["pool"])]:
+                print(f"{name:16} pid {pid:<8} {'running' if _alive(pid) else 'gone'}")
+        else:
+            stop(args.dir)
+    except ClusterError as exc:
+        print(f"flink_cluster.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
