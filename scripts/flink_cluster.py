@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start and stop a local Apache Flink cluster that runs the DELG job with --runner=FlinkRunner.
 
-    python scripts/flink_cluster.py start           # JobManager + 2 TaskManagers + SDK worker pool, on loopback
+    python scripts/flink_cluster.py start           # a JobManager and 2 TaskManagers on loopback
     python scripts/flink_cluster.py flags           # the Beam flags that send a job to it
     python -m beam_job --input 'photos/*.jpg' --output out/flink $(python scripts/flink_cluster.py flags)
     python scripts/flink_cluster.py stop
@@ -13,11 +13,12 @@ Central serves the runner library but not Beam's prebuilt job-server jar). Both 
 (`$DELG_FLINK_CACHE`, default ~/.cache/delg-beam/flink) and are reused by later starts; Maven keeps its own
 download cache in ~/.m2.
 
-The processes are plain `java` and `python` commands, each in its own process group, their ids kept in
+The processes are plain `java` commands, each in its own process group, their ids kept in
 `<dir>/cluster.json`, so that a test (or a person) can SIGKILL one TaskManager or one SDK worker and see
 Flink recover. Flink restarts failed work with a fixed-delay restart strategy (`--restart-attempts`).
-SDK workers are Beam's EXTERNAL environment: one worker pool on loopback, started with this Python's
-environment first on PATH (the pool starts each worker as `python -m ...` from PATH).
+SDK workers are Beam's PROCESS environment: each TaskManager starts its own Python workers, as its children,
+through `<dir>/sdk-worker`, a two-line script written here that runs `beam_job.pipeline.worker_boot` with
+this Python (so with the job's packages). Why not one EXTERNAL worker pool: docs/flink.md.
 
 Standard library only: the script runs before any of the project's requirements are imported.
 """
@@ -29,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -221,10 +223,9 @@ def _get_json(url: str, timeout: float = 5.0):
 
 
 def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, rest_port: int = 0,
-          pool_port: int = 0, restart_attempts: int = 3, env: Optional[Dict[str, str]] = None,
-          timeout: float = 180.0) -> Dict:
+          restart_attempts: int = 3, env: Optional[Dict[str, str]] = None, timeout: float = 180.0) -> Dict:
     """Start the cluster; returns the state also written to <workdir>/cluster.json. `env`: extra variables
-    for the SDK worker pool (and so for every SDK worker it starts)."""
+    for every SDK worker."""
     workdir = os.path.abspath(workdir)
     if os.path.exists(os.path.join(workdir, "cluster.json")):
         state = load(workdir)
@@ -233,7 +234,7 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
     home, jar = flink_home(), job_server_jar()
     for sub in ("conf", "log", "tmp"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-    rest_port, rpc_port, pool_port = rest_port or free_port(), free_port(), pool_port or free_port()
+    rest_port, rpc_port = rest_port or free_port(), free_port()
     config = _config(rest_port, rpc_port, slots, restart_attempts, workdir)
     with open(os.path.join(workdir, "conf", "config.yaml"), "w") as fh:
         fh.writelines(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
@@ -241,15 +242,14 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
         fh.write(_LOG4J)
 
     state: Dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "rest_port": rest_port,
-                   "pool_port": pool_port, "slots": slots, "jobmanager": None, "taskmanagers": {}, "pool": None}
+                   "sdk_worker": _write_worker_command(workdir, env), "slots": slots, "jobmanager": None,
+                   "taskmanagers": {}}
     try:
-        state["jobmanager"] = _spawn(_java(home, workdir, "jobmanager",
-                                           "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint", "JM"),
+        main = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
+        state["jobmanager"] = _spawn(_java(home, workdir, "jobmanager", main, "JM"),
                                      os.path.join(workdir, "log", "jobmanager.out"))
         for i in range(1, taskmanagers + 1):
             state["taskmanagers"][f"tm-{i}"] = start_taskmanager(state, f"tm-{i}")
-        state["pool"] = _spawn(_pool_command(pool_port), os.path.join(workdir, "log", "sdk-worker-pool.out"),
-                               env=_pool_env(env))
         _save(state)
         wait_ready(state, taskmanagers, timeout)
     except BaseException:
@@ -268,33 +268,30 @@ def start_taskmanager(state: Dict, name: str) -> int:
     return pid
 
 
-def _pool_command(port: int) -> List[str]:
-    return [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"]
-
-
-def _pool_env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
-    env = dict(os.environ)
-    # The pool starts each SDK worker as `python -m apache_beam.runners.worker.sdk_worker_main` from PATH:
-    # put this interpreter's folder first, or workers start without the job's packages and die.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYTHONPATH", ROOT)
+def _write_worker_command(workdir: str, extra: Optional[Dict[str, str]]) -> str:
+    """<workdir>/sdk-worker: what a TaskManager runs for each SDK worker (Beam's PROCESS environment)."""
+    env = {"PYTHONPATH": ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     env.update(extra or {})
-    return env
+    exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in sorted(env.items()))
+    path = os.path.join(workdir, "sdk-worker")
+    with open(path, "w") as fh:
+        fh.write(f"#!/bin/sh\n# A Beam SDK worker for this cluster's TaskManagers (flink_cluster.py).\n{exports}"
+                 f"exec {shlex.quote(sys.executable)} -m beam_job.pipeline.worker_boot \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 def wait_ready(state: Dict, taskmanagers: int, timeout: float) -> None:
-    """Until the REST API lists `taskmanagers` TaskManagers and the worker pool accepts connections."""
+    """Until the REST API lists `taskmanagers` TaskManagers."""
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{state['rest_port']}/taskmanagers"
     while True:
-        dead = [name for name, pid in [("jobmanager", state["jobmanager"]), ("sdk-worker-pool", state["pool"]),
-                                       *state["taskmanagers"].items()] if not _alive(pid)]
+        dead = [name for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items()]
+                if not _alive(pid)]
         if dead:
             raise ClusterError(f"{dead[0]} exited at start: see {os.path.join(state['workdir'], 'log')}")
         try:
             registered = len(_get_json(url)["taskmanagers"])
-            with socket.create_connection(("127.0.0.1", state["pool_port"]), timeout=2):
-                pass
         except (OSError, urllib.error.URLError, ValueError, KeyError):
             registered = -1
         if registered >= taskmanagers:
@@ -313,12 +310,10 @@ def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
         f"--flink_master=127.0.0.1:{state['rest_port']}",
         f"--flink_version={FLINK_MINOR}",
         f"--flink_job_server_jar={state['job_server_jar']}",
-        "--environment_type=EXTERNAL",
-        f"--environment_config=127.0.0.1:{state['pool_port']}",
-        # Keep each TaskManager's SDK worker between the job's stages. Without it, Beam closes the EXTERNAL
-        # environment after every stage and asks the pool for a new one under the same worker id; the pool's
-        # stop of the old worker can then hit the new one, and the stage waits for it forever (seen with the
-        # 2.62 job server and the 2.77 SDK). It also keeps the model loaded between stages.
+        "--environment_type=PROCESS",
+        "--environment_config=" + json.dumps({"command": state["sdk_worker"]}),
+        # Keep a TaskManager's SDK workers from one stage of the job to the next (Beam otherwise starts new
+        # ones, each importing TensorFlow and loading the model again).
         "--environment_cache_millis=600000",
         f"--parallelism={workers}",
     ]
@@ -341,7 +336,7 @@ def load(workdir: str = DEFAULT_DIR) -> Dict:
 
 
 def _pids(state: Dict) -> List[int]:
-    return [p for p in [state.get("pool"), *state.get("taskmanagers", {}).values(), state.get("jobmanager")] if p]
+    return [p for p in [*state.get("taskmanagers", {}).values(), state.get("jobmanager")] if p]
 
 
 def _alive(pid: Optional[int]) -> bool:
@@ -393,7 +388,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--taskmanagers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2, help="task slots per TaskManager")
     parser.add_argument("--rest-port", type=int, default=8081, help="Flink's REST port (0: any free port)")
-    parser.add_argument("--pool-port", type=int, default=50000, help="the SDK worker pool's port (0: any)")
     parser.add_argument("--restart-attempts", type=int, default=3, help="Flink's fixed-delay restart attempts")
     args = parser.parse_args(argv)
     try:
@@ -401,17 +395,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(flink_home())
             print(job_server_jar())
         elif args.command == "start":
-            state = start(args.dir, args.taskmanagers, args.slots, args.rest_port, args.pool_port,
-                          args.restart_attempts)
+            state = start(args.dir, args.taskmanagers, args.slots, args.rest_port, args.restart_attempts)
             print(f"Flink {FLINK_VERSION}: JobManager and {args.taskmanagers} TaskManagers on 127.0.0.1, web UI "
-                  f"http://127.0.0.1:{state['rest_port']}, SDK worker pool 127.0.0.1:{state['pool_port']}, "
-                  f"logs in {os.path.join(state['workdir'], 'log')}", file=sys.stderr)
+                  f"http://127.0.0.1:{state['rest_port']}, logs in {os.path.join(state['workdir'], 'log')}",
+                  file=sys.stderr)
         elif args.command == "flags":
             print(" ".join(job_flags(load(args.dir))))
         elif args.command == "status":
             state = load(args.dir)
-            for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items(),
-                              ("sdk-worker-pool", state["pool"])]:
+            for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items()]:
                 print(f"{name:16} pid {pid:<8} {'running' if _alive(pid) else 'gone'}")
         else:
             stop(args.dir)

@@ -62,3 +62,8 @@ def gcs_bucket(gcs, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
     bucket = gcs.create_bucket(name)
     yield bucket
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "flink: runs the job on a real local Flink cluster (needs Java and Maven; tests/test_flink.py)")

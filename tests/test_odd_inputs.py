@@ -95,9 +95,9 @@ def _bad_corpus(good_jpeg: bytes):
     }
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("odd")
+def write_corpus(root):
+    """Write the good and bad corpus into <root>/img; returns (good, {raw name: path}, {path: expected outcome}),
+    the outcome being "features" or the failure stage, for the entries a glob of <root>/img/* lists."""
     rootb = os.fsencode(str(root / "img"))
     os.makedirs(rootb)
     good = _good_corpus()
@@ -112,6 +112,13 @@ def corpus(tmp_path_factory):
     path = {name: os.fsdecode(rootb + b"/" + name) for name in [*good, *bad, b"folder.jpg", b"missing.jpg"]}
     expect = {path[n]: OK for n in good}
     expect.update({path[n]: stage for n, (_, stage) in bad.items()})
+    return good, path, expect
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    good, path, expect = write_corpus(root)
 
     # Manifest run: half the entries in a plain-text manifest (raw bytes, CRLF and LF line ends), the other
     # half in a CSV written by the csv module (quoting where needed), plus a missing file and a directory.
@@ -140,18 +147,26 @@ def corpus(tmp_path_factory):
 def test_odd_corpus_ends_with_exit_0_and_every_entry_exactly_once(corpus, kind):
     run = corpus["runs"][kind]
     assert run["code"] == 0
-    features = read_rows(os.path.join(run["out"], "features")).to_pylist()
-    failures = read_rows(os.path.join(run["out"], "failures")).to_pylist()
+    assert_every_entry_once(run["out"], run["expect"])
+
+
+def assert_every_entry_once(out, expect):
+    """Every entry of `expect` ({path: "features" or failure stage}) is exactly one row of the output, as
+    expected, and nothing else is; failure rows say what failed; paths and ids are in their stored form.
+    Returns the feature rows."""
+    features = read_rows(os.path.join(out, "features")).to_pylist()
+    failures = read_rows(os.path.join(out, "failures")).to_pylist()
     ids = sorted(r["image_id"] for r in features + failures)
-    assert ids == sorted(derive_image_id(p) for p in run["expect"])  # every entry once, nothing else
+    assert ids == sorted(derive_image_id(p) for p in expect)  # every entry once, nothing else
     outcome = {text_to_path(r["path"]): OK for r in features}
     outcome.update({text_to_path(r["path"]): r["stage"] for r in failures})
-    assert outcome == run["expect"]
+    assert outcome == expect
     for row in failures:
         assert row["error_type"] and row["message"] and row["message"] != row["error_type"], row
     for row in features + failures:
         assert row["path"] == path_to_text(text_to_path(row["path"]))  # stored form, valid UTF-8
         assert row["image_id"] == derive_image_id(text_to_path(row["path"]))
+    return features
 
 
 def test_odd_names_and_sizes_come_out_right(corpus):
