@@ -260,9 +260,8 @@ def _run_claimed(job: JobConfig, args, pipeline_args: Sequence[str], local: bool
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     lines = metrics_report(result)
-    if local:
-        for line in lines:
-            _LOGGER.info("metric: %s", line)
+    for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
+        _LOGGER.info("metric: %s", line)
     summary = read_json(job.summary_path)
     if not summary:
         raise JobFailedError(f"the job ended without writing its summary {job.summary_path}")

@@ -101,8 +101,12 @@ def flink_home(cache: Optional[str] = None) -> str:
 
 def job_server_jar(cache: Optional[str] = None) -> str:
     """Beam's Flink job server, built from flink/pom.xml once per version of that file."""
-    with open(POM, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    for source in [POM, *sorted(glob.glob(os.path.join(ROOT, "flink", "src", "**"), recursive=True))]:
+        if os.path.isfile(source):
+            with open(source, "rb") as fh:
+                digest.update(fh.read())
+    digest = digest.hexdigest()[:12]
     jar = os.path.join(cache or cache_dir(), f"beam-flink-job-server-{digest}.jar")
     if os.path.exists(jar):
         return jar
@@ -311,7 +315,7 @@ def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
         f"--flink_version={FLINK_MINOR}",
         f"--flink_job_server_jar={state['job_server_jar']}",
         "--environment_type=PROCESS",
-        "--environment_config=" + json.dumps({"command": state["sdk_worker"]}),
+        "--environment_config=" + json.dumps({"command": state["sdk_worker"]}, separators=(",", ":")),
         # Keep a TaskManager's SDK workers from one stage of the job to the next (Beam otherwise starts new
         # ones, each importing TensorFlow and loading the model again).
         "--environment_cache_millis=600000",
