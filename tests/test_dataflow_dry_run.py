@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_dataflow.sh"
+DOC = ROOT / "docs" / "dataflow.md"
 IMAGE = "us-central1-docker.pkg.dev/test-project/delg/worker:test"
 
 
@@ -59,6 +61,28 @@ def _dry_run(tmp_path, *args, **overrides):
     return json.loads(report_path.read_text()), proc
 
 
+def _documented_transforms():
+    """Every "N transforms" figure docs/dataflow.md states (the job graph's size in the dry run)."""
+    return [int(n) for n in re.findall(r"\b(\d+) transforms\b", DOC.read_text())]
+
+
+def _check_documented_transforms(report):
+    figures = _documented_transforms()
+    assert figures, f"{DOC.relative_to(ROOT)} states no 'N transforms' figure"
+    assert set(figures) == {report["transforms"]}, (
+        f"{DOC.relative_to(ROOT)} says {sorted(set(figures))} transforms, the dry run builds "
+        f"{report['transforms']}: update the page"
+    )
+
+
+@pytest.fixture(scope="module")
+def cpu_dry_run(tmp_path_factory):
+    """The CPU dry run with a container image, run once for the tests that read it."""
+    # Extra arguments pass through to the job (after the generated flags).
+    return _dry_run(tmp_path_factory.mktemp("cpu"), "--labels=team=vision", "--disk_size_gb=77",
+                    MACHINE_TYPE="n2-highmem-4", MAX_NUM_WORKERS="7")
+
+
 def test_script_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     assert os.access(SCRIPT, os.X_OK), "run_dataflow.sh must be executable"
@@ -74,10 +98,8 @@ def test_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout
 
 
-def test_cpu_dry_run_builds_the_job_offline(tmp_path):
-    # Extra arguments pass through to the job (after the generated flags).
-    report, proc = _dry_run(tmp_path, "--labels=team=vision", "--disk_size_gb=77",
-                            MACHINE_TYPE="n2-highmem-4", MAX_NUM_WORKERS="7")
+def test_cpu_dry_run_builds_the_job_offline(cpu_dry_run):
+    report, proc = cpu_dry_run
     opts = report["options"]
     assert opts["runner"] == "DataflowRunner" and opts["dry_run"] in (True, "True")
     assert opts["project"] == "test-project" and opts["region"] == "us-central1"
@@ -105,6 +127,11 @@ def test_cpu_dry_run_builds_the_job_offline(tmp_path):
     # The job's own flags are Beam pipeline options (DelgOptions): the job Dataflow receives lists them.
     assert opts["output"] == "gs://test-bucket/delg/run-1" and opts["preset"] == "tiny"
     assert opts["input"] == ["gs://test-bucket/images/*.jpg"]
+
+
+def test_docs_state_the_dry_runs_transform_count(cpu_dry_run):
+    """docs/dataflow.md quotes the job graph's size: it must be the one the dry run builds now."""
+    _check_documented_transforms(cpu_dry_run[0])
 
 
 def test_cpu_dry_run_without_a_container_stages_the_package(tmp_path):
@@ -139,6 +166,7 @@ def test_gpu_dry_run_adds_accelerator_and_one_process_per_vm(tmp_path):
     # The CUDA image needs disk room: GPU runs always ask for a disk size (100 GB unless DISK_SIZE_GB says).
     assert pool["diskSizeGb"] == 100 and report["options"]["disk_size_gb"] == 100
     assert "setup_file" not in report["options"] and "workflow.tar.gz" not in report["staged_artifacts"]
+    _check_documented_transforms(report)  # the page's figure holds for GPU jobs too
 
 
 @pytest.mark.parametrize(
