@@ -136,14 +136,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(rest_port: int, rpc_port: int, slots: int, attempts: int, workdir: str) -> Dict[str, str]:
-    """Flink settings: everything on 127.0.0.1, small memory, quick loss detection, fixed-delay restarts."""
+def _config(host: str, bind: str, rest_port: int, rpc_port: int, slots: int, attempts: int,
+            workdir: str) -> Dict[str, str]:
+    """Flink settings: the JobManager at `host`, listening on `bind`, small memory, quick loss detection,
+    fixed-delay restarts."""
     return {
-        "jobmanager.rpc.address": "127.0.0.1",
+        "jobmanager.rpc.address": host,
         "jobmanager.rpc.port": str(rpc_port),
-        "jobmanager.bind-host": "127.0.0.1",
-        "rest.address": "127.0.0.1",
-        "rest.bind-address": "127.0.0.1",  # Flink's default is every interface
+        "jobmanager.bind-host": bind,
+        "rest.address": host,
+        "rest.bind-address": bind,  # Flink's default is every interface
         "rest.port": str(rest_port),
         "taskmanager.bind-host": "127.0.0.1",
         "taskmanager.host": "127.0.0.1",
@@ -222,14 +224,17 @@ def _java(home: str, workdir: str, name: str, main: str, role: str, *args: str) 
 
 
 def _get_json(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only: the cluster's REST API
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # the cluster's REST API, on this machine
         return json.load(resp)
 
 
 def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, rest_port: int = 0,
-          restart_attempts: int = 3, env: Optional[Dict[str, str]] = None, timeout: float = 180.0) -> Dict:
+          restart_attempts: int = 3, env: Optional[Dict[str, str]] = None, timeout: float = 180.0,
+          hosts=False) -> Dict:
     """Start the cluster; returns the state also written to <workdir>/cluster.json. `env`: extra variables
-    for every SDK worker."""
+    for every SDK worker. `hosts`: True (or the result of make_hosts, to start a server on the hosts' gateway
+    first) puts every TaskManager in a network namespace of its own (root needed); the JobManager then listens
+    on the hosts' bridge, not on loopback."""
     workdir = os.path.abspath(workdir)
     if os.path.exists(os.path.join(workdir, "cluster.json")):
         state = load(workdir)
@@ -238,20 +243,28 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
     home, jar = flink_home(), job_server_jar()
     for sub in ("conf", "log", "tmp"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    network = hosts if isinstance(hosts, dict) else make_hosts(taskmanagers) if hosts else None
+    # On hosts of their own, the JobManager listens on every interface of its namespace (its loopback too:
+    # Flink's REST handlers reach the blob server at localhost) and is reached at its bridge address.
+    host, bind = (network["hosts"]["jobmanager"][1], "0.0.0.0") if network else ("127.0.0.1", "127.0.0.1")
     rest_port, rpc_port = rest_port or free_port(), free_port()
-    config = _config(rest_port, rpc_port, slots, restart_attempts, workdir)
+    config = _config(host, bind, rest_port, rpc_port, slots, restart_attempts, workdir)
     with open(os.path.join(workdir, "conf", "config.yaml"), "w") as fh:
         fh.writelines(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
     with open(os.path.join(workdir, "conf", "log4j.properties"), "w") as fh:
         fh.write(_LOG4J)
 
-    state: Dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "rest_port": rest_port,
-                   "sdk_worker": _write_worker_command(workdir, env), "slots": slots, "jobmanager": None,
-                   "taskmanagers": {}}
+    state: Dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "host": host,
+                   "rest_port": rest_port, "sdk_worker": _write_worker_command(workdir, env), "slots": slots,
+                   "network": network, "owns_network": network is not None and not isinstance(hosts, dict),
+                   "jobmanager": None, "taskmanagers": {}}
+    _save(state)  # from here on, stop() can undo what was made
     try:
         main = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
-        state["jobmanager"] = _spawn(_java(home, workdir, "jobmanager", main, "JM"),
-                                     os.path.join(workdir, "log", "jobmanager.out"))
+        command = _java(home, workdir, "jobmanager", main, "JM")
+        if network:
+            command = ["ip", "netns", "exec", network["hosts"]["jobmanager"][0], *command]
+        state["jobmanager"] = _spawn(command, os.path.join(workdir, "log", "jobmanager.out"))
         for i in range(1, taskmanagers + 1):
             state["taskmanagers"][f"tm-{i}"] = start_taskmanager(state, f"tm-{i}")
         _save(state)
@@ -264,9 +277,16 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
 
 def start_taskmanager(state: Dict, name: str) -> int:
     """Start (or restart) one TaskManager of a running cluster; returns its pid."""
-    workdir = state["workdir"]
-    pid = _spawn(_java(state["flink_home"], workdir, name, "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
-                       "TM", "-D", f"taskmanager.resource-id={name}"), os.path.join(workdir, "log", name + ".out"))
+    workdir, network = state["workdir"], state.get("network")
+    where: List[str] = []
+    if network:  # its own host: its namespace, its address on the bridge
+        namespace, address = network["hosts"][name]
+        where = ["-D", f"taskmanager.host={address}", "-D", "taskmanager.bind-host=0.0.0.0"]
+    command = _java(state["flink_home"], workdir, name, "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
+                    "TM", "-D", f"taskmanager.resource-id={name}", *where)
+    if network:
+        command = ["ip", "netns", "exec", namespace, *command]  # ip execs the command: the pid is the JVM's
+    pid = _spawn(command, os.path.join(workdir, "log", name + ".out"))
     state["taskmanagers"][name] = pid
     _save(state)
     return pid
@@ -288,7 +308,7 @@ def _write_worker_command(workdir: str, extra: Optional[Dict[str, str]]) -> str:
 def wait_ready(state: Dict, taskmanagers: int, timeout: float) -> None:
     """Until the REST API lists `taskmanagers` TaskManagers."""
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{state['rest_port']}/taskmanagers"
+    url = f"http://{state['host']}:{state['rest_port']}/taskmanagers"
     while True:
         dead = [name for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items()]
                 if not _alive(pid)]
@@ -311,7 +331,7 @@ def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
     workers = parallelism or len(state["taskmanagers"])
     return [
         "--runner=FlinkRunner",
-        f"--flink_master=127.0.0.1:{state['rest_port']}",
+        f"--flink_master={state['host']}:{state['rest_port']}",
         f"--flink_version={FLINK_MINOR}",
         f"--flink_job_server_jar={state['job_server_jar']}",
         "--environment_type=PROCESS",
@@ -379,7 +399,59 @@ def stop(workdir: str = DEFAULT_DIR, quiet: bool = False, grace: float = 10.0) -
             time.sleep(0.2)
         if not any(_alive(p) for p in pids):
             break
+    if state.get("network") and state.get("owns_network"):  # hosts made by the caller are the caller's to remove
+        remove_hosts(state["network"])
     os.remove(os.path.join(state["workdir"], "cluster.json"))
+
+
+# ----------------------------------------------------------------------------------- hosts of their own
+
+HOSTS_SUBNET = "10.213"  # 10.213.<n>.0/24: addresses on a bridge that exists only on this machine
+
+
+def make_hosts(count: int) -> Dict:
+    """Hosts for a JobManager and `count` TaskManagers: network namespaces `dlg<n>-jobmanager` and
+    `dlg<n>-tm-<i>`, each with one veth on a new bridge `dlgbr<n>`, whose own address 10.213.<n>.1 (the
+    gateway) is this machine's: the launcher's, and that of any server the hosts must share (a GCS emulator).
+    The JobManager is 10.213.<n>.2, TaskManager i 10.213.<n>.<i+2>. A namespace has its own loopback and reaches
+    the others only through the bridge: what one host serves on 127.0.0.1 no other host sees. Needs root
+    (ip, from iproute2)."""
+    if not shutil.which("ip"):
+        raise ClusterError("network namespaces need the ip command (Debian package iproute2) and root")
+    used = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    n = next((i for i in range(1, 250) if f"dlgbr{i}:" not in used), None)
+    if n is None:
+        raise ClusterError("no free dlgbr<n> bridge name: remove stale ones with `ip link del dlgbr<n>`")
+    network: Dict = {"bridge": f"dlgbr{n}", "gateway": f"{HOSTS_SUBNET}.{n}.1", "hosts": {}}
+    try:
+        _ip("link", "add", network["bridge"], "type", "bridge")
+        _ip("addr", "add", f"{network['gateway']}/24", "dev", network["bridge"])
+        _ip("link", "set", network["bridge"], "up")
+        for i, name in enumerate(["jobmanager", *(f"tm-{j}" for j in range(1, count + 1))]):
+            namespace, outside, inside = f"dlg{n}-{name}", f"dlg{n}v{i}", f"dlg{n}p{i}"
+            address = f"{HOSTS_SUBNET}.{n}.{i + 2}"
+            network["hosts"][name] = (namespace, address)
+            _ip("netns", "add", namespace)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", inside, "netns", namespace)
+            _ip("link", "set", outside, "master", network["bridge"], "up")
+            _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", inside)
+            _ip("-n", namespace, "link", "set", inside, "up")
+            _ip("-n", namespace, "link", "set", "lo", "up")
+    except BaseException:
+        remove_hosts(network)
+        raise
+    return network
+
+
+def remove_hosts(network: Dict) -> None:
+    for namespace, _ in network["hosts"].values():
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+    subprocess.run(["ip", "link", "del", network["bridge"]], capture_output=True)  # takes its veths along
+
+
+def _ip(*args: str) -> None:
+    _run(["ip", *args], "setting up the TaskManagers' hosts")
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -393,15 +465,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--slots", type=int, default=2, help="task slots per TaskManager")
     parser.add_argument("--rest-port", type=int, default=8081, help="Flink's REST port (0: any free port)")
     parser.add_argument("--restart-attempts", type=int, default=3, help="Flink's fixed-delay restart attempts")
+    parser.add_argument("--hosts", action="store_true",
+                        help="each TaskManager in a network namespace of its own (root; see docs/flink.md)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
             print(flink_home())
             print(job_server_jar())
         elif args.command == "start":
-            state = start(args.dir, args.taskmanagers, args.slots, args.rest_port, args.restart_attempts)
-            print(f"Flink {FLINK_VERSION}: JobManager and {args.taskmanagers} TaskManagers on 127.0.0.1, web UI "
-                  f"http://127.0.0.1:{state['rest_port']}, logs in {os.path.join(state['workdir'], 'log')}",
+            state = start(args.dir, args.taskmanagers, args.slots, args.rest_port, args.restart_attempts,
+                          hosts=args.hosts)
+            where = "hosts of their own" if args.hosts else "127.0.0.1"
+            print(f"Flink {FLINK_VERSION}: JobManager and {args.taskmanagers} TaskManagers on {where}, web UI "
+                  f"http://{state['host']}:{state['rest_port']}, logs in {os.path.join(state['workdir'], 'log')}",
                   file=sys.stderr)
         elif args.command == "flags":
             print(" ".join(job_flags(load(args.dir))))

@@ -25,6 +25,7 @@ import urllib.request
 import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
 from test_odd_inputs import assert_every_entry_once, write_corpus
 
@@ -58,15 +59,16 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("flink-corpus")
     _, _, expect = write_corpus(root)
     local = str(root / "out-local")
-    proc = _job(["--input", str(root / "img" / "*"), "--output", local, *TINY], root / "local.log")
+    proc = _job(["--input", str(root / "img" / "*"), "--output", local, *TINY], root / "local.log",
+                {"TF_NUM_INTRAOP_THREADS": "1"})  # as on the cluster's workers: the same kernels, the same bits
     assert proc.wait(JOB_TIMEOUT) == 0, (root / "local.log").read_text()[-3000:]
     return {"root": root, "expect": expect, "bits": _feature_bits(assert_every_entry_once(local, expect))}
 
 
-def _job(args, log):
+def _job(args, log, env=None):
     with open(log, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "beam_job", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
 
 
 def _feature_bits(rows):
@@ -111,7 +113,7 @@ def _jobs(cluster):
 
 
 def _rest(cluster, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster['rest_port']}{path}", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://{cluster['host']}:{cluster['rest_port']}{path}", timeout=10) as resp:
         return json.load(resp)
 
 
@@ -186,3 +188,82 @@ def test_bundle_failing_once_is_retried_and_the_output_is_exact(cluster, corpus)
     assert glob.glob(os.path.join(cluster["points"], "write.fired-*")), "the bundle never reached the point"
     failures = _exception_history(cluster, run["jid"])
     assert any("FailpointError" in trace for _, trace, _ in failures), failures
+
+
+def test_taskmanagers_on_hosts_of_their_own_with_the_output_on_gcs(tmp_path):
+    """Each TaskManager (and so its SDK workers) in a network namespace of its own, reaching the JobManager and
+    a GCS-protocol server only through a bridge: inputs and output on gs://, which every host reaches. What a
+    host serves on its own loopback no other host sees, so nothing can work by sharing 127.0.0.1."""
+    from gcp_storage_emulator.server import create_server
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from test_pipeline import read_rows
+
+    network = flink_cluster.make_hosts(2)
+    gateway = network["gateway"]
+    port = flink_cluster.free_port()
+    server = create_server(gateway, port, in_memory=True, default_bucket=None)
+    server.start()
+    emulator = {"STORAGE_EMULATOR_HOST": f"http://{gateway}:{port}", "TF_NUM_INTRAOP_THREADS": "1"}
+    try:
+        state = flink_cluster.start(str(tmp_path / "cluster"), taskmanagers=2, slots=2, hosts=network, env=emulator)
+        try:
+            for tm in _rest(state, "/taskmanagers")["taskmanagers"]:  # registered from their own addresses
+                assert any(f"@{network['hosts'][name][1]}:" in tm["path"] for name in state["taskmanagers"]), tm
+            pids = [state["jobmanager"], *state["taskmanagers"].values()]
+            spaces = {os.readlink(f"/proc/{pid}/ns/net") for pid in pids}
+            assert len(spaces | {os.readlink("/proc/self/ns/net")}) == 4  # three hosts and this machine
+
+            client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                                    client_options={"api_endpoint": emulator["STORAGE_EMULATOR_HOST"]})
+            bucket = client.create_bucket("flink-hosts")
+            images = tmp_path / "img"
+            images.mkdir()
+            for i in range(10):
+                pixels = np.random.default_rng(i).integers(0, 256, (40 + 4 * i, 64, 3), dtype=np.uint8)
+                path = images / f"photo {i}.png"
+                Image.fromarray(pixels).save(path)
+                bucket.blob(f"img/{path.name}").upload_from_filename(str(path))
+            (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+            bucket.blob("img/broken.jpg").upload_from_filename(str(images / "broken.jpg"))
+
+            local = _job(["--input", str(images / "*"), "--output", str(tmp_path / "local"), *TINY],
+                         tmp_path / "local.log", {"TF_NUM_INTRAOP_THREADS": "1"})
+            remote = _job(["--input", "gs://flink-hosts/img/*", "--output", "gs://flink-hosts/out", *TINY,
+                           *flink_cluster.job_flags(state)], tmp_path / "remote.log", emulator)
+            assert local.wait(JOB_TIMEOUT) == 0, (tmp_path / "local.log").read_text()[-3000:]
+            assert remote.wait(JOB_TIMEOUT) == 0, (tmp_path / "remote.log").read_text()[-4000:]
+        finally:
+            flink_cluster.stop(state["workdir"], quiet=True)
+
+        names = [blob.name for blob in bucket.list_blobs(prefix="out/")]
+        assert "out/_SUCCESS" in names and "out/_claim.json" not in names
+        assert not [n for n in names if "beam-temp" in n], names
+        fetched = tmp_path / "fetched"
+        for name in names:
+            if name.endswith(".parquet"):
+                target = fetched / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                bucket.blob(name).download_to_filename(str(target))
+        by_name = {}
+        for kind in ("features", "failures"):
+            for out, rows in (("remote", read_rows(str(fetched / "out" / kind))),
+                              ("local", read_rows(str(tmp_path / "local" / kind)))):
+                for row in rows.to_pylist():
+                    key = (out, row["path"].rsplit("/", 1)[-1])
+                    assert key not in by_name, f"{key} twice"
+                    by_name[key] = row
+        assert {n for o, n in by_name if o == "remote"} == {n for o, n in by_name if o == "local"} == {
+            *(f"photo {i}.png" for i in range(10)), "broken.jpg"}
+        for out, name in by_name:
+            remote_row, local_row = by_name["remote", name], by_name["local", name]
+            if "global_descriptor" in local_row:  # a feature row: the same bits as the local run's
+                assert _feature_bits([remote_row]).popitem()[1] == _feature_bits([local_row]).popitem()[1], name
+            else:
+                assert remote_row["stage"] == local_row["stage"] == "decode", name
+    finally:
+        server.stop()
+        flink_cluster.remove_hosts(network)
+        assert f"{network['bridge']}:" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
+                                                            text=True).stdout
