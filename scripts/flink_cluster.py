@@ -112,6 +112,8 @@ def job_server_jar(cache: Optional[str] = None) -> str:
         return jar
     if not shutil.which("mvn"):
         raise ClusterError("Maven (mvn) is needed once to build Beam's Flink job server: install maven")
+    # A fresh target/ each time: the shade step would otherwise take a jar it shaded before as its input.
+    shutil.rmtree(os.path.join(ROOT, "flink", "target"), ignore_errors=True)
     _run(["mvn", "-q", "-B", "-f", POM, "package"], "building Beam's Flink job server with Maven")
     built = os.path.join(ROOT, "flink", "target", "beam-flink-job-server.jar")
     os.makedirs(os.path.dirname(jar), exist_ok=True)
