@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Launch the DELG extraction job (python -m beam_job) on Google Cloud Dataflow, CPU or GPU workers.
 #
-# Driven by environment variables (or ENV_FILE=dataflow/cpu.env, see dataflow/*.env.example);
-# arguments given to this script are passed through to the job after the generated flags.
+# Driven by environment variables and/or ENV_FILE=dataflow/cpu.env (see dataflow/*.env.example; the
+# environment wins, see "Precedence" below); arguments given to this script are passed through to the job
+# after the generated flags.
 #
 # Required:
 #   PROJECT          GCP project id
@@ -27,6 +28,11 @@
 #   PYTHON (python3)  CONTAINER_PYTHON (3.11)  BEAM_VERSION (2.77.0): the launcher must match the image
 #   DRY_RUN=1         build the whole job offline (Beam --dry_run=True), submit nothing
 #   DRY_RUN_REPORT    with DRY_RUN=1: write the job that would be submitted (JSON) to this path
+#   PRINT_COMMAND=1   check every variable, print the command that would run (one shell-quoted line), exit
+#
+# Precedence: a variable given on the command line (the environment of the call, e.g.
+# MACHINE_TYPE=n2-standard-8 ENV_FILE=dataflow/cpu.env ./run_dataflow.sh) wins over the env file, for every
+# variable; one set to '' there wins too (CONTAINER_IMAGE= drops the file's image). The file fills in the rest.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,10 +44,26 @@ die() {
 
 if [[ -n "${ENV_FILE:-}" ]]; then
   [[ -f "$ENV_FILE" ]] || die "ENV_FILE=$ENV_FILE does not exist"
+  # The environment of the call wins over the file: remember every variable it sets (even to ''), source
+  # the file, then put those values back. Indexed arrays and printf -v: bash 3.2 (macOS) runs this too.
+  _given_names=()
+  _given_values=()
+  while IFS= read -r _name; do
+    _given_names+=("$_name")
+    _given_values+=("${!_name-}")
+  done < <(compgen -e)
   set -a
   # shellcheck source=/dev/null
   . "$ENV_FILE"
   set +a
+  for ((_i = 0; _i < ${#_given_names[@]}; _i++)); do
+    _name=${_given_names[_i]}
+    if [[ "${!_name-}" != "${_given_values[_i]}" ]]; then
+      printf -v "$_name" '%s' "${_given_values[_i]}"
+      export "${_name?}"
+    fi
+  done
+  unset _given_names _given_values _name _i
 fi
 
 require() {  # require NAME "what it is, with an example"
@@ -160,9 +182,18 @@ fi
 # checkout) or the --setup_file sdist holds.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  args+=(--dry_run=True)
-  echo "run_dataflow.sh: dry run of job $JOB_NAME ($MODE, $MACHINE_TYPE, ${CONTAINER_IMAGE:-no container: --setup_file}); nothing is submitted" >&2
-  exec "$PYTHON" "$ROOT/dataflow/dry_run.py" "${args[@]}" "$@"
+  command=("$PYTHON" "$ROOT/dataflow/dry_run.py" "${args[@]}" --dry_run=True "$@")
+  message="dry run of job $JOB_NAME ($MODE, $MACHINE_TYPE, ${CONTAINER_IMAGE:-no container: --setup_file}); nothing is submitted"
+else
+  command=("$PYTHON" -m beam_job "${args[@]}" "$@")
+  message="submitting job $JOB_NAME ($MODE, $MACHINE_TYPE) to project $PROJECT, region $REGION"
 fi
-echo "run_dataflow.sh: submitting job $JOB_NAME ($MODE, $MACHINE_TYPE) to project $PROJECT, region $REGION" >&2
-exec "$PYTHON" -m beam_job "${args[@]}" "$@"
+if [[ "${PRINT_COMMAND:-0}" == 1 ]]; then
+  # The command with every setting resolved, shell-quoted on one line; nothing runs.
+  printf '%q' "${command[0]}"
+  printf ' %q' "${command[@]:1}"
+  printf '\n'
+  exit 0
+fi
+echo "run_dataflow.sh: $message" >&2
+exec "${command[@]}"

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,12 +76,22 @@ def _check_documented_transforms(report):
     )
 
 
+FILE_IMAGE = "us-central1-docker.pkg.dev/test-project/delg/worker:from-env-file"
+
+
 @pytest.fixture(scope="module")
 def cpu_dry_run(tmp_path_factory):
-    """The CPU dry run with a container image, run once for the tests that read it."""
+    """The CPU dry run with a container image, run once for the tests that read it.
+
+    It also reads an ENV_FILE whose MACHINE_TYPE and CONTAINER_IMAGE the environment of the call overrides
+    (n2-highmem-4 and IMAGE win), while its NUM_WORKERS, which the environment does not set, applies.
+    """
+    tmp_path = tmp_path_factory.mktemp("cpu")
+    env_file = tmp_path / "cpu.env"
+    env_file.write_text(f"MACHINE_TYPE=n2-highmem-8\nCONTAINER_IMAGE={FILE_IMAGE}\nNUM_WORKERS=3\n")
     # Extra arguments pass through to the job (after the generated flags).
-    return _dry_run(tmp_path_factory.mktemp("cpu"), "--labels=team=vision", "--disk_size_gb=77",
-                    MACHINE_TYPE="n2-highmem-4", MAX_NUM_WORKERS="7")
+    return _dry_run(tmp_path, "--labels=team=vision", "--disk_size_gb=77",
+                    MACHINE_TYPE="n2-highmem-4", MAX_NUM_WORKERS="7", ENV_FILE=str(env_file))
 
 
 def test_script_syntax():
@@ -127,6 +138,60 @@ def test_cpu_dry_run_builds_the_job_offline(cpu_dry_run):
     # The job's own flags are Beam pipeline options (DelgOptions): the job Dataflow receives lists them.
     assert opts["output"] == "gs://test-bucket/delg/run-1" and opts["preset"] == "tiny"
     assert opts["input"] == ["gs://test-bucket/images/*.jpg"]
+
+
+def test_command_line_wins_over_the_env_file_in_the_dry_run(cpu_dry_run):
+    """MACHINE_TYPE=... CONTAINER_IMAGE=... ENV_FILE=f ./run_dataflow.sh: the variables of the call win over f's;
+    f's value of a variable the call does not set (NUM_WORKERS) still applies."""
+    report, proc = cpu_dry_run
+    (pool,) = report["environment"]["workerPools"]
+    assert pool["machineType"] == "n2-highmem-4", "the env file's n2-highmem-8 overrode the command line's"
+    assert report["container_images"] == [IMAGE] and FILE_IMAGE not in json.dumps(report)
+    assert report["options"]["num_workers"] == 3 and pool["numWorkers"] == 3
+    assert "(cpu, n2-highmem-4, " + IMAGE + ")" in proc.stderr
+
+
+def _printed_command(tmp_path, env_file_text, **overrides):
+    """PRINT_COMMAND=1: the command the script would run, split back into its arguments (no job is built)."""
+    env_file = tmp_path / "job.env"
+    env_file.write_text(env_file_text)
+    proc = _run(_offline_env(tmp_path, PRINT_COMMAND="1", ENV_FILE=str(env_file), **overrides), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1, (proc.stdout, proc.stderr)
+    return shlex.split(proc.stdout)
+
+
+def test_every_variable_of_the_call_wins_over_the_env_file(tmp_path):
+    """The precedence holds for any variable, not a list: the call's values win, an empty one included."""
+    env_file_text = (
+        "PROJECT=file-project\nREGION=europe-west1\nMACHINE_TYPE=n2-highmem-8\n"
+        f"CONTAINER_IMAGE={FILE_IMAGE}\nMAX_NUM_WORKERS=20\nJOB_NAME=from-file\nLABELS=from=file\n"
+        "NUM_WORKERS=3\nSUBNETWORK=regions/europe-west1/subnetworks/file\nDRY_RUN=1\n"
+    )
+    argv = _printed_command(tmp_path, env_file_text, MACHINE_TYPE="n2-standard-8", JOB_NAME="from-call",
+                            MAX_NUM_WORKERS="5", LABELS="from=call", CONTAINER_IMAGE="", DRY_RUN="0")
+    assert argv[:3] == [sys.executable, "-m", "beam_job"], "DRY_RUN=0 of the call must win over the file's 1"
+    flags = argv[3:]
+    # From the call (PROJECT and REGION are set by _offline_env too).
+    assert "--project=test-project" in flags and "--region=us-central1" in flags
+    assert "--machine_type=n2-standard-8" in flags and "--job_name=from-call" in flags
+    assert "--max_num_workers=5" in flags and "--labels=from=call" in flags
+    # CONTAINER_IMAGE= (empty) in the call drops the file's image: the no-container path.
+    assert not [f for f in flags if f.startswith("--sdk_container_image")]
+    assert f"--setup_file={ROOT / 'setup.py'}" in flags
+    # From the file, where the call is silent.
+    assert "--num_workers=3" in flags and "--subnetwork=regions/europe-west1/subnetworks/file" in flags
+    assert [f for f in flags if f.startswith(("--project=", "--region="))] == ["--project=test-project",
+                                                                              "--region=us-central1"]
+
+
+def test_env_file_fills_in_what_the_call_does_not_set(tmp_path):
+    """Without the variables in the call, the env file's MACHINE_TYPE and CONTAINER_IMAGE apply (and DRY_RUN=1)."""
+    env_file_text = f"MACHINE_TYPE=n2-highmem-16\nCONTAINER_IMAGE={FILE_IMAGE}\nDRY_RUN=1\n"
+    argv = _printed_command(tmp_path, env_file_text, CONTAINER_IMAGE=None)
+    assert argv[:2] == [sys.executable, str(ROOT / "dataflow" / "dry_run.py")] and "--dry_run=True" in argv
+    assert "--machine_type=n2-highmem-16" in argv
+    assert f"--sdk_container_image={FILE_IMAGE}" in argv and "--sdk_location=container" in argv
 
 
 def test_docs_state_the_dry_runs_transform_count(cpu_dry_run):
