@@ -3,6 +3,7 @@
     delg-extract --input 'photos/*.jpg' --output out/ [--preset embedded] [Beam flags...]
     delg-extract presets
     delg-extract report <output> [--run_id ID]      (write runs/<run_id>/report.html of an existing output)
+    delg-extract --version                          (the package version, beam_job.__version__)
 
 Invalid configuration fails before launch with one line saying what to fix (exit status 2); a job that
 fails (e.g. --max_failure_ratio exceeded) exits 1 with a one-line reason. Beam's own flags (--runner,
@@ -21,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from beam_job import __version__
 from beam_job.pipeline.options import (
     JobConfig,
     JobConfigError,
@@ -287,6 +289,9 @@ def _last_error_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 job failed, 2 invalid configuration)."""
+    if "--version" in (sys.argv[1:] if argv is None else argv):  # before logging, flag parsing and any work
+        print(__version__)
+        return 0
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep the job's own lines readable

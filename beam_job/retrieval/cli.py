@@ -9,6 +9,7 @@
   delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
   delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
   delg-retrieval report RESULTS --index INDEX_DIR --out DIR [--queries FILE] [--gnd FILE] [--max_queries N]
+  delg-retrieval --version
 QUERY names an indexed image by its id or its path (stored features), or an image file (local or gs://)
 extracted with the shards' model. Flags are spelled with underscores, as delg-extract's (--max_trials).
 """
@@ -23,6 +24,8 @@ import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from beam_job import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ def _add_rerank_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="delg-retrieval", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=__version__,
+                        help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build a FAISS index from feature shards")
