@@ -227,3 +227,58 @@ def test_pipeline_layer_does_not_import_tensorflow():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- hostile run ids (issue 16, item 3)
+
+HOSTILE_RUN_IDS = ["x/../../../../escape", "a/b", "..", "", ".", ".hidden", "-x", "a\\b", "a b", "a\nb", "run:1",
+                   "é", "a" * 129]
+
+
+def test_run_ids_outside_the_safe_alphabet_are_refused_before_the_output_exists(tmp_path, image_dir, capsys):
+    """Each one used to write somewhere else: Beam temp files outside <output>, shards in features/part-a/,
+    summary.json at <output>/ or <output>/runs/. Now one line saying what is allowed, nothing created."""
+    out = tmp_path / "deep" / "er" / "out"
+    for run_id in HOSTILE_RUN_IDS:
+        for flag in (["--run_id", run_id], [f"--run_id={run_id}"]):
+            if flag[0] == "--run_id" and run_id.startswith("-"):
+                continue  # argparse reads '-x' as a flag; '--run_id=-x' reaches the check
+            line = _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny",
+                                        "--skip_existing", *flag], "--run_id", "letters, digits, '.', '_' or '-'")
+            assert "\n" not in line
+    assert sorted(os.listdir(tmp_path)) == ["img"]  # not even the output's parents: refused before anything
+
+
+def test_python_dash_m_refuses_an_escaping_run_id_and_accepts_the_default_ones(tmp_path, image_dir):
+    from beam_job.pipeline.options import check_run_id, new_run_id
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "beam_job", "--input", str(image_dir / "*.jpg"), "--output", str(out),
+                           "--preset", "tiny", "--run_id", "x/../../../../escape"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "delg-extract: error: --run_id: run id 'x/../../../../escape' is not allowed: use 1 to 128 letters, digits, "
+        "'.', '_' or '-', starting with a letter, digit or '_' (e.g. 20261123T211400Z-3f9a1c)"]
+    assert sorted(os.listdir(tmp_path)) == ["img"]
+    for run_id in [new_run_id() for _ in range(50)] + ["r1", "run0", "crashed", "_a", "a.b-c_D", "a" * 128]:
+        assert check_run_id(run_id) == run_id
+
+
+def test_report_refuses_a_hostile_run_id_from_the_flag_or_from_a_summary(tmp_path, capsys):
+    """`delg-extract report --run_id` and the run id a summary.json holds both name the page's folder."""
+    import json
+
+    from test_report import synthetic_output
+
+    out = str(tmp_path / "out")
+    rid = synthetic_output(out, n_rows=4, per_shard=4)
+    for bad in ("../../escape", "..", ""):
+        _fails_with(capsys, ["report", out, "--run_id", bad], "--run_id", "is not allowed")
+    path = os.path.join(out, "runs", rid, "summary.json")
+    summary = json.load(open(path))
+    summary["run_id"] = "../../../escape"
+    json.dump(summary, open(path, "w"))
+    _fails_with(capsys, ["report", out], "the run id in", "summary.json", "'../../../escape' is not allowed")
+    assert not os.path.exists(tmp_path / "escape") and not os.path.exists(os.path.join(out, "escape"))
+    assert not os.path.exists(os.path.join(out, "runs", rid, "report.html"))

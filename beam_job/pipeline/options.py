@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import logging
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,33 @@ FAILURE_ROWS_PER_SHARD = 50_000
 
 class JobConfigError(ValueError):
     """Invalid job configuration, found before launch. The message is one line saying what to fix."""
+
+
+# A run id names files and folders (features/part-<run_id>-*, runs/<run_id>/, Beam's beam-temp-part-<run_id>-*):
+# one path component of a safe alphabet, never '.' or '..', short enough for file names (255 bytes with
+# Beam's 48-character temp prefix and suffix).
+RUN_ID_MAX_LENGTH = 128
+_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
+RUN_ID_RULE = (f"1 to {RUN_ID_MAX_LENGTH} letters, digits, '.', '_' or '-', starting with a letter, digit or '_' "
+               "(e.g. 20261123T211400Z-3f9a1c)")
+
+
+def run_id_problem(run_id: Any) -> Optional[str]:
+    """Why `run_id` cannot name a run (None when it can): see RUN_ID_RULE."""
+    if not isinstance(run_id, str):
+        return f"a run id must be text, got {type(run_id).__name__}"
+    if not run_id or len(run_id) > RUN_ID_MAX_LENGTH or not _RUN_ID.match(run_id):
+        shown = run_id if len(run_id) <= 60 else run_id[:60] + "..."
+        return f"run id {shown!r} is not allowed: use {RUN_ID_RULE}"
+    return None
+
+
+def check_run_id(run_id: Any, flag: str = "--run_id") -> str:
+    """`run_id` when it can name a run's files; JobConfigError (one line) naming `flag` otherwise."""
+    problem = run_id_problem(run_id)
+    if problem:
+        raise JobConfigError(f"{flag}: {problem}")
+    return run_id
 
 
 def new_run_id() -> str:
@@ -200,7 +228,8 @@ FLAGS: Tuple[Flag, ...] = (
          "process", MODEL, "job", default=False, action="store_true"),
     Flag("skip_model_check", "do not check the model on the launcher before launch", MODEL, "launcher",
          default=False, action="store_true"),
-    Flag("run_id", "name of this run (default: UTC time + random suffix)", RUN, "job", metavar="ID"),
+    Flag("run_id", "name of this run: up to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-' "
+         "(default: UTC time + random suffix)", RUN, "job", metavar="ID"),
     Flag("no_progress", "no progress log lines on local runs", RUN, "launcher", default=False,
          action="store_true"),
     Flag("progress_interval", "seconds between progress lines on local runs", RUN, "launcher", default=10.0,
@@ -269,6 +298,7 @@ class JobConfig:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "manifests", tuple(self.manifests))
         object.__setattr__(self, "output", self.output.rstrip("/") if self.output not in ("/", "") else self.output)
+        check_run_id(self.run_id)  # it names shards, temp folders and runs/<run_id>/: before any path is built
         if not self.output:
             raise JobConfigError("--output is empty: give an output directory or gs:// prefix")
         if not self.inputs and not self.manifests:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from beam_job import storage
 from beam_job.imaging import decode_image
-from beam_job.pipeline.options import JobConfigError, join
+from beam_job.pipeline.options import JobConfigError, check_run_id, join
 from beam_job.pipeline.resume import list_shards, output_state
 from beam_job.pipeline.summary import read_json
 from beam_job.report.html import (
@@ -517,7 +517,9 @@ def _write_text(path: str, text: str) -> None:
 def write_run_report(output: str, run_id: Optional[str] = None, reader: Optional[ColumnReader] = None) -> str:
     """Build and write <output>/runs/<run_id>/report.html (the latest run when run_id is None); returns its path."""
     d = gather(output, run_id, reader)
-    path = join(d.output, "runs", d.summary["run_id"], REPORT_NAME)
+    # The page goes beside the summary, named by the run id the summary holds: never a path outside runs/.
+    rid = check_run_id(d.summary["run_id"], f"the run id in {join(d.output, 'runs')}/*/summary.json")
+    path = join(d.output, "runs", rid, REPORT_NAME)
     _write_text(path, render(d))
     _LOGGER.info("run report: %s", path)
     return path
@@ -540,6 +542,8 @@ def report_command(argv: Sequence[str]) -> str:
     parser.add_argument("output", help="the job's --output (local or gs://)")
     parser.add_argument("--run_id", default=None, help="the run to report (default: the latest)")
     args = parser.parse_args(list(argv))
+    if args.run_id is not None:
+        check_run_id(args.run_id)
     path = write_run_report(args.output, args.run_id)
     print(path)
     return path
