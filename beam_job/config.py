@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,6 +24,15 @@ KAGGLE_SCALES: Tuple[float, ...] = (0.70710677, 1.0, 1.4142135)
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 EMBEDDED_MODEL_PREFIX = "embedded:"
+
+# The model takes input_max_feature_num as a TensorFlow int32 scalar, and level sizes are int32 too.
+INT32_MAX = 2**31 - 1
+
+# The smallest pyramid level, in pixels a side, with a feature grid: the trunk's valid 3x3 max-pool leaves
+# no cell on a level of 1-4 px (no local feature, a NaN global row) and a level of 0 px fails the image
+# (beam_job/delg/graph.py uses this constant). A scale must bring the largest image the settings allow to
+# at least this size, or it can never give anything (ExtractionConfig.smallest_scale).
+MIN_LEVEL_SIZE = 5
 
 # Compute precisions of the model (beam_job.delg.precision): fp32 is the model as exported, bf16 opt-in.
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
@@ -116,18 +126,51 @@ class ExtractionConfig:
                 raise ValueError(
                     f"global_scales_ind {list(bad)} out of range for {len(self.image_scales)} image_scales"
                 )
-        if self.max_feature_num <= 0:
-            raise ValueError(f"max_feature_num must be > 0, got {self.max_feature_num}")
+        for name in ("max_feature_num", "max_image_size", "min_image_size", "max_image_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not 0 < self.max_feature_num <= INT32_MAX:
+            raise ValueError(f"max_feature_num must be between 1 and {INT32_MAX} (the model takes it as an int32), "
+                             f"got {self.max_feature_num}")
         for name in ("max_image_size", "min_image_size"):
             value = getattr(self, name)
-            if value == 0 or value < -1:
-                raise ValueError(f"{name} must be -1 (off) or a positive size, got {value}")
+            if value == 0 or value < -1 or value > INT32_MAX:
+                raise ValueError(f"{name} must be -1 (off) or a positive size up to {INT32_MAX}, got {value}")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        smallest, side, why = self.smallest_scale
+        small = [s for s in self.image_scales if s < smallest]
+        if small:
+            shown = next(f"{v:.{d}g}" for d in range(3, 18) for v in (smallest,) if float(f"{v:.{d}g}") >= v)
+            raise ValueError(
+                f"image_scales {', '.join(f'{s:g}' for s in small)} too small: at most {side} px a side ({why}), an "
+                f"image would be under {MIN_LEVEL_SIZE} px there, where no feature can come out (a 0-px level "
+                f"fails the image); the smallest usable scale here is {shown}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+
+    @property
+    def smallest_scale(self) -> Tuple[float, int, str]:
+        """(the smallest usable pyramid scale, the largest side both of an image's sides can have here, why).
+
+        Before the pyramid the longest side is shrunk to max_image_size or grown to min_image_size; without a
+        max_image_size, an image of at most max_image_pixels has both sides at most its square root (or its
+        longest side, squared up by use_square_images). A scale under MIN_LEVEL_SIZE / that side gives every
+        image a level without a feature grid.
+        """
+        if self.max_image_size > 0:
+            side, why = self.max_image_size, f"max_image_size {self.max_image_size}"
+        elif self.use_square_images:
+            side, why = self.max_image_pixels, f"max_image_pixels {self.max_image_pixels}, squared up"
+        else:
+            side, why = math.isqrt(self.max_image_pixels), f"max_image_pixels {self.max_image_pixels}"
+        if self.min_image_size > side:
+            side, why = self.min_image_size, f"min_image_size {self.min_image_size}"
+        return MIN_LEVEL_SIZE / side, side, why
 
     @property
     def is_embedded_model(self) -> bool:

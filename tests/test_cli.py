@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from beam_job import cli
@@ -282,3 +283,44 @@ def test_report_refuses_a_hostile_run_id_from_the_flag_or_from_a_summary(tmp_pat
     _fails_with(capsys, ["report", out], "the run id in", "summary.json", "'../../../escape' is not allowed")
     assert not os.path.exists(tmp_path / "escape") and not os.path.exists(os.path.join(out, "escape"))
     assert not os.path.exists(os.path.join(out, "runs", rid, "report.html"))
+
+
+# ----------------------------------------------------------------------------- impossible settings (item 10)
+
+def test_settings_no_image_can_work_with_fail_before_launch_in_one_line(tmp_path, image_dir, capsys):
+    """They used to be accepted, and then every image failed at inference (the job exited 1)."""
+    out = tmp_path / "out"
+    run = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny"]
+    for value in ("2147483648", "99999999999999999999", "4294967296"):
+        _fails_with(capsys, [*run, "--max_feature_num", value], "max_feature_num must be between 1 and 2147483647",
+                    "int32")
+    _fails_with(capsys, [*run, "--max_feature_num", "1e20"], "--max_feature_num", "invalid int value")
+    for scales, shown in (("1e-9,1", "1e-09"), ("1,0.05", "0.05"), ("0.00001", "1e-05")):
+        _fails_with(capsys, [*run, "--image_scales", scales, "--global_scales_ind", "0"],
+                    f"image_scales {shown} too small", "max_image_size 96", "smallest usable scale here is 0.0521")
+    # the bound follows the settings: the largest image they allow
+    _fails_with(capsys, [*run, "--max_image_size", "1024", "--image_scales", "0.004,1", "--global_scales_ind", "1"],
+                "image_scales 0.004 too small", "max_image_size 1024", "is 0.004883")
+    _fails_with(capsys, [*run, "--max_image_size", "-1", "--image_scales", "1e-4", "--global_scales_ind", "0"],
+                "image_scales 0.0001 too small", "max_image_pixels 100000000", "is 0.0005")
+    _fails_with(capsys, [*run, "--max_image_size", "2147483648"], "max_image_size must be -1 (off) or a positive size")
+    assert not os.path.exists(out)
+
+
+def test_the_smallest_usable_scale_works_for_the_largest_image(tmp_path, capsys):
+    """The bound is tight: at 0.0521 with the tiny preset (96 px) the largest image still gets its level."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    d = tmp_path / "img"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype="uint8")).save(d / "big.png")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(d / "*.png"), "--output", str(out), "--preset", "tiny", "--no_progress",
+                     "--image_scales", "0.0521,1"]) == 0, capsys.readouterr().err[-2000:]
+    features = [str(p) for p in (out / "features").glob("*.parquet")]
+    table = pq.read_table(features[0], columns=["global_descriptor"])
+    assert len(features) == 1 and table.num_rows == 1
+    assert np.isfinite(np.asarray(table.column(0).to_pylist()[0])).all()  # the 5-px level pooled, no NaN
+    assert not list((out / "failures").glob("*.parquet"))

@@ -34,13 +34,11 @@ from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 
+from beam_job.config import MIN_LEVEL_SIZE  # smallest level (px a side) with a grid cell: conv1 /2, valid 3x3 pool
 from beam_job.delg.architecture import FEATURE_STRIDE, RECEPTIVE_BOX_OFFSETS
 from beam_job.delg.folded import FoldedWeights
 
 logger = logging.getLogger(__name__)
-
-# Smallest pyramid level (pixels per side) with a grid cell: conv1 /2 then a valid 3x3 max-pool.
-MIN_LEVEL_SIZE = 5
 
 INPUT_NAMES = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
