@@ -314,6 +314,80 @@ def test_local_claim_take_over_and_release_only_by_its_holder(tmp_path):
     assert claim.release(taken) and not os.listdir(output)
 
 
+def _put(store, path, data):
+    """Write raw bytes at path (local or on the bucket), as a damaged or hand-made state file would be."""
+    if store.bucket is not None:
+        store.bucket.blob(path[len(f"gs://{store.bucket.name}/"):]).upload_from_string(data)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+
+def _one_error_line(capsys, argv):
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+    assert code == 2 and len(err) == 1 and err[0].startswith("delg-extract: error: "), (code, err)
+    return err[0]
+
+
+UNREADABLE_CLAIMS = [b"", b"\n", b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"x"', b"{}", b'{"run_id": 5}',
+                     b'{"run_id": ""}', b'{"host": "h", "pid": 1}']
+
+
+def test_unreadable_claim_is_reported_as_such_and_deleting_it_lets_a_run_succeed(store, tmp_path, capsys):
+    """An empty or malformed `_claim.json` used to lock the output for good: "claimed by run ? (on ?, pid ?,
+    since ?) ... pass --take_over_claim ?", and `--take_over_claim ?` was refused too."""
+    manifest, lines = _images(tmp_path, n=2, missing=0)
+    output = store.out("unreadable-claim")
+    path = f"{output}/_claim.json"
+    run = ["--manifest", manifest, "--output", output, *TINY]
+    for data in UNREADABLE_CLAIMS:
+        _put(store, path, data)
+        before = store.snapshot(output)
+        for extra in ([], ["--take_over_claim", "?"], ["--take_over_claim", "crashed"]):
+            line = _one_error_line(capsys, [*run, *extra])
+            assert f"its claim file {path} cannot be read (" in line, (data, line)
+            assert f"once no run is writing to {output}, delete {path} and run again" in line
+            assert "run ?" not in line and "--take_over_claim" not in line
+        assert store.snapshot(output) == before  # refused before any work
+    # The way out, for an empty claim (what a full disk left) and for a garbage one: delete it, run again.
+    _put(store, path, b"")
+    FileSystems.delete([path])
+    assert cli.main(run) == 0
+    _put(store, path, b"\x00garbage\x00")
+    assert "(it is not JSON (9 bytes))" in _one_error_line(capsys, [*run, "--skip_existing"])
+    FileSystems.delete([path])
+    assert cli.main([*run, "--skip_existing"]) == 0
+    assert "_claim.json" not in store.names(output) and "_SUCCESS" in store.names(output)
+    done, failed = assert_every_input_once(store, output, _inputs_of(lines))
+    assert len(done) == len(lines) and not failed
+
+
+def test_a_claim_that_cannot_be_written_whole_is_not_left_behind(tmp_path):
+    """The empty claim came from a run refused on a full disk: the claim was created, then its write failed.
+    Here a file-size limit (RLIMIT_FSIZE, 32 bytes) makes the write fail; the claim must not stay."""
+    import resource
+    import signal
+
+    manifest, _ = _images(tmp_path, n=1, missing=0)
+    output = str(tmp_path / "out")
+    os.makedirs(output)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal, as ENOSPC on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32, 32))
+
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "beam_job", "--manifest", manifest, "--output", output, *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not writable (" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert os.listdir(output) == []  # no empty _claim.json, no temp file: the output is not locked
+    assert cli.main(["--manifest", manifest, "--output", output, *TINY]) == 0
+
+
 # ----------------------------------------------------------------------------- the failure retry
 
 def test_retry_of_failures_on_a_finished_output_keeps_success_and_loses_nothing(store, tmp_path):

@@ -1,12 +1,19 @@
 """The output claim: one run owns an output at a time (`<output>/_claim.json`, local disk or gs://).
 
-A run creates the claim file *only if it does not exist*, atomically: `O_CREAT | O_EXCL` on local disk,
+A run creates the claim file *only if it does not exist*, atomically: a hard link (or `O_CREAT | O_EXCL`
+where links are not supported) on local disk,
 and on GCS an upload with the precondition `ifGenerationMatch=0` (the object must not exist), which GCS
 enforces server-side, so two launchers racing for one output cannot both win. The loser fails before any
 work with a one-line error naming the holder. The claim is released (deleted, only if it is still ours)
 at the end of every run, failed or not. A claim left by a crashed run stays until a user takes it over
 explicitly with `--take_over_claim <run_id>` (the run id is in the error message), which replaces it
 only if it still names that run (on GCS: a generation-matched rewrite).
+
+A claim file is never seen half-written: locally it is written to a temporary file first and linked into
+place (`os.link` fails when the name exists), on GCS an upload is atomic. A claim file that still cannot be
+read (empty, not JSON, or JSON that is not a claim: left by an older version, a full disk or a hand edit)
+names no run to take over: every run then stops with one line naming the file and the way out, deleting it
+once no run is writing to the output.
 
 Beam's FileSystems has no conditional create, so this module talks to GCS with google-cloud-storage
 directly; it is the one place in the job that does.
@@ -83,45 +90,118 @@ def _held_error(output: str, holder: Dict[str, Any]) -> ClaimError:
     )
 
 
-def _parse(data: bytes) -> Dict[str, Any]:
+def _parse(data: bytes) -> Optional[Dict[str, Any]]:
+    """The claim in `data`, or None when it is not one: a JSON object with a non-empty text run_id."""
     try:
         value = json.loads(data.decode("utf-8"))
-        return value if isinstance(value, dict) else {}
     except (ValueError, UnicodeDecodeError):
-        return {}
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("run_id"), str) or not value["run_id"]:
+        return None
+    return value
+
+
+def _why_unreadable(data: bytes) -> str:
+    if not data.strip():
+        return "it is empty" if not data else "it holds only white space"
+    try:
+        json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"it is not JSON ({len(data)} bytes)"
+    return "it is JSON but not a claim (an object with a run_id)"
+
+
+def _unreadable_error(output: str, path: str, data: bytes) -> ClaimError:
+    return ClaimError(
+        f"{output} cannot be claimed: its claim file {path} cannot be read ({_why_unreadable(data)}), so it names "
+        f"no run to wait for or take over: once no run is writing to {output}, delete {path} and run again"
+    )
+
+
+def _holder(output: str, path: str, data: bytes) -> Dict[str, Any]:
+    """The claim in `data`; ClaimError (one line, naming the file and the way out) when it cannot be read."""
+    holder = _parse(data)
+    if holder is None:
+        raise _unreadable_error(output, path, data)
+    return holder
 
 
 # ----------------------------------------------------------------------------- local disk
 
-def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) -> Claim:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    body = _claim_body(run_id)
+def _local_create(path: str, body: bytes) -> bool:
+    """Create the claim file with `body` only if it does not exist, atomically and whole; False if it exists.
+
+    The body goes to a temporary file first and is linked into place: a reader never sees an empty or half
+    claim, and a write that fails (a full disk) leaves no claim behind. Where hard links are not supported,
+    an `O_EXCL` create and a write instead.
+    """
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(body)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some FUSE and network filesystems)
+            pass
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        holder = _local_read(path) or {}
+        return False
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+    except BaseException:
+        os.unlink(path)  # never leave an empty or partial claim
+        raise
+    return True
+
+
+def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) -> Claim:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    body = _claim_body(run_id)
+    for _ in range(3):  # a claim that vanishes between the create and the read was just released: try again
+        if _local_create(path, body):
+            break
+        data = _local_read_bytes(path)
+        if data is None:
+            continue
+        holder = _holder(output, path, data)
         if take_over is None or holder.get("run_id") != take_over:
-            raise _held_error(output, holder) from None
+            raise _held_error(output, holder)
         tmp = f"{path}.{uuid.uuid4().hex}"
         with open(tmp, "wb") as fh:
             fh.write(body)
         os.replace(tmp, path)  # atomic: readers see the old or the new claim, never half of one
         _LOGGER.warning("took over the claim of run %s on %s", take_over, output)
-    else:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(body)
-    mine = _local_read(path) or {}
-    if mine.get("token") != _parse(body)["token"]:  # another take-over won the race
+        break
+    data = _local_read_bytes(path)
+    if data is None:
+        raise ClaimError(f"{output} cannot be claimed: its claim file {path} keeps appearing and disappearing "
+                         "(other runs starting and ending): run again")
+    mine = _holder(output, path, data)
+    if mine.get("token") != json.loads(body)["token"]:  # another launcher or take-over won the race
         raise _held_error(output, mine)
     return Claim(path=path, run_id=run_id)
 
 
-def _local_read(path: str) -> Optional[Dict[str, Any]]:
+def _local_read_bytes(path: str) -> Optional[bytes]:
     try:
         with open(path, "rb") as fh:
-            return _parse(fh.read())
+            return fh.read()
     except FileNotFoundError:
         return None
+
+
+def _local_read(path: str) -> Optional[Dict[str, Any]]:
+    """The claim's content; None when there is none; {} when the file cannot be read as a claim."""
+    data = _local_read_bytes(path)
+    return None if data is None else (_parse(data) or {})
 
 
 def _local_release(claim: Claim) -> bool:
@@ -149,7 +229,7 @@ def _blob(path: str):
     return gcs.Client().bucket(bucket).blob(name)
 
 
-def _gcs_read(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+def _gcs_read_bytes(path: str) -> Tuple[Optional[bytes], Optional[int]]:
     from google.api_core import exceptions as gexc
 
     blob = _blob(path)
@@ -157,7 +237,13 @@ def _gcs_read(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
         data = blob.download_as_bytes()
     except gexc.NotFound:
         return None, None
-    return _parse(data), blob.generation
+    return data, blob.generation
+
+
+def _gcs_read(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+    """(the claim's content, its generation); (None, None) when there is none; {} when it is not a claim."""
+    data, generation = _gcs_read_bytes(path)
+    return (None if data is None else (_parse(data) or {})), generation
 
 
 def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) -> Claim:
@@ -165,7 +251,8 @@ def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) 
 
     body = _claim_body(run_id)
     blob = _blob(path)
-    holder, generation = _gcs_read(path)
+    data, generation = _gcs_read_bytes(path)
+    holder = None if data is None else _holder(output, path, data)
     if holder is not None:
         if take_over is None or holder.get("run_id") != take_over:
             raise _held_error(output, holder)
@@ -175,13 +262,14 @@ def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) 
     try:
         blob.upload_from_string(body, content_type="application/json", if_generation_match=precondition)
     except gexc.PreconditionFailed:
-        now, _ = _gcs_read(path)
-        raise _held_error(output, now or {}) from None
+        now, _ = _gcs_read_bytes(path)
+        raise _held_error(output, {} if now is None else _holder(output, path, now)) from None
     if holder is not None:
         _LOGGER.warning("took over the claim of run %s on %s", take_over, output)
-    mine, generation = _gcs_read(path)
-    if (mine or {}).get("token") != _parse(body)["token"]:
-        raise _held_error(output, mine or {})
+    now, generation = _gcs_read_bytes(path)
+    mine = {} if now is None else _holder(output, path, now)
+    if mine.get("token") != json.loads(body)["token"]:
+        raise _held_error(output, mine)
     return Claim(path=path, run_id=run_id, generation=generation)
 
 
