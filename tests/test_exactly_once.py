@@ -388,6 +388,36 @@ def test_a_claim_that_cannot_be_written_whole_is_not_left_behind(tmp_path):
     assert cli.main(["--manifest", manifest, "--output", output, *TINY]) == 0
 
 
+BAD_IDENTITIES = [(b"[1,2]", "it holds an array, not a JSON object"), (b'"x"', "it holds a string, not a JSON object"),
+                  (b'{"settings":5}', "model_identity is not text, settings is not an object"),
+                  (b"{}", "model_identity is not text"), (b"5", "it holds a number"), (b"null", "it holds null"),
+                  (b"true", "it holds a boolean"),
+                  (b'{"model_identity": "m", "settings": {}, "preset": [1]}', "preset is not text"),
+                  (b"{oops", "it is not JSON"), (b"", "it is empty")]
+
+
+def test_output_identity_of_the_wrong_shape_is_refused_in_one_line_and_the_output_untouched(store, tmp_path, capsys):
+    """`_output.json` holding valid JSON of another shape used to end in AttributeError/TypeError tracebacks."""
+    manifest, lines = _images(tmp_path, n=2, missing=1)
+    output = store.out("bad-identity")
+    run = ["--manifest", manifest, "--output", output, *TINY]
+    assert cli.main(run) == 0
+    path = f"{output}/_output.json"
+    for data, why in BAD_IDENTITIES:
+        _put(store, path, data)
+        before = store.snapshot(output)
+        line = _one_error_line(capsys, [*run, "--skip_existing"])
+        assert f"{path} is not the output's identity (" in line and why in line, (data, line)
+        assert "restore it, or delete it" in line
+        assert store.snapshot(output) == before
+    # The way out given: delete it; the identity then comes from the shards' footers, and still protects.
+    FileSystems.delete([path])
+    assert "score_threshold" in _one_error_line(capsys, [*run, "--skip_existing", "--score_threshold", "0.5"])
+    assert cli.main([*run, "--skip_existing"]) == 0
+    assert "_SUCCESS" in store.names(output)
+    assert_every_input_once(store, output, _inputs_of(lines))
+
+
 # ----------------------------------------------------------------------------- the failure retry
 
 def test_retry_of_failures_on_a_finished_output_keeps_success_and_loses_nothing(store, tmp_path):

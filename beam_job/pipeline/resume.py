@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 from beam_job import storage
-from beam_job.pipeline.options import JobConfig, join
+from beam_job.pipeline.options import JobConfig, JobConfigError, join
 from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
@@ -124,13 +124,39 @@ def identity_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> L
     return diffs
 
 
-def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
-    """The recorded identity: `_output.json`, else (outputs of earlier versions) the footer of a shard."""
-    from beam_job.pipeline.summary import read_json
+def _identity_problem(data: bytes) -> Optional[str]:
+    """Why `data` is not an output identity (None when it is): a JSON object with a text model_identity and
+    an object of settings, as `output_identity` writes it."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "it is empty" if not data.strip() else "it is not JSON"
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        return f"it holds {kinds.get(type(value), 'null')}, not a JSON object"
+    wrong = [f"{key} is not {what}" for key, kind, what in (("model_identity", str, "text"),
+                                                             ("settings", dict, "an object"))
+             if not isinstance(value.get(key), kind)]
+    if not isinstance(value.get("preset", ""), (str, type(None))):
+        wrong.append("preset is not text")
+    return ", ".join(wrong) or None
 
-    recorded = read_json(join(output, OUTPUT_FILE))
-    if recorded:
-        return recorded
+
+def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
+    """The recorded identity: `_output.json`, else (outputs of earlier versions) the footer of a shard.
+
+    An `_output.json` that is not an identity (not JSON, or JSON of another shape) raises JobConfigError (one
+    line naming the file and the way out): it is never guessed at nor overwritten.
+    """
+    path = join(output, OUTPUT_FILE)
+    if storage.exists(path):
+        data = storage.read_bytes(path)
+        problem = _identity_problem(data)
+        if problem:
+            raise JobConfigError(
+                f"{path} is not the output's identity ({problem}): restore it, or delete it to have the model and "
+                "settings read from the shards' footers instead (or use --overwrite or another --output)")
+        return json.loads(data.decode("utf-8"))
     shards = list_shards(join(output, "features")) or list_shards(join(output, "failures"))
     if not shards:
         return None
