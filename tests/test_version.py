@@ -40,8 +40,7 @@ def test_module_entry_prints_the_version_before_heavy_imports(module):
 def test_console_script_prints_the_version(tool):
     """The installed console scripts (setup.py entry points: beam_job.cli:console_main, retrieval.cli:main)."""
     script = BIN / tool
-    if not script.exists():
-        pytest.skip(f"{tool} is not installed next to {sys.executable} (pip install --no-deps -e .)")
+    assert script.exists(), f"{tool} is not installed next to {sys.executable}: pip install --no-deps -e ."
     proc = _run(str(script), "--version")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == beam_job.__version__ + "\n"
