@@ -10,11 +10,13 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_job import storage
+from beam_job import cli, storage
 from beam_job.pipeline.inputs import (
     ListInputs,
+    ManifestError,
     check_inputs,
     derive_image_id,
+    folder_pattern,
     path_to_text,
     read_manifest,
     text_to_path,
@@ -152,3 +154,107 @@ def test_list_inputs_carries_names_that_are_not_utf8_through_beam(tmp_path):
         out = p | ListInputs([str(imgs / "*")], [str(manifest)])
         assert_that(out, equal_to(expected))
     assert check_inputs([str(imgs / "*")], [str(manifest)], count=True) == 7
+
+
+# ----------------------------------------------------------------------------- strict CSV manifests, folders
+
+TINY_RUN = ["--preset", "tiny", "--no_progress"]
+
+
+def _tiny_images(directory, names):
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (48, 40), (10 + 40 * i, 200, 30)).save(directory / name)
+    return [str(directory / n) for n in names]
+
+
+def _refused(capsys, argv, *needles):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("delg-extract: error: "), err
+    for needle in needles:
+        assert needle in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["unterminated_quote", "text_after_quote", "cell_over_field_limit", "extra_cells"])
+def test_malformed_csv_manifest_is_refused_before_launch_naming_file_and_line(tmp_path, capsys, case):
+    """Every way a CSV manifest can be malformed stops the run before launch with one line naming the file and the
+    line, instead of rows silently lost (an unterminated quote swallowed every later row) or a raw traceback."""
+    good = _tiny_images(tmp_path / "img", ["a.jpg"])[0]
+    later = "".join(f"{tmp_path}/img/later{i}.jpg,L{i}\n" for i in range(3000))
+    body, needles = {
+        "unterminated_quote": (f'"{good},B\n' + later, ["line 3", "never closed"]),
+        "text_after_quote": (f'"{good}",B\n"{good}"x,C\n' + later, ["line 4", "malformed CSV"]),
+        "cell_over_field_limit": ("/x" * 70_000 + ",B\n" + later, ["line 3", "longer than 131072 characters"]),
+        "extra_cells": (f"{tmp_path}/img/a, b.jpg,B\n" + later, ["line 3", "3 cells where the header has 2"]),
+    }[case]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,image_id\n{good},A\n" + body)
+    out = tmp_path / "out"
+    _refused(capsys, ["--manifest", str(manifest), "--output", str(out), *TINY_RUN],
+             f"CSV manifest {manifest}, ", *needles)
+    assert not out.exists()  # nothing launched: no claim, no shard, no _SUCCESS
+    with pytest.raises(ManifestError, match=needles[0]):
+        list(read_manifest(str(manifest)))
+
+
+def test_malformed_csv_manifest_past_the_launcher_check_fails_the_job_naming_the_line(tmp_path):
+    """A manifest too large for the launcher's full check (remote runs) is parsed as strictly inside the job."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('path\n/x/a.jpg\n/x/b.jpg\n"/x/c.jpg\n/x/d.jpg\n')
+    with pytest.raises(Exception, match=r"m\.csv, line 4: a quoted cell opened there is never closed"):
+        with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+            _ = p | ListInputs([], [str(manifest)])
+
+
+def test_csv_manifest_quoting_that_is_well_formed_still_reads(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text('path,image_id\n"/d/a ""q"".jpg",A\n"/d/b,\nc.jpg",B,,\n/d/c.jpg\n')
+    assert list(read_manifest(str(m))) == [("A", '/d/a "q".jpg'), ("B", "/d/b,\nc.jpg"),
+                                           (derive_image_id("/d/c.jpg"), "/d/c.jpg")]
+
+
+def test_folder_input_lists_the_files_directly_in_it(tmp_path, capsys):
+    """--input <folder> (with or without a trailing '/') reads the images in it, as 'folder/*' would: files in
+    subfolders are left out; an empty folder is refused before launch like a glob that matches nothing."""
+    folder = tmp_path / "photos"
+    top = _tiny_images(folder, ["a.jpg", "b.png"])
+    _tiny_images(folder / "sub", ["deep.jpg"])
+    assert folder_pattern(str(folder)) == str(folder / "*")
+    assert folder_pattern(str(folder) + "/") == str(folder / "*")
+    assert folder_pattern("gs://bucket/photos/") == "gs://bucket/photos/*"
+    assert folder_pattern("gs://bucket/photos/a.jpg") == "gs://bucket/photos/a.jpg"
+    assert folder_pattern(top[0]) == top[0]
+    assert check_inputs([str(folder)], [], count=True) == 2
+
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(folder), "--output", str(out), *TINY_RUN]) == 0
+    table = pq.read_table(str(out / "features"))
+    assert sorted(table.column("path").to_pylist()) == top
+    assert (out / "_SUCCESS").exists()
+
+    empty = tmp_path / "empty"
+    (empty / "only_a_subfolder").mkdir(parents=True)
+    (empty / "only_a_subfolder" / "x.jpg").write_bytes(b"x")
+    _refused(capsys, ["--input", str(empty) + "/", "--output", str(tmp_path / "out2"), *TINY_RUN],
+             f"--input {empty}/ matches no file", f"{empty}/**")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_gcs_folder_input_is_the_prefix_ending_in_a_slash(gcs_bucket):
+    """gs://bucket/photos/ lists the objects directly under the prefix (as gs://bucket/photos/* does); without the
+    slash it is refused with the fix named; an empty prefix is refused like a glob that matches nothing."""
+    for name in ("photos/a.jpg", "photos/b.jpg", "photos/sub/c.jpg"):
+        gcs_bucket.blob(name).upload_from_string(b"x")
+    base = f"gs://{gcs_bucket.name}"
+    assert check_inputs([f"{base}/photos/"], [], count=True) == 2
+    assert check_inputs([f"{base}/photos/"], []) is None
+    with pytest.raises(ValueError, match=f"trailing '/', '{base}/photos/'"):
+        check_inputs([f"{base}/photos"], [])
+    with pytest.raises(ValueError, match="matches no file"):
+        check_inputs([f"{base}/empty/"], [], count=True)

@@ -5,6 +5,9 @@ Manifest formats (detected per file):
     earlier run is such a manifest, so re-running it retries exactly the failed images. Its `path` column
     is in the stored form (`path_to_text`, below), as every table this job writes.
   * CSV with a header line that has a `path` column (optional `image_id`; other columns are ignored).
+    Parsed strictly: a quote that is never closed, text after a closing quote, a cell over the csv
+    module's field limit (131,072 characters; no path is that long) or a row with more non-empty cells
+    than the header is a `ManifestError` naming the file and the line, never rows silently lost.
   * plain text: one path a line. Lines that are empty or only whitespace, and lines whose first character
     is '#', are skipped; every other line is a path exactly as written, without its line ending.
 Paths are taken verbatim (CSV quoting by the csv module; nothing stripped). A text manifest's line ends
@@ -17,6 +20,9 @@ Paths between the steps of the job and in the `path` column are text in the *sto
 valid UTF-8 is kept as it is; a local name that is not (Linux names are bytes) is written with `\xHH` for
 each byte that is not UTF-8 (see `path_to_text` / `text_to_path` and docs/pipeline.md). Beam's coders and
 Parquet strings need valid UTF-8, so Python's surrogate-escaped str of such a name cannot travel as is.
+
+An --input that names a folder (a local directory, or a gs:// prefix ending in '/') lists the files directly in
+it, as `folder/*` does (not recursive: use `folder/**` for every file below it); see `folder_pattern`.
 
 Listing happens in our own DoFns (one call per pattern / manifest file, through `beam_job.storage.match`)
 rather than MatchFiles/ReadFromText, so that exact paths are never pushed through MatchFiles (which drops
@@ -115,6 +121,10 @@ def is_parquet_manifest(path: str) -> bool:
     return path.lower().endswith(".parquet")
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read as what it says it is; the message is one line naming file and line."""
+
+
 def _header_columns(first_line: str) -> Optional[List[str]]:
     """The CSV header's column names when the line is a header with a `path` column, else None."""
     try:
@@ -143,7 +153,9 @@ def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str
     """(image_id, stored-form path) from a text manifest stream (CSV with header, or one path a line)."""
     lines = iter(stream)
     first = None
+    consumed = 0  # lines read so far (for the line numbers of CSV errors)
     for line in lines:
+        consumed += 1
         if _is_entry(line):
             first = line
             break
@@ -152,25 +164,56 @@ def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str
     header = _header_columns(first)
     if header is None:
         if source.lower().endswith(".csv"):
-            raise ValueError(f"CSV manifest {source} has no 'path' column in its header line: "
-                             "add a header 'path[,image_id]'")
+            raise ManifestError(f"CSV manifest {source} has no 'path' column in its header line (line {consumed}): "
+                                "add a header 'path[,image_id]'")
         yield listed(_without_line_ending(first))
         for line in lines:
             if _is_entry(line):
                 yield listed(_without_line_ending(line))
         return
+    yield from _csv_records(lines, source, header, consumed)
+
+
+def _csv_error(exc: csv.Error, source: str, start: int, end: int) -> ManifestError:
+    """The one-line error of a CSV record that the csv module refused (it began on line `start`)."""
+    where = f"CSV manifest {source}, line {start}"
+    text = str(exc)
+    if "field larger than field limit" in text:
+        return ManifestError(f"{where}: a cell is longer than {csv.field_size_limit()} characters, more than any path "
+                             "(a quote that is never closed?): check the quotes from that line on")
+    if "unexpected end of data" in text:
+        return ManifestError(f"{where}: a quoted cell opened there is never closed (it runs to the end of the file): "
+                             "close the quote, and double every quote inside a quoted cell")
+    lines = f"line {start}" if end <= start else f"lines {start}-{end}"
+    return ManifestError(f"CSV manifest {source}, {lines}: malformed CSV ({text}): quote a cell that holds a comma, "
+                         "a quote or a line break, and double every quote inside it")
+
+
+def _csv_records(lines: Iterator[str], source: str, header: List[str], offset: int) -> Iterator[Tuple[str, str]]:
+    """The records after the header line (`offset` lines were read before them), parsed strictly."""
     path_col = header.index("path")
     id_col = header.index("image_id") if "image_id" in header else None
-    reader = csv.reader(lines)
-    for cells in reader:
+    reader = csv.reader(lines, strict=True)
+    while True:
+        start = offset + reader.line_num + 1  # the line the next record begins on
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _csv_error(exc, source, start, offset + reader.line_num) from None
         if not cells or not any(c.strip() for c in cells):
             continue
+        if len(cells) > len(header) and any(c.strip() for c in cells[len(header):]):
+            raise ManifestError(
+                f"CSV manifest {source}, line {start}: {len(cells)} cells where the header has {len(header)}: "
+                "quote a path that holds a comma")
         path = cells[path_col] if path_col < len(cells) else ""
         image_id = cells[id_col].strip() if id_col is not None and id_col < len(cells) else ""
         if not path:
-            # Nothing to read: no row can be made for it, and a malformed line must not stop the job.
+            # Nothing to read: no row can be made for it (logged and counted, as documented).
             Metrics.counter(METRICS_NAMESPACE, "manifest_lines_without_path").inc()
-            _LOGGER.warning("manifest %s: a line without a path was skipped: %r", source, cells)
+            _LOGGER.warning("manifest %s, line %d: a line without a path was skipped: %r", source, start, cells)
             continue
         yield listed(path, path_to_text(image_id))
 
@@ -203,6 +246,18 @@ def read_manifest(path: str) -> Iterator[Tuple[str, str]]:
         yield from _text_records(text, path)
 
 
+def folder_pattern(pattern: str) -> str:
+    """The glob an --input stands for: a folder (a local directory, or a gs:// prefix ending in '/') lists the
+    files directly in it (`folder/*`, not recursive, as a glob ending in '/' does); anything else is itself."""
+    if has_glob(pattern):
+        return pattern
+    if storage.is_remote(pattern):
+        return pattern + "*" if pattern.endswith("/") else pattern
+    if os.path.isdir(pattern):
+        return pattern + "*" if pattern.endswith("/") else pattern + "/*"
+    return pattern
+
+
 class ExpandGlobFn(beam.DoFn):
     """pattern -> (image_id, path) for every file it matches (one listing per pattern)."""
 
@@ -210,7 +265,7 @@ class ExpandGlobFn(beam.DoFn):
         self._listed = Metrics.counter(METRICS_NAMESPACE, "inputs_listed")
 
     def process(self, pattern: str):
-        paths = storage.match(text_to_path(pattern))
+        paths = storage.match(folder_pattern(text_to_path(pattern)))
         _LOGGER.info("input pattern %s matched %d files", pattern, len(paths))
         self._listed.inc(len(paths))
         for path in paths:
@@ -275,21 +330,43 @@ class ListInputs(beam.PTransform):
 
 # ----------------------------------------------------------------------------- launcher-side checks
 
+# A manifest up to this size is read through on the launcher before a remote launch too (local runs read every
+# manifest to count the inputs), so that a malformed one is refused before launch; a larger one is checked
+# there up to its first record, and in full by the job (a malformed line then fails the job, naming it).
+LAUNCHER_CHECK_BYTES = 64 << 20
+
+
+def _size_or_none(path: str) -> float:
+    """The file's size, or infinity when it cannot be had (the first-record read then reports the problem)."""
+    try:
+        return storage.size(path)
+    except Exception:  # noqa: BLE001 - any listing trouble: fall back to the first-record check
+        return float("inf")
+
+
 def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool = False) -> Optional[int]:
     """Validate inputs before launch; raise ValueError (one line) on the first problem.
 
-    Every --input pattern must match at least one file; every manifest must exist and (text) have a
-    usable first line. With count=True the listed inputs are counted (for progress) and returned; this
-    lists everything on the launcher, so it is only done for local runs.
+    Every --input pattern (or folder) must match at least one file; every manifest must exist and parse
+    (text manifests up to LAUNCHER_CHECK_BYTES in full, larger ones up to their first record). With
+    count=True the listed inputs are counted (for progress) and returned; this lists and reads everything
+    on the launcher, so it is only done for local runs.
     """
     total = 0
-    for pattern in inputs:
+    for given in inputs:
+        pattern = folder_pattern(given)
         if count:
             n = len(storage.match(pattern))
         else:
             n = len(storage.match(pattern, limit=1)) if has_glob(pattern) else (1 if storage.exists(pattern) else 0)
         if n == 0:
-            raise ValueError(f"--input {pattern} matches no file: check the path and quote the glob")
+            if pattern != given:
+                raise ValueError(f"--input {given} matches no file: the folder holds no file (its subfolders are not "
+                                 f"listed: use '{storage.join(given, '**')}' for every file below it)")
+            hint = ""
+            if storage.is_remote(given) and not has_glob(given) and storage.match(given + "/*", limit=1):
+                hint = f" (a folder: write it with a trailing '/', '{given}/')"
+            raise ValueError(f"--input {given} matches no file{hint}: check the path and quote the glob")
         total += n
     for pattern in manifests:
         files = storage.match(pattern) if has_glob(pattern) else [pattern]
@@ -297,8 +374,9 @@ def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool
             missing = pattern if not files else next(f for f in files if not storage.exists(f))
             raise ValueError(f"--manifest {missing} does not exist")
         for manifest in files:
-            if count:
-                total += sum(1 for _ in read_manifest(manifest))
+            if count or (not is_parquet_manifest(manifest) and _size_or_none(manifest) <= LAUNCHER_CHECK_BYTES):
+                n = sum(1 for _ in read_manifest(manifest))  # reads it all: a malformed line is refused here
+                total += n
             else:
                 # Reads only the first record: catches a CSV without a 'path' column before launch.
                 next(iter(read_manifest(manifest)), None)
