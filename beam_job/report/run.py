@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from beam_job import storage
+from beam_job import layout, storage
 from beam_job.imaging import decode_image
-from beam_job.pipeline.options import JobConfigError, check_run_id, join
+from beam_job.pipeline.options import JobConfigError, check_run_id
 from beam_job.pipeline.resume import list_shards, output_state
 from beam_job.pipeline.summary import read_json
 from beam_job.report.html import (
@@ -37,7 +37,6 @@ from beam_job.report.html import (
 
 _LOGGER = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
 SAMPLE_IMAGES = 12  # images drawn with their keypoints
 ATTENTION_SAMPLE_ROWS = 256  # rows whose attention scores make the attention histogram
 SCATTER_POINTS = 1000  # image sizes plotted (the same hash order)
@@ -106,7 +105,7 @@ def sample_key(image_id: str) -> str:
 def list_runs(output: str) -> List[Dict[str, Any]]:
     """Summaries of every run under <output>/runs/, oldest first (by finished/started time, then run id)."""
     try:
-        paths = storage.match(join(output, "runs", "*", "summary.json"))
+        paths = storage.match(layout.summaries_glob(output))
     except Exception:  # a missing local folder raises on some filesystems
         paths = []
     runs = []
@@ -124,8 +123,8 @@ def _basename(path: str) -> str:
 
 
 def _of_run(paths: Sequence[str], run_id: str) -> List[str]:
-    """Shards written by a run: part-<run_id>-<hash>.parquet (see pipeline/writer.py)."""
-    return [p for p in paths if _basename(p).startswith(f"part-{run_id}-")]
+    """Shards written by a run: part-<run_id>-SSSSS-of-NNNNN.parquet (beam_job/layout.py)."""
+    return [p for p in paths if layout.is_run_shard(_basename(p), run_id)]
 
 
 @dataclass
@@ -204,14 +203,14 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     else:
         found = [s for s in runs if s["run_id"] == run_id]
         if not found:
-            raise JobConfigError(f"run {run_id!r} not found under {join(output, 'runs')}; runs there: "
+            raise JobConfigError(f"run {run_id!r} not found under {layout.runs_dir(output)}; runs there: "
                                  + ", ".join(s["run_id"] for s in runs[-5:]))
         summary = found[0]
     rid = summary["run_id"]
     config = summary.get("config") or {}
 
-    feature_shards = list_shards(join(output, "features"))
-    failure_shards = list_shards(join(output, "failures"))
+    feature_shards = list_shards(layout.features_dir(output))
+    failure_shards = list_shards(layout.failures_dir(output))
     plot_shards = _of_run(feature_shards, rid)
     plot_scope = "this run"
     if not plot_shards:
@@ -285,7 +284,7 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     for s in runs:
         if s["run_id"] != rid:
             try:
-                run_reports[s["run_id"]] = storage.exists(join(output, "runs", s["run_id"], REPORT_NAME))
+                run_reports[s["run_id"]] = storage.exists(layout.report_path(output, s["run_id"]))
             except Exception:
                 run_reports[s["run_id"]] = False
     return RunData(output=output, summary=summary, runs=runs, output_counts=output_counts,
@@ -473,7 +472,7 @@ def _runs_section(d: RunData) -> str:
         if s["run_id"] == rid:
             link = "this report"
         elif d.run_reports.get(s["run_id"]):
-            link = f"<a href=\"../{esc(s['run_id'])}/{REPORT_NAME}\">report</a>"
+            link = f"<a href=\"../{esc(s['run_id'])}/{layout.REPORT_FILE}\">report</a>"
         else:
             link = f"<code>delg-extract report {esc(d.output)} --run_id {esc(s['run_id'])}</code>"
         rows.append((f"<code>{esc(s['run_id'])}</code>", esc(s.get("status")), esc(s.get("finished_at")),
@@ -518,8 +517,8 @@ def write_run_report(output: str, run_id: Optional[str] = None, reader: Optional
     """Build and write <output>/runs/<run_id>/report.html (the latest run when run_id is None); returns its path."""
     d = gather(output, run_id, reader)
     # The page goes beside the summary, named by the run id the summary holds: never a path outside runs/.
-    rid = check_run_id(d.summary["run_id"], f"the run id in {join(d.output, 'runs')}/*/summary.json")
-    path = join(d.output, "runs", rid, REPORT_NAME)
+    rid = check_run_id(d.summary["run_id"], f"the run id in {layout.summaries_glob(d.output)}")
+    path = layout.report_path(d.output, rid)
     _write_text(path, render(d))
     _LOGGER.info("run report: %s", path)
     return path

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from beam_job import storage
+from beam_job import layout, storage
 from beam_job.schemas import delg_v1
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def list_shards(uri: str) -> List[str]:
     elif uri.endswith(".parquet") and storage.match(uri):
         files = [uri]
     else:
-        files = (storage.match(storage.join(uri, "features", "*.parquet"))
-                 or storage.match(storage.join(uri, "*.parquet")))
+        files = (storage.match(layout.shard_glob(layout.features_dir(uri)))
+                 or storage.match(layout.shard_glob(uri)))
     if not files:
         raise ValueError(f"no feature shards (*.parquet) found at {uri!r}: give the job output or its features/ folder")
     return sorted(files)
