@@ -30,9 +30,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-_LOGGER = logging.getLogger(__name__)
+from beam_job import layout
 
-CLAIM_FILE = "_claim.json"
+_LOGGER = logging.getLogger(__name__)
 
 
 class ClaimError(RuntimeError):
@@ -46,10 +46,6 @@ class Claim:
     path: str
     run_id: str
     generation: Optional[int] = None
-
-
-def claim_path(output: str) -> str:
-    return output.rstrip("/") + "/" + CLAIM_FILE
 
 
 def _claim_body(run_id: str) -> bytes:
@@ -293,7 +289,7 @@ def acquire(output: str, run_id: str, *, take_over: Optional[str] = None) -> Cla
 
     take_over: the run id of a stale claim to replace (it must still name that run).
     """
-    path = claim_path(output)
+    path = layout.claim_path(output)
     if path.startswith("gs://"):
         return _gcs_acquire(path, output, run_id, take_over)
     if "://" in path:
@@ -314,7 +310,7 @@ def release(claim: Claim) -> bool:
 
 def read(output: str) -> Optional[Dict[str, Any]]:
     """The current claim's content, or None when the output is not claimed."""
-    path = claim_path(output)
+    path = layout.claim_path(output)
     if path.startswith("gs://"):
         return _gcs_read(path)[0]
     return _local_read(path)

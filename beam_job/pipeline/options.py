@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_job import layout
 from beam_job.config import PRECISIONS, PRESETS, ExtractionConfig, get_preset
 
 DEFAULT_PRESET = "embedded"
@@ -324,26 +325,26 @@ class JobConfig:
     def replace(self, **changes: Any) -> "JobConfig":
         return dataclasses.replace(self, **changes)
 
-    # Output layout (see docs/pipeline.md).
+    # This run's paths under the output (defined in beam_job/layout.py).
     @property
     def features_dir(self) -> str:
-        return join(self.output, "features")
+        return layout.features_dir(self.output)
 
     @property
     def failures_dir(self) -> str:
-        return join(self.output, "failures")
+        return layout.failures_dir(self.output)
 
     @property
     def run_dir(self) -> str:
-        return join(self.output, "runs", self.run_id)
+        return layout.run_dir(self.output, self.run_id)
 
     @property
     def summary_path(self) -> str:
-        return join(self.run_dir, "summary.json")
+        return layout.summary_path(self.output, self.run_id)
 
     @property
     def success_path(self) -> str:
-        return join(self.output, "_SUCCESS")
+        return layout.success_path(self.output)
 
     def to_summary_dict(self) -> Dict[str, Any]:
         """The job settings recorded in the run summary (JSON-serialisable): every job flag, plus the preset."""
@@ -353,16 +354,6 @@ class JobConfig:
                 value = getattr(self, flag.field)
                 out[flag.field] = list(value) if isinstance(value, tuple) else value
         return out
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts with '/' for both local paths and gs:// URIs."""
-    out = base.rstrip("/")
-    for part in parts:
-        out = out + "/" + part.strip("/")
-    return out
-
-
 
 
 def add_flags(parser) -> None:

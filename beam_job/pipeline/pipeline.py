@@ -14,10 +14,10 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_job.layout import FAILURES, FEATURES, shard_glob
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline.inputs import ListInputs
 from beam_job.pipeline.options import JobConfig
-from beam_job.pipeline.resume import shard_glob
 from beam_job.pipeline.summary import FinalizeRunFn
 from beam_job.pipeline.transforms import (
     DUPLICATE,
@@ -28,7 +28,7 @@ from beam_job.pipeline.transforms import (
     ReadShardIdsFn,
     ResolveInputsFn,
 )
-from beam_job.pipeline.writer import FAILURES, FEATURES, WriteShards
+from beam_job.pipeline.writer import WriteShards
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -23,30 +23,25 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from beam_job import storage
-from beam_job.pipeline.options import JobConfig, JobConfigError, join
+from beam_job import layout, storage
+from beam_job.layout import FAILURES, FEATURES, TEMP_DIR_PREFIX
+from beam_job.pipeline.options import JobConfig, JobConfigError
 from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
 
-OUTPUT_FILE = "_output.json"
-LEGACY_TMP_DIR = "_tmp"  # temp shards of earlier versions of the job
 # Settings that do not change which features come out (names, documentation, where the model lives).
 _NOT_FINGERPRINTED = ("name", "description", "model", "official_model_url")
-
-
-def shard_glob(directory: str) -> str:
-    return join(directory, "*.parquet")
 
 
 def has_shards(directory: str) -> bool:
     """True when the directory (local or gs://) holds at least one .parquet file. A listing error (permission
     denied, no such bucket) raises: it never reads as "no shards"."""
-    return bool(storage.match(shard_glob(directory), limit=1))
+    return bool(storage.match(layout.shard_glob(directory), limit=1))
 
 
 def list_shards(directory: str) -> List[str]:
-    return storage.match(shard_glob(directory))
+    return storage.match(layout.shard_glob(directory))
 
 
 def delete_paths(paths: Iterable[str]) -> int:
@@ -62,26 +57,26 @@ _open = storage.open_read
 
 def temp_paths(output: str) -> List[str]:
     """Temp files of unfinished writes under the output: Beam's `beam-temp-*` directories beside the shards
-    and the legacy `_tmp/` directory. Local directories are returned as directories, gs:// as objects."""
-    from beam_job.pipeline.writer import FAILURES, FEATURES, TEMP_DIR_PREFIX
-
+    and the legacy `_tmp/` directory (beam_job/layout.py). Local directories are returned as directories, gs://
+    as objects."""
     found: List[str] = []
     if output.startswith("gs://"):
-        for pattern in (join(output, FEATURES, TEMP_DIR_PREFIX + "**"), join(output, FAILURES, TEMP_DIR_PREFIX + "**"),
-                        join(output, LEGACY_TMP_DIR, "**")):
+        for pattern in layout.temp_dir_globs(output):
             found.extend(storage.match(pattern))
         return sorted(found)
-    for parent in (join(output, FEATURES), join(output, FAILURES)):
+    for parent in (layout.kind_dir(output, FEATURES), layout.kind_dir(output, FAILURES)):
         if os.path.isdir(parent):
-            found.extend(join(parent, name) for name in sorted(os.listdir(parent)) if name.startswith(TEMP_DIR_PREFIX))
-    legacy = join(output, LEGACY_TMP_DIR)
+            found.extend(storage.join(parent, name) for name in sorted(os.listdir(parent))
+                         if name.startswith(TEMP_DIR_PREFIX))
+    legacy = layout.legacy_tmp_dir(output)
     if os.path.isdir(legacy):
         found.append(legacy)
     return found
 
 
 def remove_temp_files(output: str) -> int:
-    """Delete every temp leftover under the output (only safe while this run holds the output's claim)."""
+    """Delete every temp leftover under the output (only safe while this run holds the output's claim): the one
+    place that deletes temp files besides Beam's own finalize (beam_job/layout.py)."""
     paths = temp_paths(output)
     if paths:
         _LOGGER.info("removing %d temp leftover(s) of unfinished writes under %s", len(paths), output)
@@ -148,7 +143,7 @@ def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
     An `_output.json` that is not an identity (not JSON, or JSON of another shape) raises JobConfigError (one
     line naming the file and the way out): it is never guessed at nor overwritten.
     """
-    path = join(output, OUTPUT_FILE)
+    path = layout.identity_path(output)
     if storage.exists(path):
         data = storage.read_bytes(path)
         problem = _identity_problem(data)
@@ -157,7 +152,7 @@ def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
                 f"{path} is not the output's identity ({problem}): restore it, or delete it to have the model and "
                 "settings read from the shards' footers instead (or use --overwrite or another --output)")
         return json.loads(data.decode("utf-8"))
-    shards = list_shards(join(output, "features")) or list_shards(join(output, "failures"))
+    shards = list_shards(layout.features_dir(output)) or list_shards(layout.failures_dir(output))
     if not shards:
         return None
     with _open(shards[0]) as fh:
@@ -176,14 +171,15 @@ def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
 def write_output_identity(output: str, identity: Dict[str, Any]) -> None:
     from beam_job.pipeline.summary import write_json
 
-    write_json(join(output, OUTPUT_FILE), identity)
+    write_json(layout.identity_path(output), identity)
 
 
 def clear_outputs(job: JobConfig) -> int:
-    """--overwrite: delete earlier shards, temp leftovers, the identity and the success marker (runs/ stays)."""
+    """--overwrite: delete earlier shards, temp leftovers, the identity and the success marker (runs/ stays).
+    The one place that deletes shards (who deletes what: beam_job/layout.py)."""
     n = delete_paths(list_shards(job.features_dir) + list_shards(job.failures_dir))
     remove_temp_files(job.output)
-    for path in (job.success_path, join(job.output, OUTPUT_FILE)):
+    for path in (layout.success_path(job.output), layout.identity_path(job.output)):
         if storage.exists(path):
             storage.delete([path])
     return n
@@ -229,14 +225,14 @@ class OutputState:
 def output_state(output: str) -> OutputState:
     """Read the (image_id, path) columns of every shard (and each failure shard's footer) of the output."""
     state = OutputState()
-    for path in list_shards(join(output, "features")):
+    for path in list_shards(layout.features_dir(output)):
         table, _ = read_columns(path, ["image_id", "path"])
         ids = table.column("image_id").to_pylist()
         state.feature_rows += len(ids)
         state.feature_ids.update(ids)
         state.feature_keys.update(zip(ids, table.column("path").to_pylist()))
     latest: Dict[Key, Tuple[Tuple[str, str], str, int]] = {}
-    for path in list_shards(join(output, "failures")):
+    for path in list_shards(layout.failures_dir(output)):
         table, meta = read_columns(path, ["image_id", "path"])
         order = (meta.get(b"delg.run_started_at", b"").decode(), meta.get(b"delg.run_id", b"").decode())
         keys = list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))

@@ -19,12 +19,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import apache_beam as beam
 
-from beam_job import __version__, storage
+from beam_job import __version__, layout, storage
+from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
-from beam_job.pipeline.writer import FAILURES, FEATURES, SHARD_SUFFIX, shard_prefix
 from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _retried(state: OutputState, run_failure_files: List[str], run_feature_keys:
 def run_files(job: JobConfig, kind: str) -> List[str]:
     """This run's committed shards of a kind. Listed by name rather than taken from the sink's output: a
     retried commit step only returns the files it renamed itself, not those its failed attempt renamed."""
-    return storage.match(shard_prefix(job, kind) + "-*-of-*" + SHARD_SUFFIX)
+    return storage.match(layout.run_shards_glob(job.output, kind, job.run_id))
 
 
 def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: int,

@@ -31,32 +31,26 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_job import layout, storage
+from beam_job.layout import FAILURES, FEATURES, SHARD_SUFFIX
 from beam_job.pipeline import METRICS_NAMESPACE
-from beam_job import storage
 from beam_job.pipeline import progress
 from beam_job.pipeline.failpoints import failpoint
-from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, join
+from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig
 from beam_job.pipeline.rows import table_for
 from beam_job.pipeline.stats import StageStats
 from beam_job.schemas import delg_v1
 
 _LOGGER = logging.getLogger(__name__)
-FEATURES, FAILURES = "features", "failures"
 STATS = "stats"
-SHARD_SUFFIX = ".parquet"
-TEMP_DIR_PREFIX = "beam-temp-"  # Beam's FileBasedSink temp directories, beside the final files
 # Columns worth min/max statistics; descriptor lists are not.
 _STAT_COLUMNS = ["image_id", "path", "original_height", "original_width", "processed_height", "processed_width",
                  "num_features", "model", "preset", "stage", "error_type"]
 
 
-def kind_dir(job: JobConfig, kind: str) -> str:
-    return job.features_dir if kind == FEATURES else job.failures_dir
-
-
 def shard_prefix(job: JobConfig, kind: str) -> str:
-    """Final shards of this run are `<prefix>-SSSSS-of-NNNNN.parquet`."""
-    return join(kind_dir(job, kind), f"part-{job.run_id}")
+    """Final shards of this run are `<prefix>-SSSSS-of-NNNNN.parquet` (beam_job/layout.py)."""
+    return layout.shard_prefix(job.output, kind, job.run_id)
 
 
 def shard_schema(kind: str, job: JobConfig) -> pa.Schema:
