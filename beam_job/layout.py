@@ -27,14 +27,17 @@ Who may delete what (nothing else under `<output>` deletes anything; docs/pipeli
   runs), called by `FinalizeRun` (`pipeline.summary.finalize_run`, after the commit) and by `clear_outputs`,
   both while the run holds the claim.
 * `_SUCCESS`: `pipeline.summary.finalize_run` writes it when the run succeeded and deletes it when the run
-  failed; the launcher (`cli.run`) deletes it when the pipeline raised; `clear_outputs` deletes it.
+  failed; the launcher (`cli._run_claimed`) deletes it when the pipeline raised; `clear_outputs` deletes it.
 * `_output.json`: only `clear_outputs` deletes it (the launcher writes it, through `pipeline.resume`).
-* `_claim.json`: only `pipeline.claim.release` deletes it, at the end of every run and only while the claim
-  is still this run's (`--take_over_claim` replaces a crashed run's claim, never deletes it).
+* `_claim.json`: only `pipeline.claim.release` deletes it, called by the launcher at the end of every run
+  (and when a check refuses the run after the claim was taken), only while the claim is still this run's
+  (`--take_over_claim` replaces a crashed run's claim, never deletes it).
 * `runs/<run_id>/`: never deleted by the job, not even by `--overwrite`.
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 from beam_job.storage import join
 
@@ -92,7 +95,7 @@ def is_run_shard(name: str, run_id: str) -> bool:
     return name.startswith(shard_name_prefix(run_id) + "-")
 
 
-def temp_dir_globs(output: str) -> tuple:
+def temp_dir_globs(output: str) -> Tuple[str, ...]:
     """Patterns matching every temp file under the output (object stores: temp folders are name prefixes)."""
     return tuple(join(kind_dir(output, kind), TEMP_DIR_PREFIX + "**") for kind in KINDS) + (
         join(legacy_tmp_dir(output), "**"),)
