@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from beam_job.features import DelgFeatures
+from beam_job.layout import FEATURES
 from beam_job.schemas import delg_v1
 
 FeatureRecord = Dict[str, Any]
@@ -166,7 +167,7 @@ def failures_table(records: Sequence[FailureRecord], schema: pa.Schema = delg_v1
 
 
 def table_for(kind: str, records: Sequence[Dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return features_table(records, schema) if kind == "features" else failures_table(records, schema)
+    return features_table(records, schema) if kind == FEATURES else failures_table(records, schema)
 
 
 def records_ids(records: Sequence[Dict[str, Any]]) -> List[str]:

@@ -16,6 +16,8 @@ import math
 from collections import Counter
 from typing import Any, Dict, List, Tuple
 
+from beam_job.layout import FEATURES
+
 ALPHA = 0.005  # relative accuracy of a bucket's representative value
 GAMMA = (1.0 + ALPHA) / (1.0 - ALPHA)
 _LOG_GAMMA = math.log(GAMMA)
@@ -133,7 +135,7 @@ class StageStats:
     def add(self, kind: str, record: Dict[str, Any], timings: Dict[str, float]) -> None:
         for stage, ms in timings.items():
             self.add_time(stage, ms)
-        if kind == "features":
+        if kind == FEATURES:
             self.keypoints += int(record["num_features"])
             self.models[record["model"]] += 1
         else:
