@@ -110,18 +110,11 @@ def _check_model(job: JobConfig, local: bool = True) -> str:
             f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
     try:
         from beam_job.delg.extractor import check_extraction
-        from beam_job.delg.precision import check_precision, with_precision
 
-        if local:
-            return check_extraction(cfg)
-        problem = check_precision(cfg.precision, here=False)
-        if problem:
-            raise ValueError(problem)
-        if cfg.precision != "fp32":
+        if not local and cfg.precision != "fp32":
             _LOGGER.info("--precision %s on a remote runner: each worker checks its own CPU when it loads the "
                          "model (this machine's is not judged)", cfg.precision)
-        # The other checks, on the fp32 config (precision plays no part in them); the identity gets its suffix.
-        return with_precision(check_extraction(cfg.replace(precision="fp32")), cfg.precision)
+        return check_extraction(cfg, here=local)
     except (ValueError, OSError) as exc:
         raise JobConfigError(f"model {cfg.model} cannot be used: {_first_line(exc)}") from None
 

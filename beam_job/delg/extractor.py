@@ -84,18 +84,19 @@ def _check_fits(config: ExtractionConfig, uri: str, has_local: bool, has_global:
         )
 
 
-def check_extraction(config: ExtractionConfig) -> str:
+def check_extraction(config: ExtractionConfig, *, here: bool = True) -> str:
     """Check that `config` can run, WITHOUT restoring the model's weights; returns the model identity.
 
     Runs the checks DelgExtractor runs at construction: the model's inputs and outputs (read from its
     saved_model.pb, beam_job.delg.loader.inspect_delg_model), the outputs the config needs, the precision on
-    this machine and the PCA files. Raises ValueError (ModelLoadError for model problems), one line.
+    this machine (here=False: its name only, for a launcher whose workers run elsewhere and check their own CPUs
+    at model load) and the PCA files. Raises ValueError (ModelLoadError for model problems), one line.
     """
     from beam_job.delg.loader import inspect_delg_model
     from beam_job.delg.precision import check_precision, with_precision
 
     uri = _model_uri(config)
-    problem = check_precision(config.precision)
+    problem = check_precision(config.precision, here=here)
     if problem:
         raise ValueError(problem)
     _, info = inspect_delg_model(uri)
