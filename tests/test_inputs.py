@@ -21,6 +21,7 @@ from beam_job.pipeline.inputs import (
     read_manifest,
     text_to_path,
 )
+from test_cli import _fails_with
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # what os.listdir gives for these bytes (surrogate escapes)
 
@@ -170,17 +171,6 @@ def _tiny_images(directory, names):
     return [str(directory / n) for n in names]
 
 
-def _refused(capsys, argv, *needles):
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("delg-extract: error: "), err
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
-
-
 @pytest.mark.parametrize("case", ["unterminated_quote", "text_after_quote", "cell_over_field_limit", "extra_cells"])
 def test_malformed_csv_manifest_is_refused_before_launch_naming_file_and_line(tmp_path, capsys, case):
     """Every way a CSV manifest can be malformed stops the run before launch with one line naming the file and the
@@ -196,7 +186,7 @@ def test_malformed_csv_manifest_is_refused_before_launch_naming_file_and_line(tm
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,image_id\n{good},A\n" + body)
     out = tmp_path / "out"
-    _refused(capsys, ["--manifest", str(manifest), "--output", str(out), *TINY_RUN],
+    _fails_with(capsys, ["--manifest", str(manifest), "--output", str(out), *TINY_RUN],
              f"CSV manifest {manifest}, ", *needles)
     assert not out.exists()  # nothing launched: no claim, no shard, no _SUCCESS
     with pytest.raises(ManifestError, match=needles[0]):
@@ -241,7 +231,7 @@ def test_folder_input_lists_the_files_directly_in_it(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "only_a_subfolder").mkdir(parents=True)
     (empty / "only_a_subfolder" / "x.jpg").write_bytes(b"x")
-    _refused(capsys, ["--input", str(empty) + "/", "--output", str(tmp_path / "out2"), *TINY_RUN],
+    _fails_with(capsys, ["--input", str(empty) + "/", "--output", str(tmp_path / "out2"), *TINY_RUN],
              f"--input {empty}/ matches no file", f"{empty}/**")
     assert not (tmp_path / "out2").exists()
 
