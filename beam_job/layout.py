@@ -20,14 +20,14 @@ needs the pipeline package to find the output's files.
 Who may delete what (nothing else under `<output>` deletes anything; docs/pipeline.md, "Output layout"):
 
 * shards (`features/*.parquet`, `failures/*.parquet`): only `pipeline.resume.clear_outputs`, called by the
-  launcher (`cli.prepare_job`) for `--overwrite`, while it holds the claim and once every check passed.
+  launcher (`launch.Launch.__enter__`) for `--overwrite`, while it holds the claim and once every check passed.
   Otherwise shards are never deleted: `failures/` is append-only across runs.
 * Beam's temp folders (`<kind>/beam-temp-*`) and the legacy `_tmp/`: Beam's own finalize removes its run's
   temp folder; `pipeline.resume.remove_temp_files` removes every leftover (of failed attempts and killed
   runs), called by `FinalizeRun` (`pipeline.summary.finalize_run`, after the commit) and by `clear_outputs`,
   both while the run holds the claim.
 * `_SUCCESS`: `pipeline.summary.finalize_run` writes it when the run succeeded and deletes it when the run
-  failed; the launcher (`cli._run_claimed`) deletes it when the pipeline raised; `clear_outputs` deletes it.
+  failed; the launcher (`launch.Launch.run`) deletes it when the pipeline raised; `clear_outputs` deletes it.
 * `_output.json`: only `clear_outputs` deletes it (the launcher writes it, through `pipeline.resume`).
 * `_claim.json`: only `pipeline.claim.release` deletes it, called by the launcher at the end of every run
   (and when a check refuses the run after the claim was taken), only while the claim is still this run's

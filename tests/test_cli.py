@@ -69,14 +69,17 @@ def test_unwritable_output_and_unusable_models_fail_before_launch(tmp_path, imag
     _fails_with(capsys, [*good_input, "--output", out, "--preset", "r50_gldv2clean"], "has no model", "--model")
     _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--model", str(tmp_path / "no_model")],
                 "cannot be used")
-    assert not os.listdir(out)  # the claim taken for the checks is released: nothing is left
+    assert not os.path.exists(out)  # refused before the claim: no output folder is created
 
 
-def _prepare(image_dir, out, *extra):
-    from beam_job.pipeline.options import parse_job_args
+def _launch(image_dir, out, *extra):
+    """The launch's checks and claim (Launch.__enter__) for a tiny job; the caller leaves the block."""
+    from beam_job.launch import Launch
+    from beam_job.pipeline.options import job_config_from_args, parse_job_args
 
     argv = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny", "--no_progress", *extra]
-    return cli.prepare_job(*parse_job_args(argv))
+    args, pipeline_args = parse_job_args(argv)
+    return Launch(job_config_from_args(args), pipeline_args)
 
 
 @pytest.mark.parametrize("runner", ["DataflowRunner", "FlinkRunner", "PortableRunner", "SparkRunner"])
@@ -86,16 +89,12 @@ def test_remote_runner_launcher_does_not_judge_its_own_cpu_for_bf16(tmp_path, im
     with neither avx512_bf16 nor amx_bf16) launching bf16 onto remote workers: no refusal at the model check,
     whose other checks still run; the workers judge their own CPUs at model load."""
     from beam_job.delg import precision
-    from beam_job.pipeline import claim as output_claim
-
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert precision.check_precision("bf16") is not None  # the simulated CPU would be refused for local work
-    job, _, local, _, held = _prepare(image_dir, tmp_path / "out", "--precision", "bf16", f"--runner={runner}")
-    try:
-        assert local is False and job.extraction.precision == "bf16"
+    with _launch(image_dir, tmp_path / "out", "--precision", "bf16", f"--runner={runner}") as launch:
+        job = launch.job
+        assert launch.local is False and job.extraction.precision == "bf16"
         assert job.model_identity.startswith("embedded:tiny@sha256:") and job.model_identity.endswith("+bf16")
-    finally:
-        output_claim.release(held)
     # Every other model check still runs on the launcher: an unusable model is refused before launch.
     _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(tmp_path / "out2"), "--preset", "tiny",
                          "--precision", "bf16", f"--runner={runner}", "--model", str(tmp_path / "no_model")],
@@ -117,11 +116,9 @@ def test_local_runner_launcher_still_refuses_bf16_on_a_cpu_without_it(tmp_path, 
                        "lacks the CPU flags avx512_bf16 and amx_bf16", "--precision fp32")
     assert line.startswith("delg-extract: error: model embedded:tiny cannot be used: ")
     assert not (out / "features").exists()
-    from beam_job.pipeline import claim as output_claim
-
-    job, _, local, _, held = _prepare(image_dir, out, "--precision", "fp32", *argv[7:])
-    output_claim.release(held)
-    assert local is True and "+" not in job.model_identity.rsplit("@", 1)[1]
+    with _launch(image_dir, out, "--precision", "fp32", *argv[7:]) as launch:
+        assert launch.local is True and "+" not in launch.job.model_identity.rsplit("@", 1)[1]
+    assert not os.path.exists(out / "_claim.json")  # released when the block ends
 
 
 def test_presets_listing(capsys):

@@ -64,12 +64,13 @@ def _describe(holder: Dict[str, Any]) -> str:
     since = holder.get("claimed_at", "?")
     text = f"run {holder.get('run_id', '?')} ({where}, since {since})"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _pid_alive(holder["pid"]):
+        if not process_alive(holder["pid"]):
             text += " whose process is gone"
     return text
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

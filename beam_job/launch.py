@@ -1,0 +1,337 @@
+"""One run on the launcher side, in order: the checks, the output's claim, its identity, the run, the release.
+
+    with Launch(job, pipeline_args) as launch:   # every check; the claim is held from here ...
+        outcome = launch.run()                   # the pipeline, its summary, the run report
+                                                 # ... to here, released however the block ends
+
+Everything that can refuse a run does so in `__enter__`, before any work, with a one-line JobConfigError:
+the inputs are listed, the model is checked, and only then the output is claimed (so a refused run creates
+no output folder), then the run id, the shards already there and the output's identity are checked, and
+`--overwrite` clears the earlier shards last. `run()` raises JobFailedError (one line) when the job fails.
+`__exit__` releases the claim, removes the progress folder and, when the launch created the output folder
+and left nothing in it, that folder too. The command line (`beam_job.cli`) only parses and prints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from beam_job import storage
+from beam_job.pipeline.options import JobConfig, JobConfigError
+
+_LOGGER = logging.getLogger("beam_job.launch")
+PROGRESS_DIR_PREFIX = "delg-progress-"  # + "<launcher pid>-": a folder of a dead launcher is removed (see below)
+
+
+class JobFailedError(RuntimeError):
+    """The job ran and failed; the message is one line."""
+
+
+@dataclass
+class RunOutcome:
+    """What `Launch.run()` returns: the job config, the run summary dict and Beam's PipelineResult."""
+
+    job: JobConfig
+    summary: Dict[str, Any]
+    result: Any
+    metrics: List[str]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (its type name when it has none)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# Texts of a runner's error that mean an SDK worker process died rather than raised (a SIGKILL, the kernel's
+# OOM killer, a segfault): FnApiRunner's multi-process mode reports a lost gRPC channel, the portable runners
+# a worker that stopped answering. Said as such, with the way out, instead of the transport's own words.
+_DEAD_WORKER_TEXTS = ("Channel closed prematurely", "Socket closed", "SDK harness", "sdk worker", "SDK worker",
+                      "Connection reset by peer", "StatusCode.UNAVAILABLE")
+
+
+def job_error_line(exc: BaseException) -> str:
+    """One line for a runner's (often multi-page) error: the last 'SomeError: ...' line, or a dead worker."""
+    text = str(exc)
+    if any(marker in text for marker in _DEAD_WORKER_TEXTS):
+        detail = next((m for m in _DEAD_WORKER_TEXTS if m in text), "")
+        return (f"a worker process died during the run (killed, out of memory or crashed; the runner said "
+                f"{detail!r}): nothing committed is lost, run again with --skip_existing to finish")
+    candidates = [ln.strip() for ln in text.splitlines() if ln.strip() and ("Error" in ln or "Exception" in ln)]
+    line = candidates[-1] if candidates else first_line(exc)
+    return line[:500]
+
+
+def is_dry_run(options) -> bool:
+    """Beam's --dry_run (DataflowRunner builds and validates the job without submitting it)."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    value = options.view_as(TestOptions).dry_run
+    return bool(value) and str(value).lower() not in ("false", "0")
+
+
+def check_model(job: JobConfig, local: bool = True) -> str:
+    """Check the model from its signature/graph metadata (no weights restored) and return its identity.
+
+    local: whether the runner runs the workers on this machine (pipeline.is_local_runner). When it does not,
+    this machine's CPU is not judged for the precision (bf16 needs the workers' CPUs, which check themselves
+    when they load the model, precision.use_precision); the precision's name and every model check still run.
+    """
+    cfg = job.extraction
+    if not cfg.model:
+        url = cfg.official_model_url
+        hint = f" (official weights: {url})" if url else ""
+        raise JobConfigError(
+            f"preset {cfg.name!r} has no model: pass --model <SavedModel dir, .tar.gz or gs:// URI>{hint}")
+    try:
+        from beam_job.delg.extractor import check_extraction
+
+        if not local and cfg.precision != "fp32":
+            _LOGGER.info("--precision %s on a remote runner: each worker checks its own CPU when it loads the "
+                         "model (this machine's is not judged)", cfg.precision)
+        return check_extraction(cfg, here=local)
+    except (ValueError, OSError) as exc:
+        raise JobConfigError(f"model {cfg.model} cannot be used: {first_line(exc)}") from None
+
+
+def _pid_of_progress_dir(name: str) -> Optional[int]:
+    pid = name[len(PROGRESS_DIR_PREFIX):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_stale_progress_dirs(parent: Optional[str] = None) -> int:
+    """Remove the progress folders of launchers on this machine that are gone (SIGKILLed); the count removed."""
+    from beam_job.pipeline.claim import process_alive
+
+    parent = parent or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return 0
+    for name in names:
+        pid = _pid_of_progress_dir(name) if name.startswith(PROGRESS_DIR_PREFIX) else None
+        if pid is not None and pid != os.getpid() and not process_alive(pid):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed += 1
+    return removed
+
+
+class Launch:
+    """A run of the job on its output, as a context manager (see the module docstring for the order).
+
+    job: the user's settings; pipeline_args: Beam's flags (the default runner is added here);
+    skip_model_check: trust --model without reading it (the identity is then its URI);
+    progress / progress_interval: the progress line (local runners only); test_pipeline: a beam.Pipeline to
+    build into instead of creating one (tests).
+    """
+
+    def __init__(self, job: JobConfig, pipeline_args: Sequence[str], *, skip_model_check: bool = False,
+                 progress: bool = True, progress_interval: float = 10.0, test_pipeline=None):
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        from beam_job.pipeline.pipeline import is_local_runner, with_default_runner
+
+        self.job = job
+        self.pipeline_args = with_default_runner(pipeline_args)
+        self.options = PipelineOptions(self.pipeline_args)
+        self.local = is_local_runner(self.options)
+        self.dry_run = is_dry_run(self.options)
+        self.total: Optional[int] = None  # images listed (local runners; None when not counted)
+        self._skip_model_check = skip_model_check
+        self._progress = progress and self.local
+        self._progress_interval = progress_interval
+        self._test_pipeline = test_pipeline
+        self._claim = None
+        self._created_output = False
+        self._progress_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------ checks and claim
+    def __enter__(self) -> "Launch":
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.job = self.job.replace(started_at=started)
+        if self.dry_run:
+            _LOGGER.info("--dry_run: skipping the input, output and model checks that need storage access")
+            if not self.job.extraction.model:
+                check_model(self.job)  # raises: no model at all
+            self.job = self.job.replace(model_identity=self.job.extraction.model or "")
+            return self
+        self.total = self._count_inputs()
+        identity = self._model_identity()
+        self._created_output = not storage.exists(self.job.output + "/")
+        self._claim = self._take_claim()
+        try:
+            self.job = self.job.replace(model_identity=identity)
+            self._check_output()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._release()
+
+    def _count_inputs(self) -> Optional[int]:
+        from beam_job.pipeline.inputs import check_inputs
+
+        job = self.job
+        try:
+            total = check_inputs(job.inputs, job.manifests, count=self.local)
+        except ValueError as exc:
+            raise JobConfigError(first_line(exc)) from None
+        except OSError as exc:  # BeamIOError and friends: storage unreachable, no credentials, no permission
+            raise JobConfigError(
+                f"cannot list the inputs ({first_line(exc)}): check the paths and your storage credentials "
+                "(gcloud auth application-default login)"
+            ) from None
+        if self.local and total == 0:
+            raise JobConfigError("the inputs list no image: check the manifests and patterns")
+        return total
+
+    def _model_identity(self) -> str:
+        if self._skip_model_check:
+            if not self.job.extraction.model:
+                check_model(self.job, self.local)  # raises: no model at all
+            return self.job.extraction.model or ""
+        return check_model(self.job, self.local)
+
+    def _take_claim(self):
+        """Take the output's claim (this also proves it is writable); JobConfigError (one line) if held."""
+        from beam_job.pipeline import claim
+
+        job = self.job
+        try:
+            return claim.acquire(job.output, job.run_id, take_over=job.take_over_claim)
+        except claim.ClaimError as exc:
+            raise JobConfigError(str(exc)) from None
+        except Exception as exc:  # permission denied, bucket missing, read-only disk, ...
+            raise JobConfigError(f"--output {job.output} is not writable ({first_line(exc)}): pick a directory "
+                                 "you can write to") from None
+
+    def _check_output(self) -> None:
+        """With the claim held: the run id, the shards already there, --overwrite, the output's identity."""
+        from beam_job.pipeline.resume import clear_outputs, has_shards
+
+        job = self.job
+        if storage.exists(job.run_dir + "/") or storage.exists(job.summary_path):
+            raise JobConfigError(f"run id {job.run_id} was already used on {job.output}: pick another --run_id")
+        existing = has_shards(job.features_dir) or has_shards(job.failures_dir)
+        if existing and not (job.skip_existing or job.overwrite):
+            raise JobConfigError(
+                f"{job.output} already holds features/failures shards: pass --skip_existing to resume, "
+                "--overwrite to replace them, or another --output"
+            )
+        if existing and job.overwrite:  # only once everything else checked out
+            n = clear_outputs(job)
+            _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
+            existing = False
+        self._check_identity(existing)
+        self.job = self.job.replace(existing_features=has_shards(job.features_dir))
+
+    def _check_identity(self, existing: bool) -> None:
+        """An output is one model and one configuration: refuse (one line) a run that would mix in another."""
+        from beam_job.pipeline.resume import (
+            identity_differences,
+            output_identity,
+            read_output_identity,
+            write_output_identity,
+        )
+
+        job = self.job
+        current = output_identity(job)
+        recorded = read_output_identity(job.output) if existing else None
+        if recorded is not None:
+            diffs = identity_differences(recorded, current)
+            if diffs and not job.allow_config_change:
+                shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+                raise JobConfigError(
+                    f"{job.output} was made with another model or other settings ({shown}): use another "
+                    "--output, --overwrite to replace it, or --allow_config_change to mix them knowingly"
+                )
+            if diffs:
+                _LOGGER.warning("--allow_config_change: adding to %s with %s", job.output, "; ".join(diffs))
+                self.job = job.replace(recorded_identity=json.dumps(recorded, sort_keys=True))
+        if recorded is None or not existing:
+            write_output_identity(job.output, current)
+
+    def _release(self) -> None:
+        from beam_job.pipeline import claim
+
+        if self._progress_dir:
+            shutil.rmtree(self._progress_dir, ignore_errors=True)
+            self._progress_dir = None
+        if self._claim is not None:
+            claim.release(self._claim)
+            self._claim = None
+            if self._created_output:
+                self._remove_if_empty(self.job.output)
+
+    @staticmethod
+    def _remove_if_empty(output: str) -> None:
+        """Remove the output folder this launch created when nothing was written to it (a refused run)."""
+        if "://" not in output:
+            try:
+                os.rmdir(output)
+            except OSError:  # not empty (the run wrote to it), or already gone
+                pass
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunOutcome:
+        """Run the pipeline on the claimed output; the exit status comes from the run summary's status."""
+        from beam_job.pipeline.pipeline import metrics_report, run_pipeline
+
+        job = self.job
+        if self.dry_run:
+            result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
+            return RunOutcome(job=job, summary={}, result=result, metrics=[])
+        if self._progress:
+            remove_stale_progress_dirs()
+            self._progress_dir = tempfile.mkdtemp(prefix=f"{PROGRESS_DIR_PREFIX}{os.getpid()}-")
+            job = self.job = job.replace(progress_dir=self._progress_dir)
+        _LOGGER.info("run %s: %s images listed, output %s, preset %s, model %s", job.run_id,
+                     self.total if self.total is not None else "?", job.output, job.extraction.name,
+                     job.model_identity)
+        try:
+            if self._progress_dir:
+                from beam_job.pipeline.progress import ProgressMonitor
+
+                with ProgressMonitor(self._progress_dir, self.total, self._progress_interval):
+                    result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
+            else:
+                result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
+        except Exception as exc:
+            # Shards may have been committed before the failure: the output is not known to be complete.
+            if storage.exists(job.success_path):
+                storage.delete([job.success_path])
+            raise JobFailedError(f"the job failed: {job_error_line(exc)}") from exc
+        lines = metrics_report(result)
+        for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
+            _LOGGER.info("metric: %s", line)
+        return RunOutcome(job=job, summary=self._finish(), result=result, metrics=lines)
+
+    def _finish(self) -> Dict[str, Any]:
+        """Read the run's summary, log the done line, write the run report; JobFailedError when it failed."""
+        from beam_job.report.run import write_run_report_after_run
+
+        job = self.job
+        from beam_job.pipeline.summary import read_json
+
+        summary = read_json(job.summary_path)
+        if not summary:
+            raise JobFailedError(f"the job ended without writing its summary {job.summary_path}")
+        c, o = summary["counts"], summary["output"]
+        _LOGGER.info("done: %d features, %d failures (%s), %s images/s; output: %d images, %d features, %d "
+                     "current failures; summary %s", c["features"], c["failures"], summary.get("failures_by_stage"),
+                     summary.get("images_per_s"), o["images"], o["features"], o["failures"], job.summary_path)
+        write_run_report_after_run(job.output, job.run_id)  # failed runs get their page too
+        if summary.get("status") != "succeeded":
+            raise JobFailedError(summary.get("reason") or "the run summary says the run failed")
+        return summary
+
