@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from beam_job.delg import loader
-from beam_job.delg.loader import ModelLoadError, build_once, load_delg_model
+from beam_job.delg.cache import build_once, default_cache_dir
+from beam_job.delg.loader import ModelLoadError, load_delg_model
 
 SCALES = [0.70710677, 1.0]
 GSI = [0, 1]
@@ -207,9 +208,9 @@ def test_local_tarball_is_unpacked_once(tmp_path_factory, tmp_path, monkeypatch)
 
 def test_default_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DELG_CACHE_DIR", str(tmp_path / "c"))
-    assert loader.default_cache_dir() == str(tmp_path / "c")
+    assert default_cache_dir() == str(tmp_path / "c")
     monkeypatch.delenv("DELG_CACHE_DIR")
-    assert loader.default_cache_dir().endswith(os.path.join(".cache", "delg-beam"))
+    assert default_cache_dir().endswith(os.path.join(".cache", "delg-beam"))
 
 
 def test_gcs_tarball_and_directory(tmp_path_factory, tmp_path, gcs_bucket):

@@ -13,7 +13,7 @@ import os
 from typing import Optional, Set
 
 from beam_job.delg.architecture import ARCHITECTURES as _ARCHITECTURE_SPECS
-from beam_job.delg.loader import SAVED_MODEL_FILE, build_once, default_cache_dir
+from beam_job.delg.cache import SAVED_MODEL_FILE, build_once, default_cache_dir
 
 logger = logging.getLogger(__name__)
 

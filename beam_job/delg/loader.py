@@ -22,31 +22,28 @@ Model formats:
     local-only, global-only and the Kaggle 2020 model (global_descriptors depends only on the image and
     scales and returns one row per input scale; `run()` then keeps the requested rows itself).
 
-TensorFlow is imported lazily so that the cache helpers can be used (and tested) without it. No Beam.
+The cache directory and its build-once helper are in cache.py. TensorFlow is imported lazily. No Beam.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from beam_job.config import EMBEDDED_MODEL_PREFIX
+from beam_job.delg.cache import SAVED_MODEL_FILE, build_once, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SAVED_MODEL_FILE = "saved_model.pb"
 _TARBALL_SUFFIXES = (".tar.gz", ".tgz")
 
 # Official tensor / signature names.
@@ -65,60 +62,6 @@ _HINT = "pass the unpacked model directory or the official .tar.gz (see docs/del
 
 class ModelLoadError(ValueError):
     """The model URI cannot be resolved, or the SavedModel lacks an input/output DELG extraction needs."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Cache directory and build-once helper (safe across processes)
-# --------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> str:
-    """$DELG_CACHE_DIR, else ~/.cache/delg-beam."""
-    return os.environ.get("DELG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "delg-beam")
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def build_once(
-    target: str, build: Callable[[str], None], *, is_complete: Optional[Callable[[str], bool]] = None
-) -> str:
-    """Create directory `target` exactly once, even when several processes race for it.
-
-    `build(tmp_dir)` fills a fresh temporary directory next to `target`; it is then renamed onto
-    `target` atomically. An exclusive file lock (`<target>.lock`) serialises builders, so the losers of
-    a race find the finished directory and reuse it. A failed build leaves nothing behind.
-    """
-    complete = is_complete or os.path.isdir
-    if complete(target):
-        return target
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(target + ".lock"):
-        if complete(target):
-            return target
-        if os.path.exists(target):  # incomplete (e.g. emptied by hand): rebuild it
-            shutil.rmtree(target, ignore_errors=True)
-        prefix = "." + os.path.basename(target) + ".tmp-"
-        for stale in os.listdir(parent):  # left by a builder that was killed; nobody else holds the lock now
-            if stale.startswith(prefix):
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-        try:
-            build(tmp)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
 
 
 def _key(*parts: Any) -> str:
