@@ -23,6 +23,7 @@ from beam_job import __version__, layout, storage
 from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.progress import images_per_s
 from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
 from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.schemas import delg_v1
@@ -151,7 +152,7 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
         "started_at": started,
         "finished_at": finished_at or _now_iso(),
         "elapsed_s": round(elapsed, 3) if elapsed else None,
-        "images_per_s": round(processed / elapsed, 3) if elapsed else None,
+        "images_per_s": round(images_per_s(processed, elapsed), 3) if elapsed else None,  # the one rate
         "counts": run_counts,
         "output": output_counts,
         "failures_by_stage": dict(sorted(by_stage.items())),
