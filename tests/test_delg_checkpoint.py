@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_job.delg.architecture import DelgArchitecture
+from beam_job.config import DelgArchitecture
 from beam_job.delg.checkpoint import load_official_checkpoint
 from beam_job.delg.export import export_tf2
 from beam_job.delg.graph import DelgExtractionModule

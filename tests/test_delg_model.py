@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_job.delg.architecture import ARCHITECTURES, DelgArchitecture, get_architecture
+from beam_job.config import ARCHITECTURES, DelgArchitecture, get_architecture
 from beam_job.delg.graph import DelgExtractionModule, receptive_boxes
 from beam_job.delg.keras_model import build_delg, gem
 

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Optional, Set
 
-from beam_job.delg.architecture import ARCHITECTURES as _ARCHITECTURE_SPECS
+from beam_job.config import ARCHITECTURES as _ARCHITECTURE_SPECS
 from beam_job.delg.cache import SAVED_MODEL_FILE, build_once, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ _warned: Set[str] = set()
 
 
 def _code_version() -> str:
-    """Short hash of our model code, so an edited architecture never reuses a stale export."""
+    """Short hash of our model code and backbone table, so an edited architecture never reuses a stale export."""
     digest = hashlib.sha256(str(EMBEDDED_FORMAT_VERSION).encode())
+    digest.update(repr(sorted(_ARCHITECTURE_SPECS.items())).encode())  # the table lives in beam_job/config.py
     here = os.path.dirname(os.path.abspath(__file__))
     for name in _MODEL_MODULES:
         path = os.path.join(here, name + ".py")

@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from beam_job.delg.architecture import BN_EPSILON, GEM_EPS, DelgArchitecture, get_architecture
+from beam_job.config import DelgArchitecture, get_architecture
+from beam_job.delg.architecture import BN_EPSILON, GEM_EPS
 
 logger = logging.getLogger(__name__)
 
