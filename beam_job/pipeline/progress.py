@@ -1,26 +1,36 @@
-"""Progress of local runs: workers write small count files to a side directory, the launcher sums them.
+"""Progress of local runs (workers write count files, the launcher sums them), and the run's one rate.
 
 Beam's metrics of a local (FnApiRunner) run are only readable after it finishes, so each writer DoFn
 instance keeps its own counts ("done", "failed", "skipped") and rewrites <progress_dir>/<pid>-<uuid>.json
 at most once a second (atomic replace); `ProgressMonitor`, a thread on the launcher, adds the files up
-and logs "done of total, failures, images/s, ETA". On Dataflow progress_dir is None and nothing is written:
-the Dataflow UI shows the same counts as Beam counters.
+and shows "done of total, failures, images/s, ETA": a tqdm bar when stderr is a terminal, else a log line
+every --progress_interval seconds. On Dataflow progress_dir is None and nothing is written: the Dataflow UI
+shows the same counts as Beam counters.
+
+`images_per_s` is the job's one definition of its rate, used by the progress line and bar, the summary's
+`images_per_s` (hence the done line and the run report): images this run processed (feature rows plus
+failure rows; images skipped as already extracted are not counted) per second since the run started
+(`JobConfig.started_at`, the launcher's clock when it began checking the inputs and the model).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from typing import Dict, Optional
+from typing import IO, Dict, List, Optional
 
 _LOGGER = logging.getLogger(__name__)
 _MIN_WRITE_INTERVAL_S = 1.0
 _HEARTBEAT_S = 60.0
+_BAR_REFRESH_S = 0.5  # the bar's poll interval (workers rewrite their counts at most once a second)
 
 
 class ProgressReporter:
@@ -71,53 +81,125 @@ def read_progress(progress_dir: str) -> Dict[str, int]:
     return dict(total)
 
 
-def format_progress(counts: Dict[str, int], total: Optional[int], elapsed_s: float) -> str:
+def images_per_s(processed: int, elapsed_s: Optional[float]) -> Optional[float]:
+    """The run's rate, defined once (see the module docstring): `processed` images (features + failures, not
+    the skipped ones) over `elapsed_s` seconds since the run started; None before any time has passed."""
+    if elapsed_s is None or elapsed_s <= 0:
+        return None
+    return processed / elapsed_s
+
+
+def seconds_since(started_at: str, now: Optional[datetime.datetime] = None) -> Optional[float]:
+    """Seconds from an ISO time with a zone (JobConfig.started_at) to `now` (default: the current UTC time);
+    None when `started_at` is empty or not an ISO time."""
+    try:
+        start = datetime.datetime.fromisoformat(started_at)
+    except (TypeError, ValueError):
+        return None
+    return ((now or datetime.datetime.now(datetime.timezone.utc)) - start).total_seconds()
+
+
+def _progress_parts(counts: Dict[str, int], total: Optional[int], elapsed_s: Optional[float]) -> List[str]:
+    """["N of T images", "a ok, b failed[, c skipped (existing)]", "R images/s"[, "ETA E s"]]."""
     done, failed, skipped = counts.get("done", 0), counts.get("failed", 0), counts.get("skipped", 0)
     processed = done + failed
     finished = processed + skipped
-    rate = processed / elapsed_s if elapsed_s > 0 else 0.0
+    rate = images_per_s(processed, elapsed_s) or 0.0
     parts = [f"{finished} of {total if total is not None else '?'} images"]
     parts.append(f"{done} ok, {failed} failed" + (f", {skipped} skipped (existing)" if skipped else ""))
     parts.append(f"{rate:.2f} images/s")
     if total is not None and rate > 0 and finished < total:
         eta = (total - finished) / rate
         parts.append(f"ETA {eta:.0f} s")
-    return "progress: " + "; ".join(parts)
+    return parts
+
+
+def format_progress(counts: Dict[str, int], total: Optional[int], elapsed_s: Optional[float]) -> str:
+    """The progress log line: "progress: N of T images; a ok, b failed; R images/s; ETA E s"."""
+    return "progress: " + "; ".join(_progress_parts(counts, total, elapsed_s))
+
+
+def wants_bar(stream: IO) -> bool:
+    """A progress bar only on a terminal (never in a log file, a pipe or a CI log)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class ProgressMonitor:
-    """Launcher thread logging progress every `interval_s` seconds while a local run is going."""
+    """Launcher thread showing a local run's progress: a tqdm bar on `stream` when it is a terminal (log lines
+    are written above it), else a log line every `interval_s` seconds when the counts changed (and at least
+    once a minute), and the last counts once at the end unless that line was just logged.
 
-    def __init__(self, progress_dir: str, total: Optional[int], interval_s: float = 10.0):
+    started_at: the run's JobConfig.started_at, from which the rate is measured (see `images_per_s`); without
+    it, the time the monitor started. stream: where the bar goes (default sys.stderr).
+    """
+
+    def __init__(self, progress_dir: str, total: Optional[int], interval_s: float = 10.0,
+                 started_at: str = "", stream: Optional[IO] = None):
         self._dir = progress_dir
         self._total = total
         self._interval = interval_s
+        self._started_at = started_at
+        self._stream = stream
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="delg-progress", daemon=True)
         self._start = time.monotonic()
         self._last_counts: Optional[Dict[str, int]] = None
         self._last_time = 0.0
+        self._bar = None
+        self._context = contextlib.ExitStack()
 
     def __enter__(self) -> "ProgressMonitor":
         self._start = time.monotonic()
+        stream = self._stream if self._stream is not None else sys.stderr
+        if wants_bar(stream):
+            self._open_bar(stream)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.poll(final=True)
+        try:
+            self.poll(final=True)
+        finally:
+            self._context.close()
+
+    def _open_bar(self, stream: IO) -> None:
+        """The tqdm bar, with the root logger's console lines written above it while it is shown (both undone,
+        the bar left on screen, when the monitor exits)."""
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._context.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {postfix}" if self._total else "{desc}: {postfix}"
+        self._bar = self._context.enter_context(tqdm(
+            total=self._total, desc="extracting", file=stream, bar_format=bar_format, dynamic_ncols=True,
+            mininterval=0, leave=True))
+
+    def _elapsed(self) -> Optional[float]:
+        since_start = seconds_since(self._started_at) if self._started_at else None
+        return since_start if since_start is not None else time.monotonic() - self._start
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
+        interval = min(self._interval, _BAR_REFRESH_S) if self._bar is not None else self._interval
+        while not self._stop.wait(interval):
             self.poll()
 
     def poll(self, final: bool = False) -> None:
-        """Read the counts now; log when they changed, at the end, and at least once a minute as a heartbeat.
+        """Read the counts now and show them: on the bar every time; as a log line when they changed, at
+        least once a minute as a heartbeat, and at the end when the last line logged showed other counts.
 
-        The thread calls this every `interval_s`; callers (tests) may call it directly at a known moment."""
+        The thread calls this every `interval_s` (the bar: every 0.5 s); tests may call it at a known moment."""
         counts = read_progress(self._dir)
         now = time.monotonic()
-        if final or counts != self._last_counts or now - self._last_time >= _HEARTBEAT_S:
-            _LOGGER.info(format_progress(counts, self._total, now - self._start))
+        if self._bar is not None:
+            parts = _progress_parts(counts, self._total, self._elapsed())
+            self._bar.n = counts.get("done", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
+            self._bar.set_postfix_str("; ".join(parts), refresh=True)
+            return
+        if counts != self._last_counts or (not final and now - self._last_time >= _HEARTBEAT_S):
+            _LOGGER.info(format_progress(counts, self._total, self._elapsed()))
             self._last_counts, self._last_time = counts, now
