@@ -82,19 +82,18 @@ def main(argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--dry_run=True" not in argv:
         raise SystemExit("dataflow/dry_run.py only runs Beam dry runs: pass --dry_run=True (run_dataflow.sh does)")
-    from beam_job.cli import PROG, JobConfigError, JobFailedError, run
+    from beam_job.cli import PROG, exit_status, run
 
     try:
         outcome = run(argv)
-    except JobConfigError as exc:  # the job's own one-line configuration errors, as `delg-extract` prints them
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except JobFailedError as exc:
-        print(f"{PROG}: job failed: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # Beam's option validation, e.g. "Invalid Project ID": one line, no traceback
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        ended = exit_status(exc)  # the job's own ends, with the status and line `delg-extract` gives them
+        if ended is None and isinstance(exc, ValueError):  # Beam's option validation, e.g. "Invalid Project ID"
+            ended = 2, f"{PROG}: error: {' '.join(str(exc).split())}"
+        if ended is None:
+            raise
+        print(ended[1], file=sys.stderr)
+        return ended[0]
     result = getattr(outcome, "result", None)
     if getattr(result, "job", None) is None:
         raise SystemExit("dry run: the job never reached DataflowRunner (is --runner=DataflowRunner passed?)")
