@@ -1,5 +1,7 @@
-"""Packaging for the DELG Beam job: ships `beam_job` (with the repository's `schemas/` folder installed as
-`beam_job.schemas`) to Dataflow workers (--setup_file without a container; the images install it too).
+"""Packaging for the DELG Beam job: ships `beam_job` (with `beam_job.schemas`, a link to the repository's
+`schemas/` folder) to Dataflow workers (--setup_file without a container; the images install it too).
+pyproject.toml names the build system (so pip builds the same way with or without `wheel` installed) and
+holds the tools' settings; this file holds the metadata, because Beam's `--setup_file` runs it.
 
 The version pins live in ONE place, requirements.txt (and requirements-dev.txt for the retrieval
 extras); this file only reads them. TensorFlow is deliberately NOT an install requirement: Dataflow
@@ -46,10 +48,9 @@ setup(
     name="delg-beam-job",
     version=VERSION,
     description="Distributed DELG (global + local) image feature extraction with Apache Beam",
-    # The schema lives in the repository's top-level schemas/ folder and installs under this project's
-    # name, beam_job.schemas: no generic top-level module named "schemas" in users' environments.
-    packages=find_packages(include=["beam_job", "beam_job.*"]) + ["beam_job.schemas"],
-    package_dir={"beam_job.schemas": "schemas"},
+    # beam_job/schemas is a link to the top-level schemas/ folder (schemas/README.md), so find_packages
+    # finds beam_job.schemas where its name says and no generic top-level "schemas" module is installed.
+    packages=find_packages(include=["beam_job", "beam_job.*"]),
     package_data={"beam_job.schemas": ["README.md"]},
     include_package_data=False,
     python_requires=">=3.10,<3.13",
@@ -61,6 +62,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "delg-extract=beam_job.cli:console_main",
-        "delg-retrieval=beam_job.retrieval.cli:main",
+        "delg-retrieval=beam_job.report.retrieval:main",  # the retrieval commands plus `report`
     ]},
 )

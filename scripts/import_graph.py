@@ -47,7 +47,7 @@ def module_files(root: str) -> Dict[str, str]:
         trees.append((os.path.join(root, "schemas"), PACKAGE + ".schemas"))  # setup.py's package_dir mapping
     files: Dict[str, str] = {}
     for top, name in trees:
-        for dirpath, dirnames, filenames in os.walk(top):
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):  # beam_job/schemas: a link
             dirnames[:] = sorted(d for d in dirnames if os.path.isfile(os.path.join(dirpath, d, "__init__.py")))
             parts = [name] + [p for p in os.path.relpath(dirpath, top).split(os.sep) if p != "."]
             for filename in sorted(filenames):

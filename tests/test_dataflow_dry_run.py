@@ -211,7 +211,7 @@ def test_cpu_dry_run_without_a_container_stages_the_package(tmp_path):
     assert report["staged_artifacts"]["requirements.txt"] == str(ROOT / "requirements.txt")
     members = report["setup_package_members"]
     for needed in ("setup.py", "requirements.txt", "beam_job/cli.py", "beam_job/pipeline/__init__.py",
-                   "schemas/delg_v1.py"):
+                   "beam_job/schemas/delg_v1.py"):
         assert needed in members
     assert "no container" in proc.stderr
 

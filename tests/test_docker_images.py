@@ -19,8 +19,8 @@ filesystem (tmp_path/stage<N>/, the image's /opt/delg at tmp_path/stage<N>/opt/d
   what the WORKDIR holds at that step (the files copied so far, plus what earlier builds left there, as in
   the image) with `python -m pip wheel --no-deps --no-build-isolation --no-index`: offline, about 1 s a
   build. The extra (`[cpu]`, `[gpu]`) only adds dependencies, so it does not change a --no-deps wheel and
-  the folder is built as is. The project has no pyproject.toml, so pip builds it through setuptools'
-  legacy PEP 517 backend; --no-build-isolation makes it use this environment's setuptools and, below
+  the folder is built as is. pip builds it with the backend pyproject.toml names (setuptools' legacy PEP 517
+  backend where a step has not copied it); --no-build-isolation makes it use this environment's setuptools and, below
   setuptools 70.1, wheel's bdist_wheel (pip would otherwise download both, which --no-index forbids).
   requirements-dev.txt's environment has both (TensorFlow requires setuptools, its dependency astunparse
   requires wheel); without them the test fails saying so. `pip install --target` would not avoid them:
@@ -388,7 +388,12 @@ def _copy_folder(context, ignore, relative, target):
         kept = []
         for sub in subfolders:
             path = f"{here}/{sub}" if here else sub
-            if not ignore.prunable(path):
+            if Path(folder, sub).is_symlink():  # COPY keeps a link as a link (beam_job/schemas -> ../schemas)
+                if not ignore.excluded(path):
+                    destination = target / Path(folder, sub).relative_to(top)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    destination.symlink_to(os.readlink(Path(folder, sub)))
+            elif not ignore.prunable(path):
                 kept.append(sub)
         subfolders[:] = kept
         for name in files:
@@ -560,13 +565,15 @@ def test_image_builds_the_project_from_what_it_copied(dockerfile, tmp_path):
     assert Path(imported.stdout.split()[0]) == target / "beam_job" / "schemas" / "__init__.py"
 
 
-# The first layer as both Dockerfiles had it before issue 14: the replay must catch what broke the builds.
+# A first layer that leaves out a file setup.py reads (requirements-dev.txt, for the retrieval extra's pins):
+# the replay must fail where `docker build` fails. (Before issue 15 the layers broke on setup.py's package_dir,
+# which sent beam_job.schemas to an uncopied schemas/; beam_job/schemas is now a link in beam_job/.)
 _BROKEN_FIRST_LAYER = """\
 # syntax=docker/dockerfile:1
 ARG PY_VERSION=3.11
 FROM python:${PY_VERSION}-slim
 WORKDIR /opt/delg
-COPY requirements.txt requirements-dev.txt setup.py MANIFEST.in README.md ./
+COPY requirements.txt setup.py MANIFEST.in README.md ./
 COPY beam_job/__init__.py beam_job/__init__.py
 RUN python -m pip install ".[cpu]" \\
  && python -m pip uninstall -y delg-beam-job
@@ -579,7 +586,7 @@ RUN python -m pip install --no-deps .
 def test_replay_fails_where_the_build_failed(tmp_path):
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(_BROKEN_FIRST_LAYER)
-    with pytest.raises(ReplayError, match="package directory 'schemas' does not exist"):
+    with pytest.raises(ReplayError, match="requirements-dev.txt"):
         replay(dockerfile, ROOT, tmp_path / "scratch")
 
 
