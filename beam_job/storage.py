@@ -15,12 +15,13 @@ per process before the first remote access, in every process (launcher and worke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
 import uuid
-from typing import IO, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
 
 _LOGGER = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -111,6 +112,19 @@ def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stre
     with create(tmp, mime_type) as fh:
         fh.write(data)
     rename([tmp], [path])
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write a JSON document whole (`write_bytes`: readers never see half of it)."""
+    write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), "application/json")
+
+
+def read_json(path: str) -> Optional[Any]:
+    """The JSON document at `path`, or None when it is absent or unreadable (the caller reports that)."""
+    try:
+        return json.loads(read_bytes(path).decode("utf-8"))
+    except Exception:  # absent, unreadable or not JSON
+        return None
 
 
 def exists(path: str) -> bool:

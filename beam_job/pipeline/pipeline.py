@@ -1,7 +1,7 @@
 """Pipeline wiring: `build_pipeline(p, job)` (pure wiring) and `run_pipeline(job, beam_args)` (options, run, metrics).
 
 Step labels (as in the Dataflow UI):
-  ListInputs -> [ExistingFeatureIds] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
+  ListInputs -> [ExistingOutcomes] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
   ExtractFeatures/{ReadBytes, DecodeAndResize, RunInference, ToRows, InferenceFailures, MergeFailures} ->
   WriteFeatures/{ToTables, Commit}, WriteFailures/{ToTables, Commit} -> FinalizeRun
 """
@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_job.layout import FAILURES, FEATURES, shard_glob
+from beam_job.layout import FAILURES, FEATURES, kind_dir, shard_glob
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline.inputs import ListInputs
 from beam_job.pipeline.options import JobConfig
@@ -25,7 +25,7 @@ from beam_job.pipeline.transforms import (
     SKIPPED,
     ExpandShardsFn,
     ExtractFeatures,
-    ReadShardIdsFn,
+    ReadOutcomeKeysFn,
     ResolveInputsFn,
 )
 from beam_job.pipeline.writer import WriteShards

@@ -2,14 +2,20 @@
 *current* state (features, plus the failures not since resolved), computed when reading, never rewritten.
 
 Model (docs/pipeline.md, "An output built by several runs"):
-* An input is an (image_id, path) pair. `features/` holds each image_id at most once across runs
-  (`--skip_existing` anti-joins new inputs with the image_id column of existing feature shards).
+* An input is an (image_id, path) pair. `features/` holds each image_id at most once across runs. A resume
+  (`--skip_existing`) leaves out the inputs that already have their final outcome: a feature row, or a
+  `DuplicateImageIdError` failure row (`read_outcome_keys`); every other listed input is (re)tried, so an
+  input whose row a killed run never committed gets it then, whichever of the two commits came first.
 * `failures/` is append-only: each run adds its own failure shards and no later run rewrites or deletes
   them (only `--overwrite` clears an output). An input's *current* failure is its latest failure row
   (by run start time), and only while the input has no feature row. `current_failures()` gives that
   table; summaries count it; the raw `failures/*.parquet` remains a valid retry manifest.
 * `_output.json` records the model identity and a fingerprint of the extraction settings of the output;
   a run that would mix in another model or other settings is refused before any work.
+* A shard that cannot be read as the job wrote it (truncated, empty, not Parquet, another schema) is found
+  before launch by `check_output_shards` (footers only) and named with the way out; a damaged data page of
+  the id and path columns is found when the resume reads them (page checksums), named the same way
+  (`DamagedShardError`).
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from beam_job import layout, storage
-from beam_job.layout import FAILURES, FEATURES, TEMP_DIR_PREFIX
+from beam_job.layout import FAILURES, FEATURES, KINDS, TEMP_DIR_PREFIX
 from beam_job.pipeline.options import JobConfig, JobConfigError
 from beam_job.schemas import delg_v1
 
@@ -32,6 +39,9 @@ _LOGGER = logging.getLogger(__name__)
 
 # Settings that do not change which features come out (names, documentation, where the model lives).
 _NOT_FINGERPRINTED = ("name", "description", "model", "official_model_url")
+# The error_type of the failure row of a second path listed under an image_id (transforms.DuplicateImageIdError):
+# final once written, so a resume keeps it instead of writing it again.
+DUPLICATE_ID_ERROR = "DuplicateImageIdError"
 
 
 def has_shards(directory: str) -> bool:
@@ -169,9 +179,7 @@ def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
 
 
 def write_output_identity(output: str, identity: Dict[str, Any]) -> None:
-    from beam_job.pipeline.summary import write_json
-
-    write_json(layout.identity_path(output), identity)
+    storage.write_json(layout.identity_path(output), identity)
 
 
 def clear_outputs(job: JobConfig) -> int:
@@ -187,19 +195,99 @@ def clear_outputs(job: JobConfig) -> int:
 
 # ----------------------------------------------------------------------------- current state
 
-def read_ids(path: str) -> List[str]:
-    """image_id column of one shard (reads only that column)."""
-    with _open(path) as fh:
-        return pq.read_table(fh, columns=["image_id"]).column(0).to_pylist()
+# ----------------------------------------------------------------------------- damaged shards
+
+class DamagedShardError(ValueError):
+    """A shard under the output that is not what the job writes there; the message (one line) names the file
+    and the way out."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def damaged_shard_message(path: str, problem: str) -> str:
+    """`<path> <problem>: <the way out>`, one line."""
+    folder = path.rsplit("/", 1)[0]
+    output = folder.rsplit("/", 1)[0]
+    return (f"{path} {problem}: move it out of {folder}/ (or delete it) and run again with --skip_existing; its "
+            f"inputs are then extracted again (or pass --overwrite to start {output} over)")
+
+
+def _schema_problem(schema: pa.Schema, kind: str) -> Optional[str]:
+    """Why a shard's Arrow schema is not the job's schema for `kind` (None when it is)."""
+    features = [delg_v1.features_schema(dtype) for dtype in ("float32", "float16")]
+    if kind == FEATURES and any(schema.equals(s, check_metadata=False) for s in features):
+        return None
+    if kind == FAILURES and schema.equals(delg_v1.FAILURES_SCHEMA, check_metadata=False):
+        return None
+    if kind == FEATURES and schema.equals(delg_v1.FAILURES_SCHEMA, check_metadata=False):
+        return f"holds failure rows (the failures schema), not feature rows: it belongs in {FAILURES}/"
+    if kind == FAILURES and any(schema.equals(s, check_metadata=False) for s in features):
+        return f"holds feature rows (the features schema), not failure rows: it belongs in {FEATURES}/"
+    columns = ", ".join(schema.names[:6]) + (", ..." if len(schema.names) > 6 else "")
+    return f"is a Parquet file of another schema (columns: {columns or 'none'}), not one of the job's {kind} shards"
+
+
+def _shard_problem(path: str, kind: str) -> Optional[str]:
+    """Why one shard is not a readable shard of `kind`, from its footer alone (None when it is)."""
+    try:
+        with _open(path) as fh:
+            schema = pq.ParquetFile(fh).schema_arrow
+    except Exception as exc:  # pyarrow's own texts: "Parquet file size is 0 bytes", "magic bytes not found"
+        return f"is not a readable Parquet file ({_first_line(exc)})"
+    return _schema_problem(schema, kind)
+
+
+def check_output_shards(output: str) -> None:
+    """Before a resume's launch: every `features/*.parquet` and `failures/*.parquet` opens as Parquet and has
+    the job's schema for its folder. Reads each shard's footer only (a few KB per shard, 16 at a time), not its
+    data pages. Raises DamagedShardError (a ValueError; one line naming the first bad file and the way out).
+
+    What a footer read finds: an empty, truncated or junk file, a damaged footer, another schema, a shard in
+    the wrong folder. What it cannot find: a damaged data page; the resume finds one in the image_id and path
+    columns when it reads them (page checksums, `read_columns`), and fails the job naming the file.
+    """
+    shards = [(path, kind) for kind in KINDS for path in list_shards(layout.kind_dir(output, kind))]
+    if not shards:
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
+        problems = list(pool.map(lambda shard: _shard_problem(*shard), shards))
+    bad = [(path, problem) for (path, _), problem in zip(shards, problems) if problem]
+    if bad:
+        path, problem = bad[0]
+        more = f" ({len(bad) - 1} more shard(s) are damaged too: run again to see the next)" if len(bad) > 1 else ""
+        raise DamagedShardError(damaged_shard_message(path, problem) + more)
 
 
 def read_columns(path: str, columns: List[str]) -> Tuple[pa.Table, Dict[bytes, bytes]]:
-    with _open(path) as fh:
-        pf = pq.ParquetFile(fh)
-        return pf.read(columns=columns), dict(pf.schema_arrow.metadata or {})
+    """Some columns of one shard and its footer metadata. Pages are checked against their checksums (shards
+    written since page checksums were turned on carry them); a shard that cannot be read raises
+    DamagedShardError naming it."""
+    try:
+        with _open(path) as fh:
+            pf = pq.ParquetFile(fh, page_checksum_verification=True)
+            return pf.read(columns=columns), dict(pf.schema_arrow.metadata or {})
+    except Exception as exc:  # truncated, not Parquet, a damaged page, a missing column
+        raise DamagedShardError(damaged_shard_message(path, f"cannot be read ({_first_line(exc)})")) from None
 
 
 Key = Tuple[str, str]  # (image_id, path): one listed input
+
+
+def read_outcome_keys(path: str, kind: str) -> List[Key]:
+    """The inputs of one shard whose outcome a resume keeps (leaves out): every (image_id, path) of a feature
+    shard; of a failure shard, only the `DuplicateImageIdError` rows (an id's second path stays a duplicate;
+    every other failure is tried again)."""
+    if kind == FEATURES:
+        table, _ = read_columns(path, ["image_id", "path"])
+        return list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+    table, _ = read_columns(path, ["image_id", "path", "error_type"])
+    return [(image_id, where) for image_id, where, error in zip(table.column("image_id").to_pylist(),
+                                                                table.column("path").to_pylist(),
+                                                                table.column("error_type").to_pylist())
+            if error == DUPLICATE_ID_ERROR]
 
 
 @dataclass
@@ -244,6 +332,20 @@ def output_state(output: str) -> OutputState:
                 latest[key] = (order, path, row)
     state.current = {key: where for key, where in latest.items() if key not in state.feature_keys}
     return state
+
+
+def duplicated_feature_ids(output: str) -> Tuple[int, List[str]]:
+    """(how many image ids have more than one feature row, the shards that hold those rows): what to name
+    when `OutputState.counts` shows duplicate feature rows (a shard copied or added by hand). Reads the
+    image_id column of every feature shard; called only then."""
+    ids_by_shard = {path: read_columns(path, ["image_id"])[0].column(0).to_pylist()
+                    for path in list_shards(layout.features_dir(output))}
+    seen: Set[str] = set()
+    twice: Set[str] = set()
+    for ids in ids_by_shard.values():
+        for image_id in ids:
+            (twice if image_id in seen else seen).add(image_id)
+    return len(twice), [path for path, ids in ids_by_shard.items() if twice.intersection(ids)]
 
 
 def current_failures(output: str) -> Optional[pa.Table]:

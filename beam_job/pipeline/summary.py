@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import apache_beam as beam
 
@@ -24,9 +24,18 @@ from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.progress import images_per_s
-from beam_job.pipeline.resume import OutputState, output_identity, output_state, remove_temp_files
+from beam_job.pipeline.resume import (
+    OutputState,
+    duplicated_feature_ids,
+    output_identity,
+    output_state,
+    read_columns,
+    remove_temp_files,
+)
 from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.schemas import delg_v1
+from beam_job.storage import read_json as read_json  # noqa: F401 - the launcher's and the report's import, for now
+from beam_job.storage import write_json
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,18 +47,6 @@ DUCKDB_FLOAT16_NOTE = (
 
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: str, data: Dict[str, Any]) -> None:
-    """Write JSON to a local path or gs:// URI (temp name then rename, so readers never see half a file)."""
-    storage.write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), "application/json")
-
-
-def read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(storage.read_bytes(path).decode("utf-8"))
-    except Exception:  # absent or unreadable: the caller reports that
-        return None
 
 
 def _merge_stats(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -74,35 +71,69 @@ def _ratio(part: int, whole: int) -> float:
     return round(part / whole, 6) if whole else 0.0
 
 
-def run_status(run: Dict[str, int], output: Dict[str, int], max_failure_ratio: float) -> Tuple[str, str]:
-    """("succeeded" | "failed", one-line reason) for a run, judged on the output as a whole.
+def _names(paths: List[str], most: int = 3) -> str:
+    shown = ", ".join(paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
-    The run fails when the output's current failures exceed `max_failure_ratio` of its images, or when the
-    images this run tried for the first time (not retries of earlier failures) failed above that ratio:
-    a retry of failures that still fail does not fail an otherwise good output, and a run that adds only
-    broken inputs to a big good output is not hidden by it.
+
+def run_status(run: Dict[str, int], output: Dict[str, int], max_failure_ratio: float,
+               duplicated: Optional[Tuple[int, List[str]]] = None) -> Tuple[str, str]:
+    """("succeeded" | "failed", one-line reason) for a run (docs/pipeline.md, "Exit status and _SUCCESS").
+
+    The run fails when
+    * features/ holds an image id more than once (`duplicated`: how many ids, in which shards; a shard copied
+      or added by hand): the output breaks its promise of one row per input, whatever the ratios;
+    * the output's current failures exceed `max_failure_ratio` of its images (the whole output);
+    * the inputs this run lists failed above that ratio, judged on their outcomes in the output after the run
+      (a feature row, whichever run wrote it, or a current failure), leaving out the inputs that had already
+      failed before this run and still fail: a retry of failures that still fail does not fail a good output,
+      a run that lists only broken inputs is not hidden by a big good output, and a killed run plus its resume
+      is judged as the run would have been had it not been killed (the resume counts the outcomes the killed
+      run committed; both kinds of rows count, whichever was committed first).
     """
-    new = run["processed"] - run["retried"]
-    new_failures = run["failures"] - run["retried_still_failing"]
+    if duplicated and output.get("duplicate_feature_rows"):
+        ids, shards = duplicated
+        return "failed", (f"features/ holds {ids} image id(s) more than once ({output['duplicate_feature_rows']} "
+                          f"extra feature row(s), in {_names(shards)}): an output holds one row per input, so a "
+                          "shard was copied or added by hand: move the extra shard(s) out of features/ and run "
+                          "again with --skip_existing (inputs found in no other shard are extracted again)")
     if output["images"] and output["failures"] / output["images"] > max_failure_ratio:
         ratio = output["failures"] / output["images"]
         return "failed", (f"{output['failures']} of {output['images']} images failed ({ratio:.0%} > "
                           f"--max_failure_ratio {max_failure_ratio:.0%}, over the whole output)")
-    if new and new_failures / new > max_failure_ratio:
-        return "failed", (f"{new_failures} of {new} images new to the output failed in this run "
-                          f"({new_failures / new:.0%} > --max_failure_ratio {max_failure_ratio:.0%})")
+    still = run["retried_still_failing"] + run.get("skipped_existing_failures", 0)
+    judged = run["skipped_existing"] + run["processed"] - still
+    failed = run["failures"] - run["retried_still_failing"]
+    if judged and failed / judged > max_failure_ratio:
+        return "failed", (f"{failed} of the {judged} images this run lists failed ({failed / judged:.0%} > "
+                          f"--max_failure_ratio {max_failure_ratio:.0%}; inputs already failing before this run "
+                          "are not counted)")
     return "succeeded", ""
 
 
+Skipped = Union[int, Mapping[str, int]]
+
+
+def _skipped_counts(skipped: Skipped) -> Tuple[int, int]:
+    """(inputs skipped, of which their kept outcome is a failure row): `skipped` is a count (all feature rows)
+    or {kind: count} as the pipeline counts it (kind: the kind of the row the input already has)."""
+    if isinstance(skipped, Mapping):
+        return int(sum(skipped.values())), int(skipped.get(FAILURES, 0))
+    return int(skipped), 0
+
+
 def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, List[str]], listed: int,
-                  skipped: int, duplicates: int, state: OutputState, retried: Tuple[int, int],
-                  cleanup: Dict[str, Any], finished_at: Optional[str] = None) -> Dict[str, Any]:
+                  skipped: Skipped, duplicates: int, state: OutputState, retried: Tuple[int, int],
+                  cleanup: Dict[str, Any], finished_at: Optional[str] = None,
+                  duplicated: Optional[Tuple[int, List[str]]] = None) -> Dict[str, Any]:
     """The summary dict (JSON-serialisable) of a finished run.
 
     infos: committed stats dicts {"kind", "rows", "stats"}; files: this run's final shard paths per kind;
-    state: the output after this run; retried: (inputs of this run with an earlier failure row, of which
-    still failing).
+    skipped: see `_skipped_counts`; state: the output after this run; retried: (inputs of this run with an
+    earlier failure row, of which still failing); duplicated: (image ids with more than one feature row, the
+    shards holding them), when the output has such rows.
     """
+    skipped_total, skipped_failing = _skipped_counts(skipped)
     merged = _merge_stats(infos)
     n_features = sum(i["rows"] for i in infos if i["kind"] == FEATURES)
     n_failures = sum(i["rows"] for i in infos if i["kind"] == FAILURES)
@@ -116,7 +147,8 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
     run_counts = {
         "listed": listed,
         "duplicate_inputs": duplicates,
-        "skipped_existing": skipped,
+        "skipped_existing": skipped_total,
+        "skipped_existing_failures": skipped_failing,
         "processed": processed,
         "features": n_features,
         "failures": n_failures,
@@ -126,8 +158,8 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
     }
     output_counts = dict(state.counts)
     output_counts["failure_ratio"] = _ratio(output_counts["failures"], output_counts["images"])
-    status, reason = run_status(run_counts, output_counts, job.max_failure_ratio)
-    if status == "failed" and merged["failures"]:
+    status, reason = run_status(run_counts, output_counts, job.max_failure_ratio, duplicated)
+    if status == "failed" and merged["failures"] and not output_counts["duplicate_feature_rows"]:
         top_key, top_n = merged["failures"].most_common(1)[0]
         reason += f"; most common in this run: {top_key} ({top_n}x), e.g. {merged['examples'].get(top_key, '')}"
     started = job.started_at or None
@@ -192,11 +224,9 @@ def run_files(job: JobConfig, kind: str) -> List[str]:
     return storage.match(layout.run_shards_glob(job.output, kind, job.run_id))
 
 
-def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: int,
+def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: Skipped,
                  duplicates: int) -> Dict[str, Any]:
     """Everything after the commit, idempotent: temp cleanup, output state, summary.json, _SUCCESS."""
-    from beam_job.pipeline.resume import read_columns
-
     failpoint("finalize")
     feature_files, failure_files = run_files(job, FEATURES), run_files(job, FAILURES)
     t0 = time.perf_counter()
@@ -207,9 +237,11 @@ def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipp
         table, _ = read_columns(path, ["image_id", "path"])
         run_feature_keys.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
     retried = _retried(state, failure_files, run_feature_keys)
+    duplicated = duplicated_feature_ids(job.output) if state.counts["duplicate_feature_rows"] else None
     cleanup = {"temp_leftovers_removed": removed, "finalize_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
     files = {FEATURES: feature_files, FAILURES: failure_files}
-    summary = build_summary(job, infos, files, int(listed), int(skipped), int(duplicates), state, retried, cleanup)
+    summary = build_summary(job, infos, files, int(listed), skipped, int(duplicates), state, retried, cleanup,
+                            duplicated=duplicated)
     write_json(job.summary_path, summary)
     failpoint("success")
     if summary["status"] == "succeeded":

@@ -18,6 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_job import storage
+from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
 from beam_job.pipeline.handler import DelgModelHandler
@@ -141,11 +142,15 @@ def exception_text(exc_type: type, exc_repr: str, formatted_traceback: Optional[
 
 
 class ResolveInputsFn(beam.DoFn):
-    """(image_id, {"input": [paths], "done": [...]}) -> (image_id, path) to process.
+    """(image_id, {"input": [paths], "done": [(kind, path)]}) -> (image_id, path) to process.
 
-    Leaves out ids already in <output>/features (resume), collapses identical duplicates, and turns a
-    second, different path listed under the same image_id into a failure row (each listed path keeps
-    exactly one outcome row).
+    "done" holds what the output already records for the id (resume, `resume.read_outcome_keys`): paths with a
+    feature row, and paths with a DuplicateImageIdError failure row. Identical listings of a path collapse into
+    one. Of the distinct paths, one is the id's own: the path that has its feature row, else the first in sorted
+    order that is not recorded as a duplicate. The others are duplicates and get a DuplicateImageIdError
+    failure row, unless they have one already. A path is skipped (tag SKIPPED, with the kind of its recorded
+    row) only when its own (image_id, path) has an outcome row, never for its id alone: each listed path keeps
+    exactly one outcome row, whatever a killed run committed.
     """
 
     def __init__(self, job: JobConfig):
@@ -161,41 +166,50 @@ class ResolveInputsFn(beam.DoFn):
         paths = list(groups["input"])
         if not paths:
             return
-        if list(groups["done"]):
-            self._skipped.inc(len(paths))
-            self._progress.add("skipped", len(paths))
-            for _ in paths:
-                yield beam.pvalue.TaggedOutput(SKIPPED, image_id)
-            return
         distinct = sorted(set(paths))
-        for _ in range(len(paths) - len(set(paths))):
+        for _ in range(len(paths) - len(distinct)):
             self._dups.inc()
             yield beam.pvalue.TaggedOutput(DUPLICATE, image_id)
-        yield image_id, distinct[0]
-        for other in distinct[1:]:
-            exc = DuplicateImageIdError(
-                f"image_id {image_id} is also listed for {distinct[0]}: give each path its own id")
-            yield _failure(self._job, image_id, other, "read", exc, {})
+        done = list(groups["done"])
+        featured = sorted({path for kind, path in done if kind == FEATURES})
+        recorded = {path for kind, path in done if kind != FEATURES}
+        own = featured[0] if featured else next((p for p in distinct if p not in recorded), distinct[0])
+        for path in distinct:
+            skipped = FEATURES if path in featured else FAILURES if path in recorded and path != own else None
+            if skipped:
+                self._skipped.inc()
+                self._progress.add("skipped", 1)
+                yield beam.pvalue.TaggedOutput(SKIPPED, skipped)
+            elif path == own:
+                yield image_id, path
+            else:
+                held = "is also listed for" if own in distinct else "already has its feature row, for"
+                exc = DuplicateImageIdError(f"image_id {image_id} {held} {own}: give each path its own id")
+                yield _failure(self._job, image_id, path, "read", exc, {})
 
     def finish_bundle(self):
         self._progress.flush()
 
 
-class ReadShardIdsFn(beam.DoFn):
-    """Parquet shard path -> (image_id, True) for each row, reading only the image_id column."""
+class ReadOutcomeKeysFn(beam.DoFn):
+    """(shard path, kind) -> (image_id, (kind, path)) for each input the shard gives a kept outcome
+    (`resume.read_outcome_keys`: reads the id and path columns only; a damaged shard fails naming itself)."""
 
-    def process(self, path: str):
-        import pyarrow.parquet as pq
+    def process(self, element):
+        from beam_job.pipeline.resume import read_outcome_keys
 
-        with storage.open_read(path) as fh:
-            table = pq.read_table(fh, columns=["image_id"])
-        for image_id in table.column(0).to_pylist():
-            yield image_id, True
+        shard, kind = element
+        for image_id, path in read_outcome_keys(shard, kind):
+            yield image_id, (kind, path)
 
 
 class ExpandShardsFn(beam.DoFn):
-    def process(self, pattern: str):
-        yield from storage.match(pattern)
+    """(glob, kind) -> (shard path, kind) for each shard the glob matches."""
+
+    def process(self, element):
+        pattern, kind = element
+        for path in storage.match(pattern):
+            yield path, kind
 
 
 class ReadBytesFn(beam.DoFn):
