@@ -49,7 +49,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
         return None
     job = job_config_from_args(args)  # config-level checks (one line each)
     with Launch(job, pipeline_args, skip_model_check=args.skip_model_check, progress=not args.no_progress,
-                progress_interval=args.progress_interval, test_pipeline=test_pipeline) as launch:
+                progress_interval=args.progress_interval, verbose=args.verbose, test_pipeline=test_pipeline) as launch:
         return launch.run()
 
 

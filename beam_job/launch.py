@@ -129,12 +129,13 @@ class Launch:
 
     job: the user's settings; pipeline_args: Beam's flags (the default runner is added here);
     skip_model_check: trust --model without reading it (the identity is then its URI);
-    progress / progress_interval: the progress line (local runners only); test_pipeline: a beam.Pipeline to
-    build into instead of creating one (tests).
+    progress / progress_interval: the progress bar or line (local runners only); verbose: log Beam's metrics at
+    the end (else at DEBUG level); test_pipeline: a beam.Pipeline to build into instead of creating one (tests).
     """
 
     def __init__(self, job: JobConfig, pipeline_args: Sequence[str], *, skip_model_check: bool = False,
-                 progress: bool = True, progress_interval: float = 10.0, test_pipeline=None):
+                 progress: bool = True, progress_interval: float = 10.0, verbose: bool = False,
+                 test_pipeline=None):
         from apache_beam.options.pipeline_options import PipelineOptions
 
         from beam_job.pipeline.pipeline import is_local_runner, with_default_runner
@@ -148,6 +149,7 @@ class Launch:
         self._skip_model_check = skip_model_check
         self._progress = progress and self.local
         self._progress_interval = progress_interval
+        self._verbose = verbose
         self._test_pipeline = test_pipeline
         self._claim = None
         self._created_output = False
@@ -163,6 +165,8 @@ class Launch:
                 check_model(self.job)  # raises: no model at all
             self.job = self.job.replace(model_identity=self.job.extraction.model or "")
             return self
+        _LOGGER.info("run %s: checking the inputs, the model (TensorFlow starts up) and the output %s",
+                     self.job.run_id, self.job.output)  # the first line the user sees, before TensorFlow's
         self.total = self._count_inputs()
         identity = self._model_identity()
         self._created_output = not storage.exists(self.job.output + "/")
@@ -302,7 +306,8 @@ class Launch:
             if self._progress_dir:
                 from beam_job.pipeline.progress import ProgressMonitor
 
-                with ProgressMonitor(self._progress_dir, self.total, self._progress_interval):
+                with ProgressMonitor(self._progress_dir, self.total, self._progress_interval,
+                                     started_at=job.started_at):  # the rate since the run started, as the summary's
                     result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
             else:
                 result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
@@ -313,7 +318,7 @@ class Launch:
             raise JobFailedError(f"the job failed: {job_error_line(exc)}") from exc
         lines = metrics_report(result)
         for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
-            _LOGGER.info("metric: %s", line)
+            _LOGGER.log(logging.INFO if self._verbose else logging.DEBUG, "metric: %s", line)  # --verbose
         return RunOutcome(job=job, summary=self._finish(), result=result, metrics=lines)
 
     def _finish(self) -> Dict[str, Any]:

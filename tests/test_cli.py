@@ -191,6 +191,42 @@ def test_flags_are_beam_pipeline_options_and_beam_flags_pass_through():
     assert with_default_runner(["--runner=DataflowRunner"]) == ["--runner=DataflowRunner"]
 
 
+def test_hyphenated_flags_are_the_same_flags_ours_and_beams():
+    """`--max-feature-num 500` is --max_feature_num (issue 17: it was silently ignored), for Beam's flags too."""
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from beam_job.pipeline.options import DelgOptions, job_config_from_args, parse_job_args
+
+    argv = ["--input", "x/*.jpg", "--output", "out-dir", "--preset", "tiny", "--max-feature-num", "500",
+            "--skip-existing", "--no-exif", "--image-scales=0.5,1", "--global-scales-ind", "0,1", "--run-id",
+            "my-run-1", "--direct-num-workers=2", "--direct-running-mode", "multi_processing"]
+    args, pipeline_args = parse_job_args(argv)
+    job = job_config_from_args(args)
+    assert job.extraction.max_feature_num == 500 and job.skip_existing and not job.extraction.apply_exif_orientation
+    assert job.extraction.image_scales == (0.5, 1.0) and job.run_id == "my-run-1" and job.output == "out-dir"
+    options = PipelineOptions(pipeline_args)  # what the pipeline and the workers see
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    assert options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+    assert options.view_as(DelgOptions).max_feature_num == 500
+    assert "--max_feature_num" in pipeline_args and "--direct_num_workers=2" in pipeline_args
+
+
+def test_unknown_hyphenated_flags_and_unquoted_globs_are_refused_saying_the_fix(tmp_path, image_dir, capsys):
+    out = str(tmp_path / "out")
+    base = ["--output", out, "--preset", "tiny"]
+    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--max-featur-num", "5"],
+                "unknown flag '--max-featur-num'", "did you mean --max_feature_num?")
+    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--direct-num-worker=2"],
+                "unknown flag '--direct-num-worker=2'", "did you mean --direct_num_workers?")
+    for name in ("b.jpg", "c.jpg"):
+        (image_dir / name).write_bytes((image_dir / "a.jpg").read_bytes())
+    expanded = sorted(str(p) for p in image_dir.glob("*.jpg"))  # what the shell makes of an unquoted glob
+    _fails_with(capsys, ["--input", *expanded, *base], f"unexpected argument {expanded[1]!r}",
+                "the shell expanded an unquoted glob into 3 paths: quote the glob",
+                f"--input {str(image_dir / '*.jpg')!r}")
+    assert not os.path.exists(out)
+
+
 def test_help_lists_the_flags_and_docs_table_is_derived_from_them(capsys):
     from beam_job.pipeline.options import FLAGS, flags_markdown
 

@@ -14,6 +14,7 @@ from beam_job import cli, storage
 from beam_job.pipeline.inputs import (
     ListInputs,
     ManifestError,
+    case_variant_pattern,
     check_inputs,
     derive_image_id,
     folder_pattern,
@@ -248,3 +249,24 @@ def test_gcs_folder_input_is_the_prefix_ending_in_a_slash(gcs_bucket):
         check_inputs([f"{base}/photos"], [])
     with pytest.raises(ValueError, match="matches no file"):
         check_inputs([f"{base}/empty/"], [], count=True)
+
+
+def test_a_glob_matches_case_sensitively_and_a_local_run_says_what_it_left_out(tmp_path, caplog):
+    """'*.jpg' leaves out x.JPG (as Linux and gs:// match): the launcher's listing says how many and how to add
+    them; a folder reads them all, whatever the extension's case."""
+    import logging
+
+    folder = tmp_path / "photos"
+    _tiny_images(folder, ["a.jpg", "b.JPG", "c.Jpg", "d.png"])
+    assert case_variant_pattern("d/*.jpg") == "d/*.[jJ][pP][gG]"
+    assert case_variant_pattern("d/*") is None and case_variant_pattern("d/a.jpg") is None
+    caplog.set_level(logging.INFO, logger="beam_job.pipeline.inputs")
+    assert check_inputs([str(folder / "*.jpg")], [], count=True) == 1
+    hints = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(hints) == 1, hints
+    assert "matched 1 files and left out 2 whose extension differs only in case (.JPG, .Jpg" in hints[0], hints
+    assert f"add --input '{folder / '*.JPG'}'" in hints[0], hints
+    caplog.clear()
+    assert check_inputs([str(folder)], [], count=True) == 4  # the folder: every file, any case
+    assert check_inputs([str(folder / "*.png")], [], count=True) == 1
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

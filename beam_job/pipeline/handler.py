@@ -16,12 +16,24 @@ import time
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.config import ExtractionConfig
 
 _LOGGER = logging.getLogger(__name__)
+
+# Beam 2.77 imports the `resource` module in the same try block as its torch-only ModelManager, so without
+# torch it sets it to None and RunInference logs "Resource module is not available for current platform" at
+# every model load (and reports 0 bytes of memory). The module is there on Linux and macOS: give it back.
+if getattr(inference_base, "resource", True) is None:
+    try:
+        import resource
+    except ImportError:  # Windows: Beam's warning is then true
+        pass
+    else:
+        inference_base.resource = resource
 
 
 class DelgModelService:

@@ -22,7 +22,9 @@ each byte that is not UTF-8 (see `path_to_text` / `text_to_path` and docs/pipeli
 Parquet strings need valid UTF-8, so Python's surrogate-escaped str of such a name cannot travel as is.
 
 An --input that names a folder (a local directory, or a gs:// prefix ending in '/') lists the files directly in
-it, as `folder/*` does (not recursive: use `folder/**` for every file below it); see `folder_pattern`.
+it, as `folder/*` does (not recursive: use `folder/**` for every file below it), whatever their extension; see
+`folder_pattern`. A glob matches case-sensitively ('*.jpg' leaves out 'x.JPG'); local runs warn about such
+files (`warn_case_skipped`).
 
 Listing happens in our own DoFns (one call per pattern / manifest file, through `beam_job.storage.match`)
 rather than MatchFiles/ReadFromText, so that exact paths are never pushed through MatchFiles (which drops
@@ -258,6 +260,37 @@ def folder_pattern(pattern: str) -> str:
     return pattern
 
 
+# A glob whose last part ends in '*' and a literal extension ('photos/*.jpg'): matching is case-sensitive, as
+# on any Linux file system and in gs://, so it leaves out 'x.JPG'; see `case_variant_pattern`.
+_LITERAL_EXTENSION = re.compile(r"\*\.([A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*)\Z")
+
+
+def case_variant_pattern(pattern: str) -> Optional[str]:
+    """The glob that also matches every letter case of the pattern's literal extension ('d/*.jpg' ->
+    'd/*.[jJ][pP][gG]'), or None when the pattern does not end in '*.<extension>'."""
+    found = _LITERAL_EXTENSION.search(pattern)
+    if not found:
+        return None
+    any_case = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in found.group(1))
+    return pattern[:found.start(1)] + any_case
+
+
+def warn_case_skipped(pattern: str, matched: Sequence[str]) -> int:
+    """Log one warning when `pattern` ('*.jpg') leaves out files whose extension differs only in case ('.JPG'),
+    naming how many and how to include them; returns that number. Lists the folder a second time."""
+    variant = case_variant_pattern(pattern)
+    if variant is None:
+        return 0
+    skipped = sorted(set(storage.match(variant)) - set(matched))
+    if skipped:
+        extensions = sorted({os.path.splitext(p)[1] for p in skipped})
+        _LOGGER.warning("--input %s matched %d files and left out %d whose extension differs only in case (%s, "
+                        "e.g. %s): add --input '%s' for them, or give the folder (it reads every file in it)",
+                        pattern, len(matched), len(skipped), ", ".join(extensions), path_to_text(skipped[0]),
+                        path_to_text(pattern[:-len(extensions[0])] + extensions[0]))
+    return len(skipped)
+
+
 class ExpandGlobFn(beam.DoFn):
     """pattern -> (image_id, path) for every file it matches (one listing per pattern)."""
 
@@ -350,13 +383,17 @@ def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool
     Every --input pattern (or folder) must match at least one file; every manifest must exist and parse
     (text manifests up to LAUNCHER_CHECK_BYTES in full, larger ones up to their first record). With
     count=True the listed inputs are counted (for progress) and returned; this lists and reads everything
-    on the launcher, so it is only done for local runs.
+    on the launcher, so it is only done for local runs, which also warn about files a '*.jpg' leaves out
+    for their extension's case (`warn_case_skipped`).
     """
     total = 0
     for given in inputs:
         pattern = folder_pattern(given)
         if count:
-            n = len(storage.match(pattern))
+            matched = storage.match(pattern)
+            n = len(matched)
+            if n:
+                warn_case_skipped(pattern, matched)
         else:
             n = len(storage.match(pattern, limit=1)) if has_glob(pattern) else (1 if storage.exists(pattern) else 0)
         if n == 0:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import difflib
 import logging
 import math
+import os
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -231,10 +233,12 @@ FLAGS: Tuple[Flag, ...] = (
          default=False, action="store_true"),
     Flag("run_id", "name of this run: up to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-' "
          "(default: UTC time + random suffix)", RUN, "job", metavar="ID"),
-    Flag("no_progress", "no progress log lines on local runs", RUN, "launcher", default=False,
+    Flag("no_progress", "no progress bar or progress lines on local runs", RUN, "launcher", default=False,
          action="store_true"),
-    Flag("progress_interval", "seconds between progress lines on local runs", RUN, "launcher", default=10.0,
-         type=_seconds),
+    Flag("progress_interval", "seconds between progress lines on local runs (on a terminal a bar replaces them)",
+         RUN, "launcher", default=10.0, type=_seconds),
+    Flag("verbose", "also log Beam's metrics (counters and distributions) when the run ends", RUN, "launcher",
+         default=False, action="store_true"),
     Flag("list_presets", "print the presets and exit", RUN, "launcher", default=False, action="store_true"),
 )
 _EXTRACTION_LISTS = {"image_scales": _csv_floats, "global_scales_ind": _csv_ints}
@@ -409,15 +413,77 @@ def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
 
 def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     """(our parsed flags, the whole argv for PipelineOptions): Beam parses our flags too, through DelgOptions,
-    so they are part of the job's pipeline options. Unknown flags and stray arguments fail in one line."""
+    so they are part of the job's pipeline options. Every flag, ours and Beam's, may be spelled with hyphens
+    (`--max-feature-num 500`): `normalize_flag_spelling` rewrites it to its one spelling, `--max_feature_num`,
+    in the argv returned. Unknown flags and stray arguments fail in one line."""
     argv = list(argv)
+    argv = normalize_flag_spelling(argv, {f.name for f in FLAGS})
+    load_runner_options(argv)  # a runner's own options (Dask's, for one) are known from here on
+    argv = normalize_flag_spelling(argv, beam_option_names())
     args, rest = build_arg_parser().parse_known_args(argv)
     unknown = unknown_beam_args(rest)
     if unknown:
-        what = "unexpected argument" if not unknown[0].startswith("-") else "unknown flag"
-        raise JobConfigError(
-            f"{what} {unknown[0]!r}: neither a delg-extract flag nor a Beam pipeline option (see --help)")
+        raise JobConfigError(_unknown_arg_message(unknown[0], argv))
     return args, argv
+
+
+def beam_option_names() -> Set[str]:
+    """The names (dests, e.g. direct_num_workers) of every option a registered Beam PipelineOptions class defines
+    (ours included, through DelgOptions), as Beam itself parses them."""
+    return set(PipelineOptions([]).get_all_options())
+
+
+def normalize_flag_spelling(argv: Sequence[str], names: Set[str]) -> List[str]:
+    """argv with `--some-flag[=v]` rewritten to `--some_flag[=v]` where `some_flag` is in `names`.
+
+    Beam's parser, like ours, knows each flag by its underscore name only and would drop the hyphenated
+    spelling with a warning; users of fire- or click-based tools type hyphens by habit. Values are left as
+    they are (only the word that follows '--', before any '='). Everything after a bare '--' is left alone.
+    """
+    out: List[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[i:])
+        if arg.startswith("--") and "-" in arg[2:].split("=", 1)[0]:
+            name, sep, value = arg[2:].partition("=")
+            spelled = name.replace("-", "_")
+            if spelled in names:
+                arg = f"--{spelled}{sep}{value}"
+        out.append(arg)
+    return out
+
+
+def _unknown_arg_message(arg: str, argv: Sequence[str]) -> str:
+    """The one line for an argument neither we nor Beam accept: a stray word (most often the second path of an
+    unquoted glob the shell expanded) or an unknown flag (with the closest known flag, when one is close)."""
+    if not arg.startswith("-"):
+        at = argv.index(arg)
+        flag_at = at - 1
+        while flag_at >= 0 and not argv[flag_at].startswith("-"):
+            flag_at -= 1
+        flag = argv[flag_at] if flag_at >= 0 else ""
+        paths = list(argv[flag_at + 1:at + 1])
+        while at + 1 < len(argv) and not argv[at + 1].startswith("-"):
+            at += 1
+            paths.append(argv[at])
+        if flag in ("--input", "--manifest") and all(os.path.lexists(p) for p in paths):
+            return (f"unexpected argument {arg!r}: {flag} takes one pattern, and the shell expanded an unquoted glob "
+                    f"into {len(paths)} paths: quote the glob, e.g. {flag} {_glob_of(paths)!r}")
+        return (f"unexpected argument {arg!r}: neither a delg-extract flag nor a Beam pipeline option (see --help; "
+                "quote a glob, e.g. --input 'photos/*.jpg')")
+    name = arg[2:].split("=", 1)[0] if arg.startswith("--") else arg.lstrip("-")
+    close = difflib.get_close_matches(name.replace("-", "_"), sorted(beam_option_names()), n=1, cutoff=0.8)
+    hint = f"; did you mean --{close[0]}?" if close else ""
+    return f"unknown flag {arg!r}: neither a delg-extract flag nor a Beam pipeline option (see --help){hint}"
+
+
+def _glob_of(paths: Sequence[str]) -> str:
+    """A glob for the paths an unquoted one was expanded into: their common folder, '*', their common extension."""
+    folders = {os.path.dirname(p) for p in paths}
+    extensions = {os.path.splitext(p)[1] for p in paths}
+    folder = folders.pop() if len(folders) == 1 else "..."
+    pattern = "*" + (extensions.pop() if len(extensions) == 1 else "")
+    return os.path.join(folder, pattern) if folder else pattern
 
 
 def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
@@ -440,8 +506,8 @@ def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
         names = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     finally:
         quiet.setLevel(level)
-    names = {n.split("=", 1)[0] for n in names}
-    return [a for a in beam_args if a.startswith("--") and a[2:].split("=", 1)[0] in names]
+    names = {n.split("=", 1)[0].replace("-", "_") for n in names}  # Beam keeps --a-b as a_b
+    return [a for a in beam_args if a.startswith("--") and a[2:].split("=", 1)[0].replace("-", "_") in names]
 
 
 def load_runner_options(beam_args: Sequence[str]) -> None:

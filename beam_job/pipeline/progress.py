@@ -90,13 +90,19 @@ def images_per_s(processed: int, elapsed_s: Optional[float]) -> Optional[float]:
 
 
 def seconds_since(started_at: str, now: Optional[datetime.datetime] = None) -> Optional[float]:
-    """Seconds from an ISO time with a zone (JobConfig.started_at) to `now` (default: the current UTC time);
-    None when `started_at` is empty or not an ISO time."""
+    """Seconds from an ISO time with a zone (JobConfig.started_at) to `now`; None when `started_at` is empty or
+    not an ISO time. `now` defaults to the current UTC time in the precision of `started_at` (whole seconds
+    for the launcher's), as summary.json records `finished_at`: a run's last progress line then shows the
+    rate its summary shows."""
     try:
         start = datetime.datetime.fromisoformat(started_at)
     except (TypeError, ValueError):
         return None
-    return ((now or datetime.datetime.now(datetime.timezone.utc)) - start).total_seconds()
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not start.microsecond:
+            now = now.replace(microsecond=0)
+    return (now - start).total_seconds()
 
 
 def _progress_parts(counts: Dict[str, int], total: Optional[int], elapsed_s: Optional[float]) -> List[str]:
@@ -174,10 +180,17 @@ class ProgressMonitor:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._context.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
-        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {postfix}" if self._total else "{desc}: {postfix}"
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        # "extracting  40%|████      | 2/5 images, 2 ok, 0 failed; 1.91 images/s; ETA 2 s" (tqdm's postfix
+        # begins with ", "); the counts, the rate and the ETA are ours (`_progress_parts`), not tqdm's.
+        bar_format = ("{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images{postfix}" if self._total
+                      else "{desc} {n_fmt} images{postfix}")
         self._bar = self._context.enter_context(tqdm(
-            total=self._total, desc="extracting", file=stream, bar_format=bar_format, dynamic_ncols=True,
-            mininterval=0, leave=True))
+            total=self._total, desc="extracting", file=stream, bar_format=bar_format, mininterval=0, leave=True,
+            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100))  # a terminal of unknown width: 100
 
     def _elapsed(self) -> Optional[float]:
         since_start = seconds_since(self._started_at) if self._started_at else None
@@ -197,8 +210,9 @@ class ProgressMonitor:
         now = time.monotonic()
         if self._bar is not None:
             parts = _progress_parts(counts, self._total, self._elapsed())
-            self._bar.n = counts.get("done", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
-            self._bar.set_postfix_str("; ".join(parts), refresh=True)
+            finished = counts.get("done", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
+            self._bar.n = min(finished, self._total) if self._total else finished  # a retried bundle counts twice
+            self._bar.set_postfix_str("; ".join(parts[1:]), refresh=True)  # parts[0] is the bar's n/total
             return
         if counts != self._last_counts or (not final and now - self._last_time >= _HEARTBEAT_S):
             _LOGGER.info(format_progress(counts, self._total, self._elapsed()))

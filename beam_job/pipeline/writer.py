@@ -133,9 +133,16 @@ class DelgParquetSink(FileBasedSink):
         storage.prepare_remote_access()  # Beam's GCS client, in whichever worker runs this step first
         return super().initialize_write()
 
-    def finalize_write(self, *args, **kwargs):
+    def finalize_write(self, init_result, writer_results, pre_finalize_results):
         storage.prepare_remote_access()
-        return super().finalize_write(*args, **kwargs)
+        writer_results = list(writer_results)
+        if not writer_results:  # no row of this kind (skip_if_empty): Beam would warn "No shards found to finalize"
+            try:
+                storage.delete([init_result])  # its empty temp folder, as Beam's finalize removes it
+            except OSError:  # gone already (gs:// has no empty folders): nothing to remove, as in Beam
+                pass
+            return []
+        return super().finalize_write(init_result, writer_results, pre_finalize_results)
 
     def open(self, temp_path):
         storage.prepare_remote_access()
