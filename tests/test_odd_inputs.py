@@ -18,7 +18,7 @@ from beam_job.config import ExtractionConfig, get_preset
 from beam_job.pipeline.inputs import derive_image_id, path_to_text, text_to_path
 from beam_job.pipeline.options import JobConfig, JobConfigError
 from test_imaging import _with_orientation, encode, raw_png, rgb_pattern
-from test_pipeline import huge_header_png, read_rows
+from test_pipeline import failing_handler, huge_header_png, read_rows
 
 TINY = ["--preset", "tiny", "--no_progress"]
 OK = "features"
@@ -266,28 +266,44 @@ def _graph_reshape():
     return reshape
 
 
-def test_exception_text_from_beam_dead_letters_of_real_tensorflow_errors():
-    import traceback
+class _RaisingModel:
+    """A loaded model whose call raises the given error (the handler's side of a failing model call)."""
 
+    def __init__(self, exc):
+        self._exc = exc
+
+    def identity(self):
+        return "raising"
+
+    def extract(self, prepared):
+        raise self._exc
+
+
+def test_a_failing_model_call_gives_the_first_line_of_the_errors_own_text():
     import tensorflow as tf
 
-    from beam_job.pipeline.transforms import exception_text, first_error_line
+    from beam_job.pipeline.handler import DelgModelHandler, InferenceError
+    from beam_job.pipeline.transforms import ImageTask
 
-    def dead_letter_message(exc):  # what Beam's with_exception_handling() puts in the dead letter
-        info = (type(exc), repr(exc), traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return first_error_line(exception_text(*info))
+    handler = DelgModelHandler(get_preset("tiny"))
+
+    def inference(exc):
+        (result,) = handler.run_inference([ImageTask("id", "a.png")], _RaisingModel(exc))
+        return result.inference
 
     eager = _tf_error(lambda: tf.reshape(tf.zeros([3]), [2]))
-    assert repr(eager) == "InvalidArgumentError()"  # why repr() is not enough
-    assert dead_letter_message(eager) == str(eager).splitlines()[0]
-    assert "Input to reshape is a tensor with 3 values" in dead_letter_message(eager)
+    # What Beam's with_exception_handling() dead letters would carry, (type, repr, traceback): a TensorFlow
+    # error's repr() has no text, which is why the handler catches the model call's error itself.
+    assert repr(eager) == "InvalidArgumentError()"
+    assert inference(eager) == InferenceError("InvalidArgumentError", str(eager).splitlines()[0])
+    assert "Input to reshape is a tensor with 3 values" in inference(eager).message
     graph = _tf_error(lambda: _graph_reshape()(np.zeros((4, 5, 3), np.uint8)))
     text = str(graph)
     assert text.startswith("Graph execution error:")
     expected = next(line for line in text.splitlines() if line.startswith("Input to reshape"))
-    assert dead_letter_message(graph) == expected
-    assert dead_letter_message(ValueError("plain\nsecond")) == "plain"
-    assert dead_letter_message(KeyError()) == ""  # empty text: failure_record falls back to the type name
+    assert inference(graph) == InferenceError("InvalidArgumentError", expected)
+    assert inference(ValueError("plain\nsecond")) == InferenceError("ValueError", "plain")
+    assert inference(KeyError()) == InferenceError("KeyError", "")  # no text: failure_record shows the type name
 
 
 def test_inference_failure_row_carries_the_tensorflow_error_line(tmp_path):
@@ -295,30 +311,24 @@ def test_inference_failure_row_carries_the_tensorflow_error_line(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beam_job.pipeline.handler import DelgModelHandler
     from beam_job.pipeline.transforms import ExtractFeatures
 
-    class TfErrorHandler(DelgModelHandler):
-        """The real handler, but image 'boom' goes through a TensorFlow op that fails at run time."""
+    def fail(prepared):  # image 'boom' goes through a TensorFlow op that fails at run time
+        _graph_reshape()(prepared.image)
 
-        def run_inference(self, batch, model, inference_args=None):
-            for task in batch:
-                if task.image_id == "boom":
-                    _graph_reshape()(task.prepared.image)
-            return super().run_inference(batch, model, inference_args)
-
-    good = tmp_path / "a.png"
+    good, boom = tmp_path / "a.png", tmp_path / "b.png"
     good.write_bytes(encode(_img(), "PNG"))
+    boom.write_bytes(encode(_img(30, 36), "PNG"))
     from beam_job.imaging import decode_image, prepare_image
 
-    prepared = prepare_image(decode_image(good.read_bytes()), get_preset("tiny"))
+    prepared = prepare_image(decode_image(boom.read_bytes()), get_preset("tiny"))
     text = str(_tf_error(lambda: _graph_reshape()(prepared.image)))
     expected = next(line for line in text.splitlines() if line.startswith("Input to reshape"))
     job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
                     extraction=get_preset("tiny"), model_identity="embedded:tiny")
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
-        out = (p | beam.Create([("boom", str(good)), ("fine", str(good))])
-               | ExtractFeatures(job, TfErrorHandler(job.extraction)))
+        out = (p | beam.Create([("boom", str(boom)), ("fine", str(good))])
+               | ExtractFeatures(job, failing_handler(job.extraction, (30, 36), fail)))
         failures = out["failures"] | "Fields" >> beam.Map(
             lambda e: (e[0]["image_id"], e[0]["stage"], e[0]["error_type"], e[0]["message"]))
         assert_that(failures, equal_to([("boom", "inference", "InvalidArgumentError", expected)]), label="Failures")

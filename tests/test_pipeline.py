@@ -321,14 +321,31 @@ def test_model_loaded_once_per_worker_process(tmp_path, mode, workers, loads, sh
                                       .astype(np.float32))
 
 
-class _FailsOnOneImage:
-    """Mixin for DelgModelHandler: the model call raises for the image whose id is 'boom' (the real model
-    runs for every other image), to exercise RunInference's dead-letter output."""
+class FailingModel:
+    """The loaded DELG model, except that its call runs `fail(prepared)` (which raises) for images whose original
+    (height, width) is `boom_hw`: the real model runs for every other image."""
 
-    def run_inference(self, batch, model, inference_args=None):
-        if any(task.image_id == "boom" for task in batch):
-            raise RuntimeError("model call failed on boom")
-        return super().run_inference(batch, model, inference_args)
+    def __init__(self, model, boom_hw, fail):
+        self._model, self._boom_hw, self._fail = model, tuple(boom_hw), fail
+
+    def extract(self, prepared):
+        if tuple(prepared.original_hw) == self._boom_hw:
+            self._fail(prepared)
+        return self._model.extract(prepared)
+
+    def identity(self):
+        return self._model.identity()
+
+
+def failing_handler(config, boom_hw, fail):
+    """A DelgModelHandler whose model call raises for the image of size boom_hw (see FailingModel)."""
+    from beam_job.pipeline.handler import DelgModelHandler
+
+    class FailingHandler(DelgModelHandler):
+        def load_model(self):
+            return FailingModel(super().load_model(), boom_hw, fail)
+
+    return FailingHandler(config)
 
 
 def test_inference_failures_become_failure_rows(tmp_path):
@@ -336,19 +353,21 @@ def test_inference_failures_become_failure_rows(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beam_job.pipeline.handler import DelgModelHandler
+    from beam_job.imaging import decode_image
     from beam_job.pipeline.options import JobConfig
     from beam_job.pipeline.transforms import ExtractFeatures
 
-    class FailingHandler(_FailsOnOneImage, DelgModelHandler):
-        pass
+    def fail(prepared):
+        raise RuntimeError("model call failed on boom")
 
     good = sorted(make_good_images(str(tmp_path / "img"), n_rgb=2))
+    with open(good[0], "rb") as fh:
+        boom_hw = decode_image(fh.read()).shape[:2]
     job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
                     extraction=get_preset("tiny"), model_identity="embedded:tiny")
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
         pairs = p | beam.Create([("boom", good[0]), ("fine", good[1])])
-        out = pairs | ExtractFeatures(job, FailingHandler(job.extraction))
+        out = pairs | ExtractFeatures(job, failing_handler(job.extraction, boom_hw, fail))
         failures = out["failures"] | "FailureFields" >> beam.Map(
             lambda e: (e[0]["image_id"], e[0]["path"], e[0]["stage"], e[0]["error_type"], e[0]["message"],
                        sorted(e[1])))

@@ -2,7 +2,7 @@
 
 Step labels (as in the Dataflow UI):
   ListInputs -> [ExistingOutcomes] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
-  ExtractFeatures/{ReadBytes, DecodeAndResize, RunInference, ToRows, InferenceFailures, MergeFailures} ->
+  ExtractFeatures/{ReadBytes, DecodeAndResize, RunInference, ToRows, MergeFailures} ->
   WriteFeatures/{ToTables, Commit}, WriteFailures/{ToTables, Commit} -> FinalizeRun
 """
 

@@ -7,11 +7,8 @@ Elements between steps are (image_id, ImageTask); failure and feature outputs ar
 
 from __future__ import annotations
 
-import ast
-import logging
-import re
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -21,12 +18,11 @@ from beam_job import storage
 from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
-from beam_job.pipeline.handler import DelgModelHandler
+from beam_job.pipeline.handler import DelgModelHandler, InferenceError
 from beam_job.pipeline.inputs import check_regular_file, text_to_path
 from beam_job.pipeline.options import JobConfig
 from beam_job.pipeline.rows import failure_record, feature_record
 
-_LOGGER = logging.getLogger(__name__)
 FAILED = "failed"
 SKIPPED = "skipped"
 DUPLICATE = "duplicate"
@@ -76,69 +72,16 @@ def _valid_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
+def _failure_row(job: JobConfig, image_id: str, path: str, stage: str, error_type: str, message: str,
+                 timings: Dict[str, float]):
     Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}").inc()
-    record = failure_record(image_id, path, stage, type(exc).__name__, _valid_text(str(exc) or repr(exc)),
+    record = failure_record(image_id, path, stage, error_type, _valid_text(message),
                             model=job.model_identity, preset=job.extraction.name)
     return beam.pvalue.TaggedOutput(FAILED, (record, dict(timings)))
 
 
-def _message_from_repr(type_name: str, text: str) -> str:
-    """'ValueError("bad input")' -> 'bad input' (Beam's dead letters carry repr(exception))."""
-    prefix = type_name + "("
-    if text.startswith(prefix) and text.endswith(")"):
-        inner = text[len(prefix):-1]
-        try:
-            value = ast.literal_eval(inner)
-            if isinstance(value, str):
-                return value
-        except (ValueError, SyntaxError):
-            pass
-        return inner
-    return text
-
-
-# Lines of TensorFlow's wrapper text around an op's own error ("Graph execution error:", "Detected at node
-# ... (most recent call last):" followed by indented stack lines, "N root error(s) found.").
-_TF_WRAPPER_LINE = re.compile(r"^(Graph execution error:|Detected at node .*|<stack traces unavailable>|"
-                              r"\d+ root error\(s\) found\.?)$")
-
-
-def first_error_line(text: str) -> str:
-    r"""The first line of an error text that says what went wrong, without TensorFlow's wrapper lines.
-
-    'Graph execution error:\n\nDetected at node X defined at (most recent call last):\n  File ...\n
-    input depth must be ...\n\t [[{{node X}}]]' -> 'input depth must be ...'. Plain one-line texts are
-    returned as they are.
-    """
-    lines = [line for line in text.splitlines() if line.strip()]
-    in_stack = False
-    for line in lines:
-        if _TF_WRAPPER_LINE.match(line.strip()):
-            in_stack = line.startswith("Detected at node")
-            continue
-        if in_stack and line[:1].isspace():
-            continue  # a stack line under "Detected at node ..."
-        return line.strip()
-    return lines[0].strip() if lines else ""
-
-
-def exception_text(exc_type: type, exc_repr: str, formatted_traceback: Optional[Sequence[str]]) -> str:
-    """The exception's own text from a Beam dead letter (exc_type, repr(exc), traceback.format_exception lines).
-
-    repr() of a TensorFlow error is 'InvalidArgumentError()' (its text lives in __str__), so the text is
-    taken from the formatted traceback, whose exception line is '<module>.<Type>: <str(exc)>' (the last such
-    block: a chained exception's causes come first); repr() is the fallback.
-    """
-    name = getattr(exc_type, "__qualname__", str(exc_type))
-    module = getattr(exc_type, "__module__", None)
-    shown = name if module in (None, "builtins", "__main__") else f"{module}.{name}"
-    for block in reversed(list(formatted_traceback or [])):
-        if block.startswith(shown + ": "):
-            return block[len(shown) + 2:]
-        if block.rstrip("\n") == shown:
-            break  # raised with an empty text
-    return _message_from_repr(getattr(exc_type, "__name__", name), exc_repr)
+def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
+    return _failure_row(job, image_id, path, stage, type(exc).__name__, str(exc) or repr(exc), timings)
 
 
 class ResolveInputsFn(beam.DoFn):
@@ -278,7 +221,8 @@ class DecodeAndResizeFn(beam.DoFn):
 
 
 class ToRowsFn(beam.DoFn):
-    """(image_id, PredictionResult) -> (feature record, timings); failures at stage "postprocess"."""
+    """(image_id, PredictionResult) -> (feature record, timings); failures at stages "inference" (the model call
+    raised: the handler's InferenceError) and "postprocess"."""
 
     def __init__(self, job: JobConfig):
         self._job = job
@@ -290,6 +234,11 @@ class ToRowsFn(beam.DoFn):
     def process(self, element):
         image_id, result = element
         task = result.example
+        if isinstance(result.inference, InferenceError):
+            error = result.inference
+            yield _failure_row(self._job, image_id, task.path, "inference", error.error_type, error.message,
+                               task.timings)
+            return
         features, identity, infer_ms = result.inference
         timings = {**task.timings, "inference": infer_ms}
         t0 = time.perf_counter()
@@ -305,33 +254,10 @@ class ToRowsFn(beam.DoFn):
         yield record, timings
 
 
-class InferenceFailuresFn(beam.DoFn):
-    """RunInference dead letters (batch, (exc_type, repr, traceback)) -> failure records at "inference".
-
-    The message is the first line of the error's own text (for TensorFlow errors, the op's message); the
-    whole traceback goes to the worker log.
-    """
-
-    def __init__(self, job: JobConfig):
-        self._job = job
-
-    def process(self, element):
-        batch, (exc_type, exc_repr, formatted_traceback) = element
-        name = getattr(exc_type, "__name__", str(exc_type))
-        message = _valid_text(first_error_line(exception_text(exc_type, exc_repr, formatted_traceback)))
-        _LOGGER.warning("inference failed for %d image(s): %s", len(batch), "".join(formatted_traceback or [])[-4000:])
-        Metrics.counter(METRICS_NAMESPACE, "failures_inference").inc(len(batch))
-        for image_id, task in batch:
-            record = failure_record(image_id, task.path, "inference", name, message,
-                                    model=self._job.model_identity, preset=self._job.extraction.name)
-            yield record, dict(task.timings)
-
-
 class ExtractFeatures(beam.PTransform):
     """(image_id, path) -> {"features": (record, timings), "failures": (record, timings)}.
 
-    Steps (labels as shown in the Dataflow UI): ReadBytes, DecodeAndResize, RunInference, ToRows,
-    InferenceFailures.
+    Steps (labels as shown in the Dataflow UI): ReadBytes, DecodeAndResize, RunInference, ToRows.
     """
 
     def __init__(self, job: JobConfig, model_handler: Optional[DelgModelHandler] = None):
@@ -345,13 +271,7 @@ class ExtractFeatures(beam.PTransform):
         job = self._job
         read = pairs | "ReadBytes" >> beam.ParDo(ReadBytesFn(job)).with_outputs(FAILED, main="ok")
         decoded = read.ok | "DecodeAndResize" >> beam.ParDo(DecodeAndResizeFn(job)).with_outputs(FAILED, main="ok")
-        handler = KeyedModelHandler(self._handler)
-        predictions, dlq = (decoded.ok
-                            | "RunInference" >> RunInference(handler).with_exception_handling())
+        predictions = decoded.ok | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
         rows = predictions | "ToRows" >> beam.ParDo(ToRowsFn(job)).with_outputs(FAILED, main="ok")
-        inference_failures = dlq.failed_inferences | "InferenceFailures" >> beam.ParDo(InferenceFailuresFn(job))
-        failures = (
-            (read[FAILED], decoded[FAILED], inference_failures, rows[FAILED])
-            | "MergeFailures" >> beam.Flatten()
-        )
+        failures = (read[FAILED], decoded[FAILED], rows[FAILED]) | "MergeFailures" >> beam.Flatten()
         return {"features": rows.ok, "failures": failures}
