@@ -234,6 +234,103 @@ def test_run_killed_at_any_point_resumes_to_every_input_once(store, tmp_path, po
     assert claim.read(output) is None and store.json(f"{output}/_SUCCESS")["run_id"] == resumed.job.run_id
 
 
+def _manifest_with_a_shared_id(tmp_path):
+    """A CSV manifest: 3 decodable images, 2 more under one image_id (one gets a DuplicateImageIdError row) and
+    a missing file: 4 features and 2 failures (33%, under --max_failure_ratio 50%). Returns (manifest, inputs)."""
+    good = sorted(make_good_images(str(tmp_path / "img"), n_rgb=3))[:5]
+    missing = str(tmp_path / "img" / "absent.jpg")
+    rows = [(good[0], ""), (good[1], ""), (good[2], ""), (good[3], "same"), (good[4], "same"), (missing, "")]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,image_id\n" + "".join(f"{path},{image_id}\n" for path, image_id in rows))
+    from beam_job.pipeline.inputs import derive_image_id
+
+    return str(manifest), {(image_id or derive_image_id(path), path) for path, image_id in rows}
+
+
+def _outcomes(output, inputs):
+    """(image_id, path) -> ("features",) or ("failures", error_type, message): each input's one outcome, after
+    checking that every input has exactly one (assert_every_input_once)."""
+    done, _ = assert_every_input_once(Store(os.path.dirname(output)), output, inputs)
+    out = {key: (FEATURES,) for key in done}
+    for row in current_failures(output).select(["image_id", "path", "error_type", "message"]).to_pylist():
+        out[(row["image_id"], row["path"])] = (FAILURES, row["error_type"], row["message"])
+    return out
+
+
+def test_kill_between_the_two_commits_the_resume_ends_as_the_run_uninterrupted(tmp_path):
+    """Issue 16, items 1-2: SIGKILL once the features are committed and before the failures are. The resume used
+    to skip every path of an id found in features/ (the second path's DuplicateImageIdError row was lost for
+    good), and to judge only the inputs it tried ("2 of 2 images new to the output failed", exit 1, no
+    _SUCCESS) where the run uninterrupted exits 0."""
+    manifest, inputs = _manifest_with_a_shared_id(tmp_path)
+    run = ["--manifest", manifest, *TINY]
+    reference = str(tmp_path / "reference")
+    assert cli.main([*run, "--output", reference]) == 0
+    expected = _outcomes(reference, inputs)
+    assert sum(v[0] == FAILURES for v in expected.values()) == 2
+
+    output = str(tmp_path / "out")
+    armed = tmp_path / "failpoints"
+    armed.mkdir()
+    (armed / "committed_features").write_text("kill")
+    killed = _job_process([*run, "--output", output, "--run_id", "crashed"], {"DELG_FAILPOINT_DIR": str(armed)})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    names = Store(str(tmp_path)).names(output)
+    assert [n for n in names if n.startswith("features/part-")] and not [n for n in names if n.startswith(
+        "failures/part-")], names  # the window: the in-process runner commits the features first
+    assert "_SUCCESS" not in names
+
+    resume = [*run, "--output", output, "--skip_existing"]
+    assert cli.main([*resume, "--take_over_claim", "crashed"]) == 0
+    assert _outcomes(output, inputs) == expected  # the same rows, the duplicate's message included
+    success = json.loads(open(os.path.join(output, "_SUCCESS")).read())
+    summary = json.loads(open(success["summary"]).read())
+    assert summary["status"] == "succeeded" and summary["counts"]["skipped_existing"] == 4
+    assert summary["output"] == {**summary["output"], "images": 6, "features": 4, "failures": 2}
+    # Again: the duplicate's row is kept (skipped), the missing file is tried again; still one outcome each.
+    assert cli.main(resume) == 0
+    assert _outcomes(output, inputs) == expected
+
+
+def test_killed_at_random_moments_then_resumed_every_input_ends_with_one_row(tmp_path):
+    """Kill the whole job (its process group) at a random moment of a run, resume it, compare with the run
+    uninterrupted: one outcome per (image_id, path), the same rows, exit 0 and _SUCCESS. Bounded: at most 4
+    kills and about 150 s (the moments are drawn over the uninterrupted run's own duration)."""
+    import random
+    import signal
+    import time
+
+    manifest, inputs = _manifest_with_a_shared_id(tmp_path)
+    run = ["--manifest", manifest, *TINY]
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", PYTHONPATH=REPO)
+    started = time.monotonic()
+    reference = subprocess.run([sys.executable, "-m", "beam_job", *run, "--output", str(tmp_path / "reference")],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    duration = time.monotonic() - started
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    expected = _outcomes(str(tmp_path / "reference"), inputs)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    tries = 0
+    while tries < 4 and (tries == 0 or time.monotonic() - started < 150):
+        output = str(tmp_path / f"out{tries}")
+        proc = subprocess.Popen([sys.executable, "-m", "beam_job", *run, "--output", output, "--run_id",
+                                 f"killed{tries}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        moment = rng.uniform(0.2, duration)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        tries += 1
+        where = f"seed {seed}, kill {tries} at {moment:.1f} s of {duration:.1f} s, exit {proc.returncode}"
+        status = cli.main([*run, "--output", output, "--skip_existing", "--take_over_claim", f"killed{tries - 1}"])
+        assert status == 0, where
+        assert os.path.exists(os.path.join(output, "_SUCCESS")), where
+        assert _outcomes(output, inputs) == expected, where
+
+
 # ----------------------------------------------------------------------------- one run owns an output
 
 def test_two_runs_started_together_one_proceeds_the_other_stops_before_any_work(tmp_path):
