@@ -36,20 +36,22 @@ DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 LOCAL_RUNNERS = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner"}
 
 
-class ExistingFeatureIds(beam.PTransform):
-    """(image_id, True) for every row of the feature shards already under the output (reads one column)."""
+class ExistingOutcomes(beam.PTransform):
+    """(image_id, (kind, path)) for each input that already has its kept outcome row under the output: every
+    feature row, and every DuplicateImageIdError failure row (resume.read_outcome_keys; reads the id and path
+    columns, and error_type of failure shards)."""
 
-    def __init__(self, features_dir: str):
+    def __init__(self, output: str):
         super().__init__()
-        self._glob = shard_glob(features_dir)
+        self._globs = [(shard_glob(kind_dir(output, kind)), kind) for kind in (FEATURES, FAILURES)]
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "ShardPattern" >> beam.Create([self._glob], reshuffle=False)
+            | "ShardPatterns" >> beam.Create(self._globs, reshuffle=False)
             | "ListShards" >> beam.ParDo(ExpandShardsFn())
             | "SpreadShards" >> beam.Reshuffle()
-            | "ReadIds" >> beam.ParDo(ReadShardIdsFn())
+            | "ReadKeys" >> beam.ParDo(ReadOutcomeKeysFn())
         )
 
 
@@ -59,10 +61,10 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
     shard paths}), "summary" (one summary dict, after all shards are committed).
     """
     listed = p | "ListInputs" >> ListInputs(job.inputs, job.manifests)
-    if job.skip_existing and job.existing_features:
-        done = p | "ExistingFeatureIds" >> ExistingFeatureIds(job.features_dir)
+    if job.skip_existing:
+        done = p | "ExistingOutcomes" >> ExistingOutcomes(job.output)
     else:
-        done = p | "NoExistingFeatures" >> beam.Create([])
+        done = p | "NoExistingOutcomes" >> beam.Create([])
     resolved = (
         {"input": listed, "done": done}
         | "GroupById" >> beam.CoGroupByKey()
@@ -76,7 +78,7 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
     stats = (written[FEATURES]["stats"], written[FAILURES]["stats"]) | "AllStats" >> beam.Flatten()
     counts = {
         "listed": listed | "CountListed" >> beam.combiners.Count.Globally(),
-        "skipped": resolved[SKIPPED] | "CountSkipped" >> beam.combiners.Count.Globally(),
+        "skipped": resolved[SKIPPED] | "CountSkipped" >> beam.combiners.Count.PerElement(),
         "duplicates": resolved[DUPLICATE] | "CountDuplicates" >> beam.combiners.Count.Globally(),
     }
     # Runs once, after both sinks committed: every input of FinalizeRun is a side input.
@@ -87,7 +89,7 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
             FinalizeRunFn(job),
             infos=beam.pvalue.AsList(stats),
             listed=beam.pvalue.AsSingleton(counts["listed"]),
-            skipped=beam.pvalue.AsSingleton(counts["skipped"]),
+            skipped=beam.pvalue.AsDict(counts["skipped"]),
             duplicates=beam.pvalue.AsSingleton(counts["duplicates"]),
             features_committed=beam.pvalue.AsList(written[FEATURES]["files"]),
             failures_committed=beam.pvalue.AsList(written[FAILURES]["files"]),
