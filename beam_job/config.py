@@ -248,7 +248,7 @@ class ExtractionConfig:
 
     @property
     def is_embedded_model(self) -> bool:
-        return bool(self.model) and self.model.startswith(EMBEDDED_MODEL_PREFIX)
+        return bool(self.model and self.model.startswith(EMBEDDED_MODEL_PREFIX))
 
     def replace(self, **overrides: Any) -> "ExtractionConfig":
         """A copy with some fields changed (validated again). Unknown names raise ValueError."""

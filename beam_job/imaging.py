@@ -379,7 +379,7 @@ def resize_image(
     scale_factors = np.array([new_h / height, new_w / width])
     if new_w <= 0 or new_h <= 0:
         return np.zeros((max(new_h, 0), max(new_w, 0), 3), np.uint8), scale_factors
-    resized = Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR)
+    resized = Image.fromarray(image).resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
     return np.asarray(resized), scale_factors
 
 

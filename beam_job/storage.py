@@ -180,7 +180,7 @@ def _match_local(pattern: str) -> List[str]:
         return [pattern] if os.path.lexists(pattern) and not os.path.isdir(pattern) else []
     if pattern.endswith("/"):
         pattern += "*"
-    root = os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
+    root = os.path.dirname(re.findall(r"^[^[*?]*", pattern)[0])  # the part before the first wildcard
     matches = re.compile(FileSystem.translate_pattern(pattern)).match
     out = []
     for dirpath, _dirs, files in os.walk(root or os.curdir):

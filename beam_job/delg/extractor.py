@@ -141,7 +141,7 @@ class DelgExtractor:
             from beam_job.delg.datum import load_pca
 
             self._local_pca = _pca_tensors(load_pca(config.local_pca))
-        self.local_dim = config.local_pca.pca_dim if self._local_pca is not None else LOCAL_DIM
+        self.local_dim = config.local_pca.pca_dim if config.local_pca and self._local_pca is not None else LOCAL_DIM
         if self.untrained:
             from beam_job.delg.embedded import warn_untrained
 

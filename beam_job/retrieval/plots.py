@@ -95,8 +95,8 @@ def draw_matches(
     sa, sb = h / a.height, h / b.height
     wa, wb = max(1, round(a.width * sa)), max(1, round(b.width * sb))
     canvas = Image.new("RGB", (wa + gap + wb, h), BACKGROUND)
-    canvas.paste(a.resize((wa, h), Image.BILINEAR), (0, 0))
-    canvas.paste(b.resize((wb, h), Image.BILINEAR), (wa + gap, 0))
+    canvas.paste(a.resize((wa, h), Image.Resampling.BILINEAR), (0, 0))
+    canvas.paste(b.resize((wb, h), Image.Resampling.BILINEAR), (wa + gap, 0))
     layout = MatchLayout(sa, sb, wa + gap, canvas.size)
     draw = ImageDraw.Draw(canvas)
     pa_xy = layout.canvas_xy_a(locations_a)
@@ -167,7 +167,7 @@ def contact_sheet(
         left, top = margin + c * cell_w, margin + r * cell_h
         draw.rectangle([left, top, left + thumb + 2 * border - 1, top + thumb + 2 * border - 1], fill=colour)
         pil = _to_pil(img)
-        pil.thumbnail((thumb, thumb), Image.BILINEAR)
+        pil.thumbnail((thumb, thumb), Image.Resampling.BILINEAR)
         ox = left + border + (thumb - pil.width) // 2
         oy = top + border + (thumb - pil.height) // 2
         inner = [left + border, top + border, left + border + thumb - 1, top + border + thumb - 1]
