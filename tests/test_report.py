@@ -21,6 +21,8 @@ from beam_job.imaging import decode_image
 from beam_job.pipeline.rows import feature_record, features_table
 from beam_job.features import DelgFeatures
 from beam_job.report import run as run_report
+from beam_job.report.html import histogram_svg
+from beam_job.report.retrieval import main as retrieval_main
 from beam_job.report.retrieval import write_retrieval_report
 from beam_job.retrieval import cli as rcli
 from beam_job.retrieval import evaluate as ev
@@ -279,6 +281,20 @@ def synthetic_output(root, n_rows=60, per_shard=20, group=4, run_id="20260101T00
     return run_id
 
 
+def test_histogram_of_a_single_value_is_one_bar_with_one_tick_at_it():
+    """Every image with 1000 keypoints: one bar centred on 1000, the only tick 1000 (not an axis 999-1002)."""
+    svg = histogram_svg([1000] * 7, "Keypoints per image", "keypoints", "keypoints", integer=True)
+    bars = [a for a in tags(svg, "rect") if "data-count" in a]
+    assert [int(a["data-count"]) for a in bars] == [7]
+    ticks = re.findall(r'<text x="([\d.]+)" y="[\d.]+" font-size="10" text-anchor="middle">(\d+)</text>', svg)
+    assert [t for _, t in ticks] == ["1000"]
+    x, width = float(bars[0]["x"]), float(bars[0]["width"])
+    assert abs(x + (width + 1) / 2 - float(ticks[0][0])) < 1  # the tick under the bar's centre
+    few = histogram_svg([3, 4, 4, 5], "t", "x", "n", integer=True)  # a few values: one bar each, ticks at them
+    assert [int(a["data-count"]) for a in tags(few, "rect") if "data-count" in a] == [1, 2, 1]
+    assert re.findall(r'text-anchor="middle">(\d+)</text>', few) == ["3", "4", "5"]
+
+
 def test_report_reads_no_descriptor_column_and_keypoints_only_for_the_sample(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     rid = synthetic_output(out)
@@ -375,6 +391,7 @@ def test_retrieval_pages_show_results_labels_and_match_pictures(retrieval):
         assert [t["data-image-id"] for t in tiles] == [r["image_id"] for r in expected]
         g = retrieval["gnd_data"]["gnd"][qi]
         for t, r in zip(tiles, expected):
+            assert t["data-path"] == r["path"] and os.path.basename(r["path"]) in text  # named, not only the id
             assert int(t["data-inliers"]) == r["inliers"]
             assert abs(float(t["data-global-score"]) - r["global_score"]) < 1e-5
             assert ("is-verified" in t["class"]) == (r["inliers"] >= 4)
@@ -388,6 +405,7 @@ def test_retrieval_pages_show_results_labels_and_match_pictures(retrieval):
             assert pic.format == "JPEG" and pic.height <= 480 and pic.width > pic.height
         for a in tags(text, "img"):
             assert os.path.getsize(os.path.join(pages, "queries", a["src"])) > 0
+        assert 'id="untrained-warning"' in text  # the demo runs use the tiny untrained model
 
 
 def test_retrieval_page_map_equals_eval_revisitop_and_gldv2(retrieval, capsys, tmp_path):
@@ -406,8 +424,9 @@ def test_retrieval_page_map_equals_eval_revisitop_and_gldv2(retrieval, capsys, t
     assert shown == {q: f"{100 * a:.2f}" for q, a in zip(gnd["qimlist"], aps)}
     # GLDv2: mAP@100 per split and AP@100 per query as evaluate_gldv2 / gldv2_map_at_k give them
     pages = str(tmp_path / "gld")
-    rcli.main(["report", retrieval["results"], "--index", retrieval["index"], "--out", pages, "--queries",
-               retrieval["queries"], "--gnd", retrieval["solution"], "--k", "3", "--no_matches"])
+    assert retrieval_main(["report", retrieval["results"], "--index", retrieval["index"], "--out", pages,
+                           "--queries", retrieval["queries"], "--gnd", retrieval["solution"], "--k", "3",
+                           "--no_matches"]) == 0
     text = open(os.path.join(pages, "index.html"), encoding="utf-8").read()
     metrics = ev.evaluate_gldv2(ranked, ev.read_gldv2_solution(retrieval["solution"]))
     assert f"mAP@100 All: {100 * metrics['All']:.2f}" in text

@@ -140,6 +140,15 @@ def test_gldv2_only_the_first_100_predictions_count():
     assert ev.gldv2_map_at_k({"q": ["n", "r0"]}, {"q": {"r0"}}, max_predictions=1) == 0.0
 
 
+def _results_table(rows):
+    """A results table of these columns; the query and image paths (not used by evaluation) left empty."""
+    from beam_job.retrieval import query
+
+    n = len(rows["query_id"])
+    return pa.Table.from_pydict({"query_path": [""] * n, "query_bbox": [""] * n, "path": [""] * n, **rows},
+                                schema=query.RESULTS_SCHEMA)
+
+
 def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
     from beam_job.retrieval import cli, query
 
@@ -159,7 +168,7 @@ def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
             for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1, True]):
                 rows[key].append(val)
     results = str(tmp_path / "results.parquet")
-    query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
+    query.write_results(_results_table(rows), results)
     assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd_t.pkl")]) == 0
     text = capsys.readouterr().out
     assert "medium: mAP=53.47" in text and "hard: mAP=25.00" in text and "easy: mAP=58.33" in text
@@ -187,7 +196,7 @@ def test_ground_truth_without_hard_positives_still_scores_easy_and_medium(tmp_pa
             "global_score": [0.9, 0.8, 0.7] * 2, "inliers": [0] * 6, "final_rank": [1, 2, 3] * 2,
             "verified": [True] * 6}
     results = str(tmp_path / "results.parquet")
-    query.write_results(pa.Table.from_pydict(rows, schema=query.RESULTS_SCHEMA), results)
+    query.write_results(_results_table(rows), results)
     assert cli.main(["eval-revisitop", results, str(tmp_path / "gnd.pkl")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("easy: mAP=89.58") and lines[1].startswith("medium: mAP=89.58")

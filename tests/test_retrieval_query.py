@@ -1,13 +1,23 @@
 """Querying: global top-k + local re-ranking from synthetic delg_v1 shards, result files, the CLI, and the real
 Beam job (tiny preset) feeding an index that answers image queries extracted on the fly."""
 
+import ast
+import csv
 import json
+import logging
 import os
+import pickle
+import re
+import shutil
 
 import numpy as np
 import pytest
 
+import beam_job.retrieval
+from beam_job.report.retrieval import REPORT_COMMAND
+from beam_job.report.retrieval import main as retrieval_main
 from beam_job.retrieval import cli, index as ix, query as qm, rerank, synthetic
+from beam_job.schemas import delg_v1
 
 DIM = 2048
 
@@ -98,15 +108,20 @@ def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
     engine = qm.QueryEngine(collection["index"])
     results = engine.search([engine.query_from_id("q"), engine.query_from_id("match_a", "qa")], k=5, num_to_rerank=5)
     table = qm.results_table(results)
-    assert table.schema.names == ["query_id", "rank", "image_id", "global_score", "inliers", "final_rank", "verified"]
+    assert table.schema.names == ["query_id", "query_path", "query_bbox", "rank", "image_id", "path", "global_score",
+                                  "inliers", "final_rank", "verified"]
     assert table.num_rows == 10 and table.column("final_rank").to_pylist() == [1, 2, 3, 4, 5] * 2
     assert all(table.column("verified").to_pylist())
+    # every result carries its image's path (the shards' path column) and the query's, next to the ids
+    assert table.column("path").to_pylist() == [f"/images/{i}.jpg" for i in table.column("image_id").to_pylist()]
+    assert set(zip(table.column("query_id").to_pylist(), table.column("query_path").to_pylist())) == {
+        ("q", "/images/q.jpg"), ("qa", "/images/match_a.jpg")}
     for name in ("r.parquet", "r.csv"):
         path = str(tmp_path / name)
         qm.write_results(table, path)
         back = qm.read_results(path)
-        assert back.column("image_id").to_pylist() == table.column("image_id").to_pylist()
-        assert back.column("verified").to_pylist() == table.column("verified").to_pylist()
+        for column in ("image_id", "verified", "path", "query_path", "query_bbox"):
+            assert back.column(column).to_pylist() == table.column(column).to_pylist(), column
         np.testing.assert_allclose(back.column("global_score").to_numpy(), table.column("global_score").to_numpy(),
                                    rtol=1e-6)
     with pytest.raises(ValueError, match=".parquet or .csv"):
@@ -347,3 +362,168 @@ def test_documented_reader_and_duckdb_recipe_on_real_job_shards(job_index):
     expected = {i.image_id: float(i.features.global_descriptor @ images[0].features.global_descriptor) for i in images}
     for image_id, sim in best:
         assert sim == pytest.approx(expected[image_id], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- the command line
+
+
+def _run(argv, capsys):
+    """`delg-retrieval` as the console script runs it (report included): (exit status, stdout, stderr)."""
+    status = retrieval_main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_build_and_query_say_the_features_come_from_an_untrained_model(job_index, tmp_path, capsys, caplog):
+    """The tiny preset's model has random weights (shards: delg.untrained_model = true): build logs it and
+    records it in the index, query warns and says so in its JSON."""
+    index_dir = str(tmp_path / "idx")
+    status, out, _ = _run(["build", str(job_index["root"] / "out"), index_dir], capsys)
+    assert status == 0 and json.loads(out)["untrained_model"] is True
+    assert json.load(open(os.path.join(index_dir, "build_config.json")))["untrained_model"] is True
+    assert any(r.levelname == "WARNING" and "UNTRAINED MODEL" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    status, out, _ = _run(["query", index_dir, "--id", job_index["paths"]["coffee"], "--k", "2", "--rerank", "0"],
+                          capsys)
+    assert status == 0 and json.loads(out)[0]["untrained_model"] is True
+    assert any(r.levelname == "WARNING" and "UNTRAINED MODEL" in r.getMessage() for r in caplog.records)
+
+
+def test_an_index_of_trained_features_says_nothing(tmp_path, capsys, caplog):
+    rng = np.random.default_rng(1)
+    rows = [{"image_id": f"i{n}", "global_descriptor": synthetic.unit_rows(rng, 1, DIM)[0],
+             "locations": rng.random((5, 2)) * 50, "descriptors": synthetic.unit_rows(rng, 5, 128)} for n in range(3)]
+    meta = delg_v1.file_metadata(model="m", preset="p", config_json="{}", untrained=False)
+    synthetic.write_shard(str(tmp_path / "out" / "features" / "part-0.parquet"),
+                          synthetic.rows_to_table(rows, metadata=meta))
+    status, out, _ = _run(["build", str(tmp_path / "out"), str(tmp_path / "idx")], capsys)
+    assert status == 0 and json.loads(out)["untrained_model"] is False
+    status, out, _ = _run(["query", str(tmp_path / "idx"), "--id", "i0", "--k", "1", "--rerank", "0"], capsys)
+    assert status == 0 and json.loads(out)[0]["untrained_model"] is False
+    assert not [r for r in caplog.records if "UNTRAINED" in r.getMessage()]
+
+
+def test_query_results_carry_the_paths_of_the_query_and_of_every_result(job_index, tmp_path, capsys):
+    index_dir = job_index["report"].index_dir
+    paths = job_index["paths"]
+    out = str(tmp_path / "results.csv")
+    status, stdout, _ = _run(["query", index_dir, "--id", paths["coffee"], "--k", "3", "--rerank", "3", "--output",
+                              out], capsys)
+    assert status == 0
+    [summary] = json.loads(stdout)
+    assert summary["query_path"] == paths["coffee"]
+    engine = qm.QueryEngine(index_dir)
+    by_id = {str(i): str(p) for i, p in zip(engine.index.image_ids, engine.index.paths)}
+    assert [r["path"] for r in summary["results"]] == [by_id[r["image_id"]] for r in summary["results"]]
+    assert {os.path.basename(r["path"]) for r in summary["results"]} <= {"astro_a.png", "astro_b.png", "camera.png"}
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 3 and all(r["query_path"] == paths["coffee"] and r["query_bbox"] == "" for r in rows)
+    assert [r["path"] for r in rows] == [by_id[r["image_id"]] for r in rows]
+
+
+def test_query_image_then_report_shows_the_query_its_match_pictures_and_names(job_index, tmp_path, capsys,
+                                                                               monkeypatch):
+    """`query --image` of a file outside the index (relative path), then `report` from another folder without
+    --queries: the pages show the query image, a match picture per result, file names, the untrained banner."""
+    index_dir = job_index["report"].index_dir
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(job_index["paths"]["coffee"], work / "my_query.png")
+    monkeypatch.chdir(work)
+    status, stdout, _ = _run(["query", index_dir, "--image", "my_query.png", "--k", "3", "--rerank", "3",
+                              "--output", "results.parquet"], capsys)
+    assert status == 0 and json.loads(stdout)[0]["query_path"] == str(work / "my_query.png")
+    monkeypatch.chdir(tmp_path)
+    status, stdout, _ = _run(["report", str(work / "results.parquet"), "--index", index_dir, "--out", "pages"],
+                             capsys)
+    assert status == 0 and json.loads(stdout)["index"] == "pages/index.html"
+    index_html = open(tmp_path / "pages" / "index.html").read()
+    [page_name] = os.listdir(tmp_path / "pages" / "queries")
+    text = open(tmp_path / "pages" / "queries" / page_name).read()
+    assert "not available" not in text
+    assert 'alt="query my_query"' in text and str(work / "my_query.png") in text
+    links = re.findall(r'<a href="\.\./(matches/[^"]+)" data-match="1">', text)
+    assert len(links) == 3 and all((tmp_path / "pages" / link).stat().st_size > 0 for link in links)
+    names = re.findall(r'<span class="name" title="([^"]*)">([^<]*)</span>', text)
+    assert len(names) == 3 and all(os.path.basename(path) == name and name.endswith(".png") for path, name in names)
+    assert "coffee.png" in [n for _, n in names]  # the same photo, indexed
+    for html in (index_html, text):
+        assert 'id="untrained-warning"' in html
+
+
+def test_hyphenated_flags_mean_the_same_as_underscored_ones(job_index, capsys):
+    index_dir = job_index["report"].index_dir
+    coffee = job_index["paths"]["coffee"]
+    base = ["query", index_dir, "--id", coffee, "--k", "1", "--rerank", "0"]
+    _, plain, _ = _run(base, capsys)
+    _, hyphen, _ = _run(base + ["--keep-self"], capsys)
+    _, underscore, _ = _run(base + ["--keep_self"], capsys)
+    coffee_id = qm.QueryEngine(index_dir).indexed_id(coffee)
+    assert json.loads(plain)[0]["results"][0]["image_id"] != coffee_id  # the query itself left out...
+    assert json.loads(hyphen) == json.loads(underscore)  # ...and kept with either spelling
+    assert json.loads(hyphen)[0]["results"][0]["image_id"] == coffee_id
+    # every underscored flag of every command has its hyphenated twin
+    checked = 0
+    for name in [*cli.COMMANDS, REPORT_COMMAND.name]:
+        with pytest.raises(SystemExit):
+            _run([name, "--help"], capsys)
+        text = capsys.readouterr().out
+        flags = {f for f in re.findall(r"--\w+", text) if "_" in f}
+        assert all(f.replace("_", "-") in text for f in flags), name
+        checked += len(flags)
+    assert checked > 20
+
+
+def test_bad_output_format_and_missing_query_image_are_refused_before_any_work(job_index, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    index_dir = job_index["report"].index_dir
+    # the format first: even the index is not opened
+    status, _, err = _run(["query", str(tmp_path / "no-index"), "--id", "x", "--output", "res.xlsx"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "res.xlsx" in err and ".parquet or .csv" in err
+    # a missing image: one line, no raw errno, and no model loaded
+    for argv in (["query", index_dir, "--image", "missing.jpg"],
+                 ["contact-sheet", index_dir, "missing.jpg", "--out", str(tmp_path / "s.png")]):
+        status, _, err = _run(["-v"] + argv, capsys)
+        assert status == 2 and "query image 'missing.jpg' not found" in err and "Errno" not in err
+        assert err.strip().splitlines()[-1].startswith("delg-retrieval")
+    assert not [r for r in caplog.records if "loading DELG model" in r.getMessage()]
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_eval_revisitop_asks_for_k_all_only_when_rankings_were_cut(collection, tmp_path, capsys, caplog):
+    """The queries are database images too, queried by id (so each leaves itself out): `--k all` ranks every
+    other image, which is complete, and draws no warning; `--k 5` cuts the rankings and is told to use --k all."""
+    names = sorted(collection["rows"])
+    gnd = {"imlist": names, "qimlist": ["q", "match_a"],
+           "gnd": [{"easy": [names.index(n)], "hard": [], "junk": [], "bbx": None} for n in ("match_a", "q")]}
+    gnd_path = str(tmp_path / "gnd.pkl")
+    pickle.dump(gnd, open(gnd_path, "wb"))
+    for k in ("all", "5"):
+        out = str(tmp_path / f"r{k}.parquet")
+        assert cli.main(["query", collection["index"], "--id", "q", "match_a", "--k", k, "--rerank", "0",
+                         "--output", out]) == 0
+        caplog.clear()
+        assert cli.main(["eval-revisitop", out, gnd_path, "--rerank", "0"]) == 0
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.endswith("evaluate")]
+        if k == "all":
+            assert warnings == []
+        else:
+            assert any("use `query --k all`" in w for w in warnings)
+    capsys.readouterr()
+
+
+def test_the_retrieval_package_never_imports_the_report_package():
+    """Layers import one way: beam_job.report uses beam_job.retrieval, never the reverse (not even lazily)."""
+    folder = os.path.dirname(beam_job.retrieval.__file__)
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                else:
+                    continue
+                assert not any(m.startswith("beam_job.report") for m in modules), (name, modules)

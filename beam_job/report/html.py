@@ -206,11 +206,12 @@ class _Frame:
         return self.bottom - (np.asarray(y, np.float64) - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
 
     def axes(self, xlabel: str, ylabel: str, x_ticks: bool = True, x_integer: bool = False,
-             y_integer: bool = False) -> str:
+             y_integer: bool = False, x_tick_values: Optional[Sequence[float]] = None) -> str:
+        """The axes with ticks; x_tick_values: these x ticks instead of evenly spaced ones over the range."""
         parts = [_line(self.left, self.bottom, self.right, self.bottom),
                  _line(self.left, self.top, self.left, self.bottom)]
         if x_ticks:
-            for t in _nice_ticks(self.x0, self.x1):
+            for t in _nice_ticks(self.x0, self.x1) if x_tick_values is None else x_tick_values:
                 if x_integer and t != int(t):
                     continue
                 x = float(self.px(t))
@@ -240,29 +241,41 @@ def _empty(title: str, name: str, why: str = "no data") -> str:
 
 
 def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, integer: bool = False) -> str:
-    """Histogram of `values` as SVG bars; each bar carries data-count (the number of values in it)."""
+    """Histogram of `values` as SVG bars; each bar carries data-count (the number of values in it).
+
+    Integers spanning no more than `bins` values get one bar per value, centred on it, ticks only at values
+    in the data's range; a single value (every image with 1000 keypoints) is one bar with one tick at it."""
     values = np.asarray(values, np.float64).ravel()
     values = values[np.isfinite(values)]
     if values.size == 0:
         return _empty(title, name)
     lo, hi = float(values.min()), float(values.max())
-    if integer:
-        span = int(hi - lo) + 1
-        bins = max(1, min(bins, span))
-        edges = np.linspace(lo, hi + 1, bins + 1) if span > bins else np.arange(lo, hi + 2, dtype=np.float64)
-    else:
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    unit_bins = integer and int(hi - lo) + 1 <= bins
+    ticks: Optional[List[float]] = None
+    if unit_bins:
+        edges = np.arange(lo, hi + 2, dtype=np.float64) - 0.5
+        ticks = [t for t in _nice_ticks(lo, hi) if t == int(t) and lo <= t <= hi]
+    elif integer:
+        edges = np.linspace(lo, hi + 1, bins + 1)
+    elif hi > lo:
+        edges = np.linspace(lo, hi, bins + 1)
+    else:  # one value: one bar around it
+        half = abs(lo) * 0.05 or 0.5
+        edges, ticks = np.array([lo - half, lo + half]), [lo]
     counts, edges = np.histogram(values, bins=edges)
-    pad = 1.0 if integer and len(counts) < 5 else 0.0  # a few integer values: room around the bars
+    width = float(edges[-1] - edges[0])
+    pad = width if len(counts) == 1 else (1.0 if unit_bins and len(counts) < 5 else 0.0)  # room around few bars
     frame = _Frame((float(edges[0]) - pad, float(edges[-1]) + pad), (0.0, float(counts.max())))
     bars = []
     for c, a, b in zip(counts, edges[:-1], edges[1:]):
         x0, x1 = float(frame.px(a)), float(frame.px(b))
         y = float(frame.py(c))
+        label = fmt((a + b) / 2) if unit_bins else f"{fmt(a)} \u2013 {fmt(b)}"
         bars.append(f"<rect x=\"{x0:.1f}\" y=\"{y:.1f}\" width=\"{max(x1 - x0 - 1, 0.5):.1f}\" "
                     f"height=\"{frame.bottom - y:.1f}\" fill=\"{BAR_COLOR}\" data-count=\"{int(c)}\">"
-                    f"<title>{esc(fmt(a))} \u2013 {esc(fmt(b))}: {int(c)}</title></rect>")
-    axes = frame.axes(xlabel, "images" if integer else "count", x_integer=integer, y_integer=True)
+                    f"<title>{esc(label)}: {int(c)}</title></rect>")
+    axes = frame.axes(xlabel, "images" if integer else "count", x_integer=integer, y_integer=True,
+                      x_tick_values=ticks)
     return _svg(title, axes + "".join(bars), name)
 
 

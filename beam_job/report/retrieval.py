@@ -1,9 +1,10 @@
 """Browsable pages of retrieval results: an index of queries (sortable by AP) and one page per query.
 
-`write_retrieval_report(results, index_dir, out_dir, ...)` reads a results file of `delg-retrieval query`,
-the index it came from (id map -> shard rows, for image paths and local features) and, optionally, the
-queries file (for query images given by path) and a ground-truth file (revisitop .pkl/.mat or a GLDv2
-solution .csv). It writes, locally or to gs://:
+`write_retrieval_report(results, index_dir, out_dir, ...)` reads a results file of `delg-retrieval query`
+(its query_path / query_bbox columns say which image each query was), the index it came from (id map ->
+shard rows, for image paths and local features) and, optionally, a queries file (only needed for results
+files written before those columns) and a ground-truth file (revisitop .pkl/.mat or a GLDv2 solution .csv).
+Images are named by file name (full path on hover and below), the id beside. It writes, locally or to gs://:
 
   out_dir/index.html               queries with thumbnails, top result, verified count and AP; the mAP table
   out_dir/queries/<q>.html         the query image and its top-k results: global score, inliers,
@@ -13,13 +14,20 @@ solution .csv). It writes, locally or to gs://:
 
 AP and mAP come from beam_job.retrieval.evaluate (the functions `eval-revisitop` / `eval-gldv2` use), so
 the numbers on the page are theirs. All files are static; the only script is a few lines sorting a table.
+Every page carries a red banner when the index says its features come from an untrained model.
+
+This module also owns the `delg-retrieval report` command (REPORT_COMMAND) and `main`, the console script:
+beam_job.retrieval.cli's commands plus this one, so that imports run one way (report -> retrieval).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,8 +35,10 @@ import numpy as np
 
 from beam_job import storage
 from beam_job.report.html import esc, jpeg_bytes, page, table, thumbnail
+from beam_job.retrieval import cli as retrieval_cli
 from beam_job.retrieval import evaluate as ev
-from beam_job.retrieval.query import read_query_file, read_results
+from beam_job.retrieval.index import UNTRAINED_WARNING
+from beam_job.retrieval.query import display_name, load_image, read_query_file, read_results
 from beam_job.retrieval.rerank import RerankConfig, verify_pair
 
 logger = logging.getLogger(__name__)
@@ -61,12 +71,17 @@ class ResultItem:
     global_score: float
     inliers: int
     global_rank: int
+    path: str = ""  # the image's path as the shards record it ("" when unknown)
     label: str = ""  # positive / junk / negative / ignored (with ground truth)
     detail: str = ""  # easy / hard for revisitop positives
     thumb: str = ""  # relative path under out_dir
     match: str = ""
     match_inliers: Optional[int] = None
     problem: str = ""
+
+    @property
+    def name(self) -> str:
+        return display_name(self.path, self.image_id)
 
 
 @dataclass
@@ -179,8 +194,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
 def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
     """(Query, image as the query's locations see it, thumbnail key) for a query id; ValueError when unknown."""
     from beam_job.imaging import decode_image
-    from beam_job.retrieval.cli import load_image
-    from beam_job.retrieval.shards import read_bytes
+    from beam_job.retrieval.query import read_query_image
 
     spec = specs.get(query_id) or {}
     bbox = [float(v) for v in spec["bbox"].split()] if spec.get("bbox") else None
@@ -191,11 +205,12 @@ def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
         return q, load_image(q.source), f"src:{q.source}"
     path = spec.get("path") or spec.get("value")
     if not path:
-        raise ValueError(f"query {query_id!r} is neither an indexed image nor in the queries file (--queries)")
+        raise ValueError(f"query {query_id!r} is not an indexed image and the results name no query image "
+                         "(results written before the query_path column: give --queries)")
     q = engine.query_from_image(path, query_id, bbox_xyxy=bbox)
     if bbox is None:
         return q, load_image(path), f"src:{path}"
-    image = decode_image(read_bytes(path), apply_exif_orientation=False)  # boxes refer to the stored pixels
+    image = decode_image(read_query_image(path), apply_exif_orientation=False)  # boxes refer to the stored pixels
     x1, y1, x2, y2 = (int(round(v)) for v in bbox)
     return q, image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)], f"crop:{path}:{bbox}"
 
@@ -243,8 +258,20 @@ def _metrics_html(gt: Optional[GroundTruth]) -> str:
             + f"<pre id=\"map-text\">{esc(gt.metrics_text)}</pre>")
 
 
+def _untrained_banner(untrained: bool) -> str:
+    if not untrained:
+        return ""
+    return (f"<div class=\"warning\" id=\"untrained-warning\">{esc(UNTRAINED_WARNING)}. These pages show the "
+            "pipeline at work, not what a trained model would find.</div>")
+
+
+def _named(path: str, image_id: str) -> str:
+    """An image's file name (its full path on hover), or its id when no path is known."""
+    return f"<span class=\"name\" title=\"{esc(path)}\">{esc(display_name(path, image_id))}</span>"
+
+
 def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[str, str], k: int,
-                min_inliers: int) -> str:
+                min_inliers: int, untrained: bool = False) -> str:
     head = ["", "query", "top result", "verified in top k"] + ([_ap_name(p) for p in gt.protocols] if gt else [])
     ths = "".join(f"<th data-sort=\"1\">{esc(h)} \u21c5</th>" if h.startswith(("AP", "verified"))
                   else f"<th>{esc(h)}</th>" for h in head)
@@ -252,14 +279,17 @@ def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[st
     for q in pages:
         img = f"<img src=\"{esc(q.thumb)}\" alt=\"{esc(q.query_id)}\" width=\"80\">" if q.thumb else ""
         top = q.items[0] if q.items else None
-        top_html = (f"{esc(top.image_id)} <span class=\"muted\">g={top.global_score:.3f} inl={top.inliers}</span>"
-                    if top else "")
+        top_html = (f"{_named(top.path, top.image_id)} <span class=\"muted\">g={top.global_score:.3f} "
+                    f"inl={top.inliers}</span>" if top else "")
+        qname = display_name(q.source, q.query_id)
+        also = f" <span class=\"muted\" title=\"{esc(q.source)}\">{esc(qname)}</span>" if qname != q.query_id else ""
         nver = sum(1 for it in q.items if it.inliers >= min_inliers)
         rows.append(f"<tr data-query=\"{esc(q.query_id)}\"><td>{img}</td><td><a href=\"queries/{esc(q.slug)}.html\">"
-                    f"{esc(q.query_id)}</a></td><td>{top_html}</td><td class=\"num\" data-value=\"{nver}\">{nver}</td>"
-                    + "".join(_ap_cells(gt, q)) + "</tr>")
+                    f"{esc(q.query_id)}</a>{also}</td><td>{top_html}</td>"
+                    f"<td class=\"num\" data-value=\"{nver}\">{nver}</td>" + "".join(_ap_cells(gt, q)) + "</tr>")
     facts = table(["", ""], [(esc(k_), f"<code>{esc(v)}</code>") for k_, v in info.items()])
-    body = (f"<h1>Retrieval results</h1>{facts}{_metrics_html(gt)}<h2>Queries ({len(pages)})</h2>"
+    body = (f"<h1>Retrieval results</h1>{_untrained_banner(untrained)}{facts}{_metrics_html(gt)}"
+            f"<h2>Queries ({len(pages)})</h2>"
             f"<p class=\"muted\">Click a \u21c5 column to sort. Top {k} results per query; verified = at least "
             f"{min_inliers} RANSAC inliers.</p>"
             f"<div class=\"scroll\"><table class=\"sortable\" id=\"queries\"><thead><tr>{ths}</tr></thead>"
@@ -267,14 +297,14 @@ def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[st
     return page("Retrieval results", body, SORT_SCRIPT)
 
 
-def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int) -> str:
+def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int, untrained: bool = False) -> str:
     tiles = []
     for it in q.items:
         verified = it.inliers >= min_inliers
         badges = _badge("verified" if verified else "unverified", "verified" if verified else "unverified")
         if it.label:
             badges += " " + _badge(it.label, it.label + (f" ({it.detail})" if it.detail else ""))
-        img = f"<img src=\"../{esc(it.thumb)}\" alt=\"{esc(it.image_id)}\">" if it.thumb else ""
+        img = f"<img src=\"../{esc(it.thumb)}\" alt=\"{esc(it.name)}\" title=\"{esc(it.path)}\">" if it.thumb else ""
         if it.match:
             img = f"<a href=\"../{esc(it.match)}\" data-match=\"1\">{img}</a>"
             link = f"<a href=\"../{esc(it.match)}\">match picture</a>"
@@ -283,10 +313,13 @@ def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int) -> st
         else:
             link = ""
         problem = f"<div class=\"note\">{esc(it.problem)}</div>" if it.problem else ""
+        where = f"<div class=\"mono muted\" data-field=\"path\">{esc(it.path)}</div>" if it.path else ""
         tiles.append(
             f"<div class=\"tile{' is-verified' if verified else ''}\" data-image-id=\"{esc(it.image_id)}\" "
-            f"data-rank=\"{it.rank}\" data-global-score=\"{it.global_score:.6f}\" data-inliers=\"{it.inliers}\" "
-            f"data-label=\"{esc(it.label)}\">{img}<div><b>#{it.rank}</b> {esc(it.image_id)}</div>"
+            f"data-path=\"{esc(it.path)}\" data-rank=\"{it.rank}\" data-global-score=\"{it.global_score:.6f}\" "
+            f"data-inliers=\"{it.inliers}\" data-label=\"{esc(it.label)}\">{img}"
+            f"<div><b>#{it.rank}</b> {_named(it.path, it.image_id)}</div>{where}"
+            f"<div class=\"muted\">id <span class=\"mono\">{esc(it.image_id)}</span></div>"
             f"<div>global <span data-field=\"global_score\">{it.global_score:.4f}</span> \u00b7 inliers "
             f"<span data-field=\"inliers\">{it.inliers}</span> \u00b7 global rank {it.global_rank}</div>"
             f"<div>{badges}</div><div>{link}</div>{problem}</div>")
@@ -295,16 +328,32 @@ def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int) -> st
         values = [_ap_text(q.ap.get(p, float("nan"))) for p in gt.protocols]
         ap = table([esc(_ap_name(p)) for p in gt.protocols], [values],
                    numeric=range(len(gt.protocols)), attrs="id=\"query-ap\"")
-    query_img = f"<img src=\"../{esc(q.thumb)}\" alt=\"query {esc(q.query_id)}\">" if q.thumb else ""
+    query_img = (f"<img src=\"../{esc(q.thumb)}\" alt=\"query {esc(q.query_id)}\" title=\"{esc(q.source)}\">"
+                 if q.thumb else "")
     problem = f"<p class=\"note\">{esc(q.problem)}</p>" if q.problem else ""
-    body = (f"<p><a href=\"../index.html\">\u2190 all queries</a></p><h1>Query {esc(q.query_id)}</h1>{problem}"
+    body = (f"<p><a href=\"../index.html\">\u2190 all queries</a></p><h1>Query {esc(q.query_id)}</h1>"
+            f"{_untrained_banner(untrained)}{problem}"
             f"<div class=\"qhead\"><div class=\"tile query\">{query_img}"
-            f"<div class=\"mono muted\">{esc(q.source)}</div></div><div>{ap}</div></div>"
+            f"<div><b>{esc(display_name(q.source, q.query_id))}</b></div>"
+            f"<div class=\"mono muted\" data-field=\"query-path\">{esc(q.source)}</div></div><div>{ap}</div></div>"
             f"<h2>Top {len(q.items)} results</h2><div class=\"tiles\">{''.join(tiles)}</div>")
     return page(f"Query {q.query_id}", body)
 
 
 # --------------------------------------------------------------------------------------------- driver
+
+
+def _specs_from_results(table_) -> Dict[str, Dict[str, str]]:
+    """Each query's image as the results record it (query_path, query_bbox): {query_id: queries-file-like spec}."""
+    if "query_path" not in table_.column_names:
+        return {}
+    bboxes = (table_.column("query_bbox").to_pylist() if "query_bbox" in table_.column_names
+              else [""] * table_.num_rows)
+    specs: Dict[str, Dict[str, str]] = {}
+    for qid, path, bbox in zip(table_.column("query_id").to_pylist(), table_.column("query_path").to_pylist(), bboxes):
+        if path and qid not in specs:
+            specs[qid] = {"query_id": qid, "path": path, "bbox": bbox or ""}
+    return specs
 
 
 def write_retrieval_report(
@@ -322,7 +371,6 @@ def write_retrieval_report(
     matches: bool = True,
 ) -> str:
     """Write the pages (see the module docstring); returns the URI of index.html."""
-    from beam_job.retrieval.cli import load_image
     from beam_job.retrieval.plots import draw_matches
     from beam_job.retrieval.query import QueryEngine
 
@@ -330,20 +378,25 @@ def write_retrieval_report(
         raise ValueError(f"--k must be positive, got {k}")
     table_ = read_results(results)
     gt = load_ground_truth(ground_truth, table_, order) if ground_truth else None
-    ranked: Dict[str, List[Tuple[int, int, str, float, int]]] = {}
-    cols = [table_.column(c).to_pylist() for c in ("query_id", order, "rank", "image_id", "global_score", "inliers")]
-    for qid, o, r, iid, score, inl in zip(*cols):
-        ranked.setdefault(qid, []).append((int(o), int(r), iid, float(score), int(inl)))
+    ranked: Dict[str, List[Tuple[int, int, str, float, int, str]]] = {}
+    names = ("query_id", order, "rank", "image_id", "global_score", "inliers")
+    cols = [table_.column(c).to_pylist() for c in names]
+    cols.append(table_.column("path").to_pylist() if "path" in table_.column_names else [""] * table_.num_rows)
+    for qid, o, r, iid, score, inl, path in zip(*cols):
+        ranked.setdefault(qid, []).append((int(o), int(r), iid, float(score), int(inl), path or ""))
     query_ids = list(ranked)[: max_queries or None]
-    specs = {s["query_id"]: s for s in read_query_file(queries_file)} if queries_file else {}
+    specs = _specs_from_results(table_)
+    if queries_file:  # given: it says best what each query was (results written before query_path need it)
+        specs.update({s["query_id"]: s for s in read_query_file(queries_file)})
     engine = QueryEngine(index_dir, rerank_config)
+    untrained = engine.index.untrained
     out = _Out(out_dir)
     thumbs: Dict[str, str] = {}
     pages: List[QueryPage] = []
     for qi, qid in enumerate(query_ids):
         rows = sorted(ranked[qid])[:k]
-        qp = QueryPage(qid, _slug(qid), [ResultItem(i + 1, iid, score, inl, r)
-                                         for i, (_, r, iid, score, inl) in enumerate(rows)])
+        qp = QueryPage(qid, _slug(qid), [ResultItem(i + 1, iid, score, inl, r, path=path)
+                                         for i, (_, r, iid, score, inl, path) in enumerate(rows)])
         if gt is not None:
             qp.ap = gt.ap.get(qid, {})
             for it in qp.items:
@@ -368,6 +421,7 @@ def write_retrieval_report(
             if pos is None:
                 continue
             rec = next(records)
+            it.path = it.path or rec.path
             draw = matches and query is not None and query.local is not None and rec.local.num_features > 0
             key = f"src:{rec.path}"
             if key in thumbs and not draw:  # thumbnail already written, no picture to draw: no decode
@@ -383,17 +437,59 @@ def write_retrieval_report(
                 v = verify_pair(query.local, rec.local, rerank_config)
                 picture, _ = draw_matches(query_image, image, query.local.locations, rec.local.locations, v.matches,
                                           v.inlier_mask, max_height=MATCH_HEIGHT,
-                                          title=f"{qid} vs {it.image_id}: {v.inliers} inliers / "
-                                                f"{v.num_putative} putative")
+                                          title=f"{display_name(query.source, qid)} vs {it.name}: {v.inliers} "
+                                                f"inliers / {v.num_putative} putative")
                 it.match = out.put(f"matches/{qp.slug}-{it.rank:03d}.jpg", jpeg_bytes(picture, quality=MATCH_QUALITY))
                 it.match_inliers = int(v.inliers)
-        out.put(f"queries/{qp.slug}.html", _query_page(qp, gt, min_inliers).encode("utf-8"))
+        out.put(f"queries/{qp.slug}.html", _query_page(qp, gt, min_inliers, untrained).encode("utf-8"))
         pages.append(qp)
         logger.info("report: query %d/%d %s", qi + 1, len(query_ids), qid)
-    info = {"results": results, "index": index_dir, "queries file": queries_file or "",
-            "ground truth": ground_truth or "", "order": order}
-    out.put("index.html", _index_page(pages, gt, info, k, min_inliers).encode("utf-8"))
+    info = {"results": results, "index": index_dir, "model": str(engine.index.config.get("model") or ""),
+            "queries file": queries_file or "", "ground truth": ground_truth or "", "order": order}
+    out.put("index.html", _index_page(pages, gt, info, k, min_inliers, untrained).encode("utf-8"))
     return out.uri("index.html")
 
 
-__all__ = ["write_retrieval_report", "load_ground_truth", "DEFAULT_MIN_INLIERS"]
+# --------------------------------------------------------------------------------------------- command
+
+
+def _report_arguments(rp: argparse.ArgumentParser) -> None:
+    rp.add_argument("results", help="results .parquet/.csv from `query`")
+    rp.add_argument("--index", required=True, help="the index directory the results came from")
+    rp.add_argument("--out", required=True, help="output folder (local or gs://); open <out>/index.html")
+    rp.add_argument("--queries", help="the queries file given to `query` (only for results files written before "
+                                      "the query_path column)")
+    rp.add_argument("--gnd", help="ground truth: gnd_<dataset>.pkl/.mat (revisitop) or a GLDv2 solution .csv")
+    rp.add_argument("--max_queries", type=int, default=None, help="only the first N queries of the results")
+    rp.add_argument("--k", type=int, default=10, help="results shown per query")
+    rp.add_argument("--order", choices=["final_rank", "rank"], default="final_rank")
+    rp.add_argument("--min_inliers", type=int, default=DEFAULT_MIN_INLIERS,
+                    help="verified at or above this many inliers")
+    rp.add_argument("--no_matches", action="store_true", help="skip the match pictures")
+    retrieval_cli.add_rerank_args(rp)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    index_html = write_retrieval_report(
+        args.results, args.index, args.out, queries_file=args.queries, ground_truth=args.gnd,
+        max_queries=args.max_queries, k=args.k, order=args.order, min_inliers=args.min_inliers,
+        rerank_config=retrieval_cli.rerank_config(args), matches=not args.no_matches)
+    print(json.dumps({"index": index_html}))
+    return 0
+
+
+REPORT_COMMAND = retrieval_cli.Command(
+    "report", "HTML pages of a results file: queries, top-k thumbnails, match pictures, AP",
+    _report_arguments, _run_report)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`delg-retrieval` (the console script): beam_job.retrieval.cli's commands plus `report`."""
+    return retrieval_cli.main(argv, extra=(REPORT_COMMAND,))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["write_retrieval_report", "load_ground_truth", "DEFAULT_MIN_INLIERS", "REPORT_COMMAND", "main"]

@@ -8,29 +8,49 @@
   delg-retrieval revisitop-queries gnd_roxford5k.pkl IMAGES_DIR queries.csv   (cropped query list)
   delg-retrieval draw-matches INDEX_DIR QUERY TARGET_ID --out match.png
   delg-retrieval contact-sheet INDEX_DIR QUERY --out sheet.png [--k 8]
-  delg-retrieval report RESULTS --index INDEX_DIR --out DIR [--queries FILE] [--gnd FILE] [--max_queries N]
+  delg-retrieval report RESULTS --index INDEX_DIR --out DIR [--gnd FILE] [--max_queries N]
   delg-retrieval --version
 QUERY names an indexed image by its id or its path (stored features), or an image file (local or gs://)
-extracted with the shards' model. Flags are spelled with underscores, as delg-extract's (--max_trials).
+extracted with the shards' model. Flags are spelled with underscores, as delg-extract's (--max_trials); the
+hyphenated spelling (--max-trials) means the same.
+
+`report` writes HTML pages, which is the report layer's job: beam_job.report.retrieval adds that command
+(a `Command` handed to `main`) and its `main` is the `delg-retrieval` console script, so that this package
+never imports the report package (the layers import one way: report -> retrieval).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
-from typing import List, Optional, Sequence
-
-import numpy as np
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 from beam_job import __version__
 
 logger = logging.getLogger(__name__)
 
 
-def _add_rerank_args(p: argparse.ArgumentParser) -> None:
+class Command(NamedTuple):
+    """A subcommand a layer above adds to `delg-retrieval` (see the module docstring)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose `--snake_case` flags also answer to `--snake-case` (same dest, same action), so a
+    hyphen typed by habit is honoured rather than refused; subcommand parsers are of this class too."""
+
+    def add_argument(self, *names, **kwargs):
+        aliases = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
+        return super().add_argument(*names, *[a for a in aliases if a not in names], **kwargs)
+
+
+def add_rerank_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ransac", choices=["opencv", "reference"], default="opencv",
                    help="opencv: USAC_MAGSAC affine (fast, default); reference: DELG's skimage RANSAC (slow)")
     p.add_argument("--distance_threshold", type=float, default=1.0, help="L2 descriptor distance threshold (DELG: 1.0)")
@@ -41,8 +61,9 @@ def _add_rerank_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef_search", type=int, default=None, help="HNSW efSearch")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="delg-retrieval", description=__doc__.split("\n")[0])
+def build_parser(extra: Sequence[Command] = ()) -> argparse.ArgumentParser:
+    """The `delg-retrieval` parser: this module's commands, then the `extra` ones of the layers above."""
+    parser = _Parser(prog="delg-retrieval", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=__version__,
                         help="print the package version and exit")
@@ -75,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "protocol (query_id = qimlist names), as the reference; needed by eval-revisitop")
     q.add_argument("--keep_self", action="store_true", help="keep the query image itself when querying by id")
     q.add_argument("--output", help="results file (.parquet or .csv); a JSON summary is printed")
-    _add_rerank_args(q)
+    add_rerank_args(q)
 
     e = sub.add_parser("eval-revisitop", help="Revisited Oxford/Paris mAP and mP@k from a results file")
     e.add_argument("results", help="results .parquet/.csv from `query` (query_id = qimlist names)")
@@ -102,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("target", help="an image in the index, by id or path")
     d.add_argument("--out", required=True)
     d.add_argument("--outliers", action="store_true", help="also draw rejected putative matches in red")
-    _add_rerank_args(d)
+    add_rerank_args(d)
 
     c = sub.add_parser("contact-sheet", help="PNG of a query and its top results with scores")
     c.add_argument("index_dir")
@@ -111,20 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, default=8)
     c.add_argument("--rerank", type=int, default=8)
     c.add_argument("--min_inliers", type=int, default=15, help="green frame at or above this many inliers")
-    _add_rerank_args(c)
+    add_rerank_args(c)
 
-    rp = sub.add_parser("report", help="HTML pages of a results file: queries, top-k thumbnails, match pictures, AP")
-    rp.add_argument("results", help="results .parquet/.csv from `query`")
-    rp.add_argument("--index", required=True, help="the index directory the results came from")
-    rp.add_argument("--out", required=True, help="output folder (local or gs://); open <out>/index.html")
-    rp.add_argument("--queries", help="the queries file given to `query` (needed for queries given by image path)")
-    rp.add_argument("--gnd", help="ground truth: gnd_<dataset>.pkl/.mat (revisitop) or a GLDv2 solution .csv")
-    rp.add_argument("--max_queries", type=int, default=None, help="only the first N queries of the results")
-    rp.add_argument("--k", type=int, default=10, help="results shown per query")
-    rp.add_argument("--order", choices=["final_rank", "rank"], default="final_rank")
-    rp.add_argument("--min_inliers", type=int, default=15, help="verified at or above this many inliers")
-    rp.add_argument("--no_matches", action="store_true", help="skip the match pictures")
-    _add_rerank_args(rp)
+    for command in extra:
+        command.add_arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
@@ -142,7 +153,8 @@ def _k_value(text: str):
     return value
 
 
-def _rerank_config(args):
+def rerank_config(args):
+    """The RerankConfig of the flags add_rerank_args adds."""
     from .rerank import RerankConfig
 
     return RerankConfig(distance_threshold=args.distance_threshold, ratio=args.ratio, method=args.ransac,
@@ -152,26 +164,22 @@ def _rerank_config(args):
 def _engine(args):
     from .query import QueryEngine
 
-    return QueryEngine(args.index_dir, _rerank_config(args), nprobe=args.nprobe, ef_search=args.ef_search)
-
-
-def load_image(uri: str) -> np.ndarray:
-    """HxWx3 uint8 RGB of an image file (local or gs://), EXIF-oriented like the job's default."""
-    from .shards import read_bytes
-
-    data = read_bytes(uri)
-    try:
-        from beam_job.imaging import decode_image
-    except ImportError:  # pragma: no cover - imaging is part of the package
-        from PIL import Image
-
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return decode_image(data)
+    return QueryEngine(args.index_dir, rerank_config(args), nprobe=args.nprobe, ef_search=args.ef_search)
 
 
 def _query_for(engine, value: str, exclude_self: bool = True):
+    from .query import load_image
+
     q = engine.query_from_name(value, exclude_self=exclude_self)
     return q, load_image(q.source)
+
+
+def _warn_untrained(engine) -> bool:
+    from .index import UNTRAINED_WARNING
+
+    if engine.index.untrained:
+        logger.warning(UNTRAINED_WARNING)
+    return bool(engine.index.untrained)
 
 
 def _cmd_build(args) -> int:
@@ -183,27 +191,32 @@ def _cmd_build(args) -> int:
     print(json.dumps({"index_dir": report.index_dir, "num_indexed": report.num_indexed,
                       "num_null_skipped": report.num_null_skipped,
                       "num_duplicate_ids": report.num_duplicate_ids, "num_shards": report.num_shards,
+                      "untrained_model": report.untrained_model,
                       "params": report.params, "seconds": {k: round(v, 3) for k, v in report.seconds.items()}},
                      indent=1))
     return 0
 
 
 def _cmd_query(args) -> int:
-    from .query import build_queries, read_query_file, results_table, summary_json, write_results
+    from .query import (build_queries, check_results_path, read_query_file, results_table, summary_json,
+                        write_results)
 
-    engine = _engine(args)
+    if args.output:
+        check_results_path(args.output)  # before any work
     specs = [{"query_id": "", "image_id": i} for i in args.id] + [{"query_id": "", "path": p} for p in args.image]
     if args.queries:
         specs += read_query_file(args.queries)
     if not specs:
         raise ValueError("give queries with --id, --image or --queries")
+    engine = _engine(args)
+    untrained = _warn_untrained(engine)
     queries = build_queries(engine, specs, exclude_self=not args.keep_self)
     skip = _junk_per_protocol(args.revisitop_gnd, [q.query_id for q in queries]) if args.revisitop_gnd else None
     results = engine.search(queries, k=args.k, num_to_rerank=args.rerank, skip_for_rerank=skip)
     if args.output:
-        write_results(results_table(results), args.output)
+        write_results(results_table(results, k=args.k, untrained_model=untrained), args.output)
         logger.info("wrote %s", args.output)
-    print(summary_json(results))
+    print(summary_json(results, untrained_model=untrained))
     return 0
 
 
@@ -269,9 +282,11 @@ def _cmd_revisitop_queries(args) -> int:
 
 def _cmd_draw_matches(args) -> int:
     from .plots import draw_matches
+    from .query import display_name, load_image
     from .rerank import verify_pair
 
     engine = _engine(args)
+    _warn_untrained(engine)
     query, query_image = _query_for(engine, args.query, exclude_self=False)
     target = engine.query_from_id(engine.indexed_id(args.target) or args.target, exclude_self=False)
     if query.local is None or target.local is None:
@@ -279,36 +294,30 @@ def _cmd_draw_matches(args) -> int:
     v = verify_pair(query.local, target.local, engine.rerank_config)
     draw_matches(query_image, load_image(target.source), query.local.locations, target.local.locations,
                  v.matches, v.inlier_mask, args.out, draw_outliers=args.outliers,
-                 title=f"{query.query_id} vs {args.target}: {v.inliers} inliers / {v.num_putative} putative")
+                 title=f"{display_name(query.source, query.query_id)} vs "
+                       f"{display_name(target.source, args.target)}: {v.inliers} inliers / {v.num_putative} putative")
     print(json.dumps({"out": args.out, "putative": v.num_putative, "inliers": v.inliers}))
     return 0
 
 
 def _cmd_contact_sheet(args) -> int:
     from .plots import contact_sheet
+    from .query import display_name, load_image
 
     engine = _engine(args)
+    _warn_untrained(engine)
     query, query_image = _query_for(engine, args.query)
     result = engine.search([query], k=args.k, num_to_rerank=args.rerank)[0]
     tiles, verified = [], []
     for rank, (pos, iid, score, inl) in enumerate(zip(result.positions, result.image_ids, result.global_scores,
                                                       result.inliers), start=1):
         record = engine.reader.read([engine.index.ref(int(pos))])[0]
-        tiles.append((load_image(record.path), f"#{rank} {iid}\ng={score:.3f} inl={int(inl)}"))
+        caption = f"#{rank} {display_name(record.path, iid)}\ng={score:.3f} inl={int(inl)}"
+        tiles.append((load_image(record.path), caption))
         verified.append(int(inl) >= args.min_inliers)
-    contact_sheet(query_image, tiles, args.out, query_caption=f"query {query.query_id}", verified=verified)
+    contact_sheet(query_image, tiles, args.out, verified=verified,
+                  query_caption=f"query {display_name(query.source, query.query_id)}")
     print(json.dumps({"out": args.out, "results": len(tiles)}))
-    return 0
-
-
-def _cmd_report(args) -> int:
-    from beam_job.report.retrieval import write_retrieval_report
-
-    index_html = write_retrieval_report(
-        args.results, args.index, args.out, queries_file=args.queries, ground_truth=args.gnd,
-        max_queries=args.max_queries, k=args.k, order=args.order, min_inliers=args.min_inliers,
-        rerank_config=_rerank_config(args), matches=not args.no_matches)
-    print(json.dumps({"index": index_html}))
     return 0
 
 
@@ -320,16 +329,17 @@ COMMANDS = {
     "revisitop-queries": _cmd_revisitop_queries,
     "draw-matches": _cmd_draw_matches,
     "contact-sheet": _cmd_contact_sheet,
-    "report": _cmd_report,
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, extra: Sequence[Command] = ()) -> int:
+    """Run `delg-retrieval` with this module's commands plus `extra` (the console script passes the report's)."""
+    args = build_parser(extra).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = {**COMMANDS, **{c.name: c.run for c in extra}}[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return run(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"delg-retrieval {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -339,4 +349,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__: List[str] = ["main", "build_parser", "load_image"]
+__all__: List[str] = ["main", "build_parser", "Command", "add_rerank_args", "rerank_config"]

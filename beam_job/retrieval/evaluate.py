@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from .query import ALL, RESULTS_K_KEY
 from .shards import read_bytes
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,28 @@ def rankings_from_results(
     return [np.asarray([lookup.get(i, -1) for i in result_ids.get(q, [])], np.int64) for q in query_ids]
 
 
+def _warn_incomplete_rankings(per_query: Dict[str, List[Tuple]], imlist: Sequence[str], k: str = "") -> None:
+    """Warn when rankings miss database images; `k`: the results' recorded --k ("" when unknown: CSV, old files).
+
+    A query need not rank itself (`query` leaves an indexed query out). After `--k all` every ranking holds
+    the whole index, so a missing image is one the index lacks, and `--k all` is not the advice. Unknown k:
+    images that no query ranks are taken as not indexed; images some queries rank and others do not mean
+    that --k cut the rankings short."""
+    names = set(imlist)
+    absent = {q: names - {e[1] for e in v} - {q} for q, v in per_query.items()}
+    if not absent:
+        return
+    nowhere = set.intersection(*absent.values()) if k in ("", ALL) else set()
+    if nowhere:
+        logger.warning("%d of the %d database images are in no query's results (not in the index%s), e.g. %s: "
+                       "they count as not retrieved", len(nowhere), len(imlist), "" if k else ", or beyond --k",
+                       sorted(nowhere)[:3])
+    short = [q for q, missing in absent.items() if missing - nowhere]
+    if short:
+        logger.warning("%d queries rank fewer images than the %d of the database, e.g. %s: positives beyond are "
+                       "lost; use `query --k all`", len(short), len(imlist), short[:3])
+
+
 def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Dict[str, List[np.ndarray]]:
     """Per-protocol rankings from a results table, re-ranked as the reference does for each protocol.
 
@@ -215,10 +238,8 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
     if missing:
         logger.warning("%d of %d queries have no results (scored as empty rankings), e.g. %s",
                        len(missing), len(qimlist), missing[:3])
-    short = [q for q, v in per_query.items() if len(v) < len(imlist)]
-    if short:
-        logger.warning("%d queries rank fewer images than the %d of the database, e.g. %s: positives beyond are "
-                       "lost; use `query --k all`", len(short), len(imlist), short[:3])
+    recorded = (table.schema.metadata or {}).get(RESULTS_K_KEY, b"").decode()
+    _warn_incomplete_rankings(per_query, imlist, recorded)
     out: Dict[str, List[np.ndarray]] = {}
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(revisitop["gnd"], protocol)

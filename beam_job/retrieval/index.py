@@ -5,7 +5,9 @@ Layout of an index directory:
   idmap.parquet       position (int64) -> image_id, shard (URI), row (row number inside the shard), path
                       (the image's URI from the shards, so that a query may name an indexed image by path)
   build_config.json   how it was built: index kind + factory string, search parameters, counts,
-                      the shards, and the model / preset / extraction config recorded in their footers
+                      the shards, and the model / preset / extraction config recorded in their footers,
+                      untrained_model (true: random weights, results mean nothing; build, query and the
+                      pages say so)
 
 Index kinds (`kind`):
   flat   IndexFlatIP: exact. 8 KiB per 2048-d vector.
@@ -46,6 +48,8 @@ CONFIG_FILE = "build_config.json"
 AUTO_FLAT_MAX = 200_000  # exact search up to 200k vectors (1.6 GB of float32 at 2048-d)
 AUTO_REFINE_MAX = 2_000_000  # keep exact vectors for refinement up to 2M vectors (16 GB)
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
+UNTRAINED_WARNING = ("UNTRAINED MODEL: these features come from random weights (shard metadata "
+                     "delg.untrained_model): scores, inliers and 'verified' mean nothing for retrieval")
 
 IDMAP_SCHEMA = pa.schema(
     [
@@ -174,6 +178,7 @@ class BuildReport:
     params: Dict
     seconds: Dict[str, float] = field(default_factory=dict)
     num_duplicate_ids: int = 0  # indexed rows whose image_id was already indexed (another shard or row)
+    untrained_model: bool = False  # the shards say their model has random weights
 
 
 def _check_consistent(infos: Sequence[ShardInfo], allow_mixed: bool) -> None:
@@ -208,6 +213,9 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         raise ValueError(f"the shards under {shards_uri!r} hold no rows: nothing to index")
     dim = infos[0].global_dim
     params = resolve_config(cfg, total, dim)
+    untrained = any(i.untrained for i in infos)
+    if untrained:
+        logger.warning(UNTRAINED_WARNING)
     logger.info("building %s index (%s) over %d rows in %d shards", params["kind"], params["factory"], total, len(uris))
     seconds: Dict[str, float] = {"list": time.perf_counter() - t0}
 
@@ -287,6 +295,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         "preset": first.preset,
         "extraction_config": first.config,
         "shard_metadata": dict(first.metadata),
+        "untrained_model": untrained,
         "seconds": seconds,
         "faiss_version": faiss.__version__,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -298,7 +307,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     logger.info("indexed %d vectors (%d null skipped) in %.2f s", position, num_null, seconds["total"])
-    return BuildReport(index_dir, position, num_null, len(uris), params, seconds, num_duplicates)
+    return BuildReport(index_dir, position, num_null, len(uris), params, seconds, num_duplicates, untrained)
 
 
 def _warn_duplicate_ids(idmap_path: str, hashes: np.ndarray) -> int:
@@ -407,6 +416,14 @@ class RetrievalIndex:
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the indexed features come from a model with random weights (build_config.json's
+        `untrained_model`; indexes built before it: the shard metadata recorded at build time)."""
+        if "untrained_model" in self.config:
+            return bool(self.config["untrained_model"])
+        return shards_mod.untrained_model(self.config.get("shard_metadata") or {})
 
     @property
     def dim(self) -> int:

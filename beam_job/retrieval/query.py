@@ -1,10 +1,13 @@
 """Querying an index: global top-k, then local-feature re-ranking of the top N, for image ids already in the
 shards or for new images extracted on the fly with the model and preset recorded in the shards.
 
-Result rows (one per (query, result)): query_id, rank (1-based global rank), image_id, global_score
+Result rows (one per (query, result)): query_id, query_path (the query image: the indexed image's path, or
+the file extracted, made absolute when local), query_bbox ("x1 y1 x2 y2" of a cropped query, else ""),
+rank (1-based global rank), image_id, path (the result image, from the index's id map), global_score
 (inner product = cosine), inliers (RANSAC inliers, 0 when not re-ranked), final_rank (1-based, by
 (inliers, global_score) descending, as DELG's reference orders them), verified (whether the pair went
-through local matching + RANSAC; `inliers` is meaningful only then).
+through local matching + RANSAC; `inliers` is meaningful only then). The query columns are what
+`delg-retrieval report` needs to draw the query and its match pictures without the queries file.
 
 Re-ranking verifies the global top N, or, when the caller names images to skip per query (the junk
 images of each Revisited Oxford/Paris protocol), the first N results that are not skipped, for each set.
@@ -25,6 +28,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from beam_job import storage
+
 from .index import RetrievalIndex
 from .rerank import RerankConfig, final_order, verify_pair
 from .shards import LocalFeatureReader, LocalFeatures, read_bytes
@@ -34,8 +39,11 @@ logger = logging.getLogger(__name__)
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query_path", pa.string(), nullable=False),
+        pa.field("query_bbox", pa.string(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
         pa.field("global_score", pa.float32(), nullable=False),
         pa.field("inliers", pa.int32(), nullable=False),
         pa.field("final_rank", pa.int32(), nullable=False),
@@ -43,6 +51,11 @@ RESULTS_SCHEMA = pa.schema(
     ]
 )
 ALL = "all"  # k = ALL: rank the whole index (what evaluation protocols need)
+RESULT_FORMATS = (".parquet", ".csv")
+# Footer metadata of Parquet results (CSV has none): the --k of the query (evaluation knows then whether a
+# ranking was cut) and whether the features come from an untrained model.
+RESULTS_K_KEY = b"delg.k"
+RESULTS_UNTRAINED_KEY = b"delg.untrained_model"
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,8 @@ class Query:
     """One query: global descriptor (D,) float32 unit vector; local features (may be None: no re-ranking).
 
     exclude_id: an image id to drop from the results (the query itself when it comes from the index).
-    source: the image URI (shard `path` column for indexed images), for pictures.
+    source: the image URI (shard `path` column for indexed images; an extracted local file's absolute path).
+    bbox: the crop [x1, y1, x2, y2] of an extracted query, in stored pixels (None: the whole image).
     """
 
     query_id: str
@@ -58,6 +72,7 @@ class Query:
     local: Optional[LocalFeatures]
     exclude_id: Optional[str] = None
     source: str = ""
+    bbox: Optional[Tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,9 @@ class ResultList:
     inliers: np.ndarray
     global_ranks: np.ndarray  # 1-based global rank of each entry
     verified: Optional[np.ndarray] = None  # (r,) bool: went through geometric verification
+    paths: Optional[List[str]] = None  # the result images' paths (index id map; "" where unknown)
+    query_path: str = ""  # Query.source
+    query_bbox: Optional[Tuple[float, ...]] = None  # Query.bbox
 
 
 class QueryEngine:
@@ -118,16 +136,21 @@ class QueryEngine:
                                       exclude_self=exclude_self)
         return self.query_from_image(name, query_id)
 
+    def extraction_config(self):
+        """The ExtractionConfig recorded in the shards (no TensorFlow, no model loaded)."""
+        from beam_job.config import ExtractionConfig
+
+        raw = self.index.config.get("extraction_config")
+        if not raw:
+            raise ValueError("the shards record no delg.config: query by image id, or rebuild from job output")
+        return ExtractionConfig.from_dict(raw)
+
     def extractor(self):
         """The DELG extractor for the model + preset the shards were made with (TensorFlow imported here)."""
         if self._extractor is None:
-            from beam_job.config import ExtractionConfig
             from beam_job.delg.extractor import DelgExtractor
 
-            raw = self.index.config.get("extraction_config")
-            if not raw:
-                raise ValueError("the shards record no delg.config: query by image id, or rebuild from job output")
-            config = ExtractionConfig.from_dict(raw)
+            config = self.extraction_config()
             logger.info("loading DELG model %s (preset %s) for query extraction", config.model, config.name)
             self._extractor = DelgExtractor(config)
             recorded = self.index.config.get("model", "")
@@ -147,10 +170,11 @@ class QueryEngine:
         """
         from beam_job.imaging import decode_image
 
-        extractor = self.extractor()
-        config = extractor.config
+        config = self.extraction_config()
         exif = config.apply_exif_orientation and bbox_xyxy is None
-        image = decode_image(read_bytes(uri), apply_exif_orientation=exif, max_pixels=config.max_image_pixels)
+        # The file is read and decoded before the model loads: a wrong path fails in a moment, in one line.
+        image = decode_image(read_query_image(uri), apply_exif_orientation=exif, max_pixels=config.max_image_pixels)
+        extractor = self.extractor()
         resize_factor = 1.0
         if bbox_xyxy is not None:
             x1, y1, x2, y2 = (int(round(v)) for v in bbox_xyxy)
@@ -163,7 +187,8 @@ class QueryEngine:
         if not feats.has_global:
             raise ValueError(f"{uri}: the model gave no global descriptor (image too small?)")
         local = LocalFeatures(feats.locations, feats.descriptors) if feats.num_features else None
-        return Query(query_id or _stem(uri), feats.global_descriptor, local, source=uri)
+        bbox = tuple(float(v) for v in bbox_xyxy) if bbox_xyxy is not None else None
+        return Query(query_id or _stem(uri), feats.global_descriptor, local, source=_absolute(uri), bbox=bbox)
 
     # ------------------------------------------------------------------ searching
 
@@ -208,7 +233,9 @@ class QueryEngine:
                     inliers[j] = verify_pair(query.local, rec.local, self.rerank_config).inliers
             order = final_order(inliers, sc)
             out.append(ResultList(query.query_id, pos[order], [ids[j] for j in order], sc[order], inliers[order],
-                                  (order + 1).astype(np.int64), verified[order]))
+                                  (order + 1).astype(np.int64), verified[order],
+                                  paths=[str(self.index.paths[p] or "") for p in pos[order]],
+                                  query_path=query.source, query_bbox=query.bbox))
         return out
 
 
@@ -216,27 +243,70 @@ def _stem(uri: str) -> str:
     return os.path.splitext(os.path.basename(uri))[0]
 
 
-def results_table(results: Iterable[ResultList]) -> pa.Table:
-    """All result lists as one table with RESULTS_SCHEMA, in (query, final_rank) order."""
+def display_name(path: str, fallback: str) -> str:
+    """What pictures and pages call an image: the last part of its path, else (no path known) its id."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or fallback
+
+
+def _absolute(uri: str) -> str:
+    """A local path made absolute (results name files that `report` may open from another folder); URIs as given."""
+    return uri if storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def bbox_text(bbox: Optional[Sequence[float]]) -> str:
+    """A query box as the queries file and the results spell it: "x1 y1 x2 y2" ("" for none)."""
+    return "" if bbox is None else " ".join(f"{float(v):g}" for v in bbox)
+
+
+def read_query_image(uri: str) -> bytes:
+    """The bytes of a query image file; a missing file is a one-line ValueError naming it."""
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        raise ValueError(f"query image {uri!r} not found: check the path") from None
+
+
+def load_image(uri: str) -> np.ndarray:
+    """HxWx3 uint8 RGB of an image file (local or gs://), EXIF-oriented like the job's default (for pictures)."""
+    from beam_job.imaging import decode_image
+
+    return decode_image(read_bytes(uri))
+
+
+def results_table(results: Iterable[ResultList], k=None, untrained_model: Optional[bool] = None) -> pa.Table:
+    """All result lists as one table with RESULTS_SCHEMA, in (query, final_rank) order; the --k they were
+    searched with and the untrained flag, when given, go into the schema metadata (Parquet keeps it)."""
     cols: Dict[str, list] = {name: [] for name in RESULTS_SCHEMA.names}
     for r in results:
         n = len(r.image_ids)
         cols["query_id"].extend([r.query_id] * n)
+        cols["query_path"].extend([r.query_path] * n)
+        cols["query_bbox"].extend([bbox_text(r.query_bbox)] * n)
         cols["rank"].extend(r.global_ranks.tolist())
         cols["image_id"].extend(r.image_ids)
+        cols["path"].extend(r.paths if r.paths is not None else [""] * n)
         cols["global_score"].extend(r.global_scores.tolist())
         cols["inliers"].extend(r.inliers.tolist())
         cols["final_rank"].extend(range(1, n + 1))
         cols["verified"].extend((r.verified if r.verified is not None else np.zeros(n, bool)).tolist())
-    return pa.Table.from_pydict(cols, schema=RESULTS_SCHEMA)
+    meta = {}
+    if k is not None:
+        meta[RESULTS_K_KEY] = str(k).encode()
+    if untrained_model is not None:
+        meta[RESULTS_UNTRAINED_KEY] = json.dumps(bool(untrained_model)).encode()
+    return pa.Table.from_pydict(cols, schema=RESULTS_SCHEMA.with_metadata(meta) if meta else RESULTS_SCHEMA)
+
+
+def check_results_path(path: str) -> str:
+    """Refuse (ValueError, one line) a results path of a format write_results cannot write."""
+    if not path.endswith(RESULT_FORMATS):
+        raise ValueError(f"results path must end in {' or '.join(RESULT_FORMATS)}, got {path!r}")
+    return path
 
 
 def write_results(table: pa.Table, path: str) -> str:
     """Write results as Parquet (.parquet) or CSV (.csv), local or gs://."""
-    from beam_job import storage
-
-    if not path.endswith((".parquet", ".csv")):
-        raise ValueError(f"results path must end in .parquet or .csv, got {path!r}")
+    check_results_path(path)
     buf = io.BytesIO()
     if path.endswith(".parquet"):
         pq.write_table(table, buf)
@@ -286,6 +356,7 @@ def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_
     `image_id`: an indexed image, named by its id or its path. `path` (and plain lines): an indexed image when
     its id or path is in the index and no bbox is given (stored features), else an image file to extract.
     """
+    _check_query_files(engine, specs)
     queries = []
     for spec in specs:
         query_id = spec.get("query_id") or None
@@ -304,15 +375,30 @@ def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_
     return queries
 
 
-def summary_json(results: Sequence[ResultList], top: int = 5) -> str:
-    """A short JSON summary of the first results of each query (CLI output)."""
+def _check_query_files(engine: QueryEngine, specs: Sequence[Dict[str, str]]) -> None:
+    """Refuse, before any extraction (and so before the model loads), query images to extract that do not exist."""
+    for spec in specs:
+        if spec.get("image_id"):
+            continue
+        name = spec.get("path") or spec.get("value") or ""
+        if (spec.get("bbox") or engine.indexed_id(name) is None) and not storage.exists(name):
+            raise ValueError(f"query image {name!r} not found: it is no file, and no indexed image has that id or "
+                             "path; check the path")
+
+
+def summary_json(results: Sequence[ResultList], top: int = 5, untrained_model: bool = False) -> str:
+    """A short JSON summary of the first results of each query (CLI output): ids with their paths, and whether
+    the features come from an untrained model (then the scores and inliers mean nothing)."""
     return json.dumps(
         [
             {
                 "query_id": r.query_id,
+                "query_path": r.query_path,
+                "untrained_model": bool(untrained_model),
                 "results": [
-                    {"image_id": i, "global_score": round(float(s), 4), "inliers": int(n)}
-                    for i, s, n in list(zip(r.image_ids, r.global_scores, r.inliers))[:top]
+                    {"image_id": i, "path": p, "global_score": round(float(s), 4), "inliers": int(n)}
+                    for i, p, s, n in list(zip(r.image_ids, r.paths or [""] * len(r.image_ids), r.global_scores,
+                                               r.inliers))[:top]
                 ],
             }
             for r in results
@@ -322,4 +408,5 @@ def summary_json(results: Sequence[ResultList], top: int = 5) -> str:
 
 
 __all__: Tuple[str, ...] = ("Query", "QueryEngine", "ResultList", "results_table", "write_results", "read_results",
-                            "read_query_file", "build_queries", "RESULTS_SCHEMA", "ALL")
+                            "read_query_file", "build_queries", "check_results_path", "load_image",
+                            "read_query_image", "bbox_text", "display_name", "RESULTS_SCHEMA", "RESULT_FORMATS", "ALL")

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from beam_job import layout, storage
+from beam_job.config import EMBEDDED_MODEL_PREFIX
 from beam_job.schemas import delg_v1
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,24 @@ class ShardInfo:
     def config(self) -> Optional[dict]:
         raw = self.metadata.get("delg.config")
         return json.loads(raw) if raw else None
+
+    @property
+    def untrained(self) -> bool:
+        return untrained_model(self.metadata)
+
+
+def untrained_model(metadata: Mapping[str, str]) -> bool:
+    """Whether shard footer metadata (str keys) say the features come from a model with random weights: the
+    job's `delg.untrained_model` key, else (older shards) the recorded config's `untrained` or an embedded model."""
+    flag = metadata.get(delg_v1.META_UNTRAINED.decode())
+    if flag is not None:
+        return flag.strip().lower() == "true"
+    try:
+        config = json.loads(metadata.get("delg.config") or "{}")
+    except ValueError:
+        config = {}
+    models = (str(config.get("model") or ""), metadata.get("delg.model", ""))
+    return bool(config.get("untrained")) or any(m.startswith(EMBEDDED_MODEL_PREFIX) for m in models)
 
 
 def open_parquet(uri: str, ignore_arrow_schema: bool = False) -> pq.ParquetFile:
