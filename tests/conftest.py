@@ -64,6 +64,37 @@ def gcs_bucket(gcs, request):
     yield bucket
 
 
+# The slow tier (marker `slow`): modules whose tests run whole jobs (in process or as subprocesses), a browser,
+# pip installs, Dataflow dry runs or the Dockerfile replays. Everything else, minus the flink tests, is the fast
+# tier for the edit-test loop: `bash scripts/test.sh -m "not slow and not flink"` (README, "Run the tests").
+SLOW_MODULES = frozenset({
+    "test_cli.py",
+    "test_dataflow_dry_run.py",
+    "test_delg_checkpoint.py",
+    "test_delg_export.py",
+    "test_docker_images.py",
+    "test_examples.py",
+    "test_exactly_once.py",
+    "test_gcs_job.py",
+    "test_launch.py",
+    "test_odd_inputs.py",
+    "test_packaging.py",
+    "test_pipeline.py",
+    "test_pipeline_progress.py",
+    "test_pipeline_stats.py",
+    "test_report.py",
+    "test_retrieval_query.py",
+    "test_runners.py",
+})
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "flink: runs the job on a real local Flink cluster (needs Java and Maven; tests/test_flink.py)")
+    config.addinivalue_line("markers", "slow: the slow tier (whole jobs, browser, installs; tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

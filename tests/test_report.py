@@ -446,6 +446,8 @@ def test_retrieval_page_map_equals_eval_revisitop_and_gldv2(retrieval, capsys, t
 @pytest.fixture(scope="module")
 def browser():
     """One headless Chromium (Debian's package) driven through chromedriver for all browser tests."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (scripts/test.sh does as root)"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
