@@ -13,15 +13,13 @@ offline FnApiRunner.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
-import threading
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from beam_job import __version__
-from beam_job.launch import JobFailedError, Launch, RunOutcome
+from beam_job.launch import Interrupted, JobFailedError, Launch, RunOutcome
 from beam_job.pipeline.options import JobConfigError, describe_presets, job_config_from_args, parse_job_args
 
 PROG = "delg-extract"
@@ -56,34 +54,38 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
 def exit_status(exc: BaseException) -> Optional[Tuple[int, str]]:
     """(exit status, the one line to print on stderr) for the job's own ends; None for anything else.
 
-    2: invalid configuration (found before launch); 1: the job ran and failed; 130: interrupted (Ctrl-C, or
-    SIGTERM, which `main` turns into the same KeyboardInterrupt).
+    2: invalid configuration (found before launch); 1: the job ran and failed; 128 + the signal's number when a
+    signal stopped it (130 for Ctrl-C, 143 for SIGTERM, which the launch handles as Ctrl-C: launch.Interrupted).
     """
     if isinstance(exc, JobConfigError):
         return 2, f"{PROG}: error: {exc}"
     if isinstance(exc, JobFailedError):
         return 1, f"{PROG}: job failed: {exc}"
     if isinstance(exc, KeyboardInterrupt):
-        return 130, (f"{PROG}: interrupted: the output's claim is released and committed shards are kept; "
-                     "run the same command with --skip_existing to finish")
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        return 128 + signum, (f"{PROG}: stopped by {signal.Signals(signum).name}: the output's claim is released "
+                              "and committed shards are kept; run the same command with --skip_existing to finish")
     return None
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (sent by `timeout`, `docker stop`, Kubernetes) ends the run as Ctrl-C does.
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Logging filter: drop the runner's error records about our own KeyboardInterrupt (main prints one line)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
-    The handler raises KeyboardInterrupt in the main thread, so `Launch.__exit__` releases the claim and
-    removes the progress folder, and `main` prints one line. Outside the main thread nothing is installed.
+
+def _runner_traceback_as_one_line(record: logging.LogRecord) -> bool:
+    """Logging filter (without --verbose): a Beam record's traceback shortened to its exception's first line.
+
+    When a worker dies the runner logs several pages of gRPC tracebacks; the job's own error line says what
+    happened and what to do. --verbose keeps the tracebacks.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if record.name.startswith("apache_beam") and record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {lines[0] if lines else ''}; --verbose shows more)"
+        record.args = None
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,9 +96,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep the job's own lines readable
+    for handler in logging.getLogger().handlers:  # a stopped run ends in one line, not a runner's traceback
+        handler.addFilter(_not_an_interrupt)
+        if "--verbose" not in (sys.argv[1:] if argv is None else argv):
+            handler.addFilter(_runner_traceback_as_one_line)
     try:
-        with terminate_as_interrupt():
-            run(argv)
+        run(argv)
     except (JobConfigError, JobFailedError, KeyboardInterrupt) as exc:
         status, line = exit_status(exc)  # type: ignore[misc]  # not None for these three
         print(line, file=sys.stderr)

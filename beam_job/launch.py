@@ -19,11 +19,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from beam_job import storage
+from beam_job import layout, storage
 from beam_job.pipeline.options import JobConfig, JobConfigError
 
 _LOGGER = logging.getLogger("beam_job.launch")
@@ -32,6 +34,44 @@ PROGRESS_DIR_PREFIX = "delg-progress-"  # + "<launcher pid>-": a folder of a dea
 
 class JobFailedError(RuntimeError):
     """The job ran and failed; the message is one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: `timeout`, `docker stop`, Kubernetes)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopOnSignals:
+    """While a launch runs, SIGINT and SIGTERM raise Interrupted in the main thread and are remembered.
+
+    Ctrl-C and SIGTERM then end the same way: `Launch.__exit__` releases the claim, removes the progress
+    folder and this run's Beam temp folders, and the command line prints one line. A runner that catches
+    the KeyboardInterrupt inside a bundle and raises its own error instead is seen through: `Launch.run`
+    raises Interrupted when a signal came. Outside the main thread (a launch from a worker thread) nothing
+    is installed.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        raise Interrupted(signum)
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -124,6 +164,28 @@ def remove_stale_progress_dirs(parent: Optional[str] = None) -> int:
     return removed
 
 
+class _RunnerThreadErrors:
+    """While the pipeline runs, an exception that ends one of the runner's threads (FnApiRunner's worker
+    watchers when a worker process dies, its gRPC readers) is logged as one WARNING line instead of Python's
+    default traceback on stderr; the run's own error then says what happened (job_error_line)."""
+
+    def __enter__(self) -> "_RunnerThreadErrors":
+        self._previous = threading.excepthook
+        threading.excepthook = self._hook
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        threading.excepthook = self._previous
+
+    @staticmethod
+    def _hook(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        _LOGGER.warning("runner thread %s ended: %s: %s", name, args.exc_type.__name__,
+                        first_line(args.exc_value) if args.exc_value is not None else "")
+
+
 class Launch:
     """A run of the job on its output, as a context manager (see the module docstring for the order).
 
@@ -154,9 +216,19 @@ class Launch:
         self._claim = None
         self._created_output = False
         self._progress_dir: Optional[str] = None
+        self._signals = _StopOnSignals()
+        self._lost_to: Optional[str] = None  # who holds the output's claim now, when this run lost it
 
     # ------------------------------------------------------------------ checks and claim
     def __enter__(self) -> "Launch":
+        self._signals.__enter__()
+        try:
+            return self._enter()
+        except BaseException:
+            self._signals.__exit__()
+            raise
+
+    def _enter(self) -> "Launch":
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.job = self.job.replace(started_at=started)
         if self.dry_run:
@@ -179,8 +251,23 @@ class Launch:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self._release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if (isinstance(exc, KeyboardInterrupt) or self._lost_to) and self._claim is not None:
+                self._remove_own_temp_files()
+            self._release()
+        finally:
+            self._signals.__exit__()
+
+    def _remove_own_temp_files(self) -> None:
+        """After an interrupt: this run's Beam temp folders (a resume never reads them; committed shards stay)."""
+        from beam_job.pipeline.resume import delete_paths, temp_paths
+
+        mine = [path for path in temp_paths(self.job.output) if layout.is_run_temp(path, self.job.run_id)]
+        try:
+            delete_paths(mine)
+        except Exception:  # best effort: the next run's FinalizeRun removes leftovers too
+            _LOGGER.warning("could not remove this run's temp files under %s", self.job.output, exc_info=True)
 
     def _count_inputs(self) -> Optional[int]:
         from beam_job.pipeline.inputs import check_inputs
@@ -288,7 +375,11 @@ class Launch:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunOutcome:
-        """Run the pipeline on the claimed output; the exit status comes from the run summary's status."""
+        """Run the pipeline on the claimed output; the exit status comes from the run summary's status.
+
+        A ClaimKeeper watches the claim meanwhile: a claim file deleted under the run is put back, and a claim
+        taken by another run stops this one (JobFailedError naming that run; nothing of the output touched).
+        """
         from beam_job.pipeline.pipeline import metrics_report, run_pipeline
 
         job = self.job
@@ -302,24 +393,48 @@ class Launch:
         _LOGGER.info("run %s: %s images listed, output %s, preset %s, model %s", job.run_id,
                      self.total if self.total is not None else "?", job.output, job.extraction.name,
                      job.model_identity)
-        try:
-            if self._progress_dir:
-                from beam_job.pipeline.progress import ProgressMonitor
+        from beam_job.pipeline.claim import ClaimKeeper
 
-                with ProgressMonitor(self._progress_dir, self.total, self._progress_interval,
-                                     started_at=job.started_at):  # the rate since the run started, as the summary's
-                    result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
-            else:
-                result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
-        except Exception as exc:
+        try:
+            with ClaimKeeper(self._claim, self._claim_lost), _RunnerThreadErrors():
+                result = self._run_pipeline(job)
+        except BaseException as exc:
+            if self._lost_to is not None:  # the output is another run's now: touch nothing of it
+                raise JobFailedError(
+                    f"the output's claim was taken by {self._lost_to} while this run was running: this run "
+                    f"stopped (its committed shards are kept); let that run finish, then resume with "
+                    "--skip_existing") from None
+            if not isinstance(exc, Exception):
+                raise
             # Shards may have been committed before the failure: the output is not known to be complete.
             if storage.exists(job.success_path):
                 storage.delete([job.success_path])
+            if self._signals.signum is not None:  # the runner caught our KeyboardInterrupt and raised its own
+                raise Interrupted(self._signals.signum) from None
             raise JobFailedError(f"the job failed: {job_error_line(exc)}") from exc
         lines = metrics_report(result)
         for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
             _LOGGER.log(logging.INFO if self._verbose else logging.DEBUG, "metric: %s", line)  # --verbose
         return RunOutcome(job=job, summary=self._finish(), result=result, metrics=lines)
+
+    def _claim_lost(self, holder: str) -> None:
+        """ClaimKeeper's call when another run holds the output now: stop this run (the main thread)."""
+        import _thread
+
+        self._lost_to = holder
+        _LOGGER.error("the output's claim was taken by %s: stopping this run", holder)
+        _thread.interrupt_main()
+
+    def _run_pipeline(self, job: JobConfig):
+        from beam_job.pipeline.pipeline import run_pipeline
+
+        if not self._progress_dir:
+            return run_pipeline(job, self.pipeline_args, self._test_pipeline)
+        from beam_job.pipeline.progress import ProgressMonitor
+
+        with ProgressMonitor(self._progress_dir, self.total, self._progress_interval,
+                             started_at=job.started_at):  # the rate since the run started, as the summary's
+            return run_pipeline(job, self.pipeline_args, self._test_pipeline)
 
     def _finish(self) -> Dict[str, Any]:
         """Read the run's summary, log the done line, write the run report; JobFailedError when it failed."""

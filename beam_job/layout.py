@@ -95,6 +95,11 @@ def is_run_shard(name: str, run_id: str) -> bool:
     return name.startswith(shard_name_prefix(run_id) + "-")
 
 
+def is_run_temp(path: str, run_id: str) -> bool:
+    """Whether a temp path (a `beam-temp-part-<run_id>-<uuid>` folder or a file in one) is the run's."""
+    return f"/{TEMP_DIR_PREFIX}{shard_name_prefix(run_id)}-" in path
+
+
 def temp_dir_globs(output: str) -> Tuple[str, ...]:
     """Patterns matching every temp file under the output (object stores: temp folders are name prefixes)."""
     return tuple(join(kind_dir(output, kind), TEMP_DIR_PREFIX + "**") for kind in KINDS) + (

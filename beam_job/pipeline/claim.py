@@ -7,7 +7,9 @@ enforces server-side, so two launchers racing for one output cannot both win. Th
 work with a one-line error naming the holder. The claim is released (deleted, only if it is still ours)
 at the end of every run, failed or not. A claim left by a crashed run stays until a user takes it over
 explicitly with `--take_over_claim <run_id>` (the run id is in the error message), which replaces it
-only if it still names that run (on GCS: a generation-matched rewrite).
+only if it still names that run (on GCS: a generation-matched rewrite), and never while that run's process is
+alive on this machine. While a run runs, `ClaimKeeper` puts back a claim file deleted under it and stops the
+run when another run's claim replaced its own.
 
 A claim file is never seen half-written: locally it is written to a temporary file first and linked into
 place (`os.link` fails when the name exists), on GCS an upload is atomic. A claim file that still cannot be
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -46,6 +49,7 @@ class Claim:
     path: str
     run_id: str
     generation: Optional[int] = None
+    body: bytes = b""  # the claim file's content as written (its token tells this claim from any other)
 
 
 def _claim_body(run_id: str) -> bytes:
@@ -78,6 +82,28 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _live_here(holder: Dict[str, Any]) -> bool:
+    """Whether the claim's run is a process still alive on this machine."""
+    return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+            and process_alive(holder["pid"]))
+
+
+def _check_take_over(output: str, holder: Dict[str, Any], take_over: Optional[str]) -> None:
+    """Refuse (ClaimError) unless --take_over_claim names the holder and the holder is not alive on this host.
+
+    A run on another machine cannot be seen from here: taking it over is the user's call, and the run taken
+    over notices (ClaimKeeper) and stops.
+    """
+    if take_over is None or holder.get("run_id") != take_over:
+        raise _held_error(output, holder)
+    if _live_here(holder):
+        raise ClaimError(
+            f"--take_over_claim {take_over}: run {take_over} is still running on this machine (pid {holder['pid']}); "
+            "taking over is for a run that crashed: wait for it to end, or stop it first "
+            f"(kill {holder['pid']}) and run again"
+        )
 
 
 def _held_error(output: str, holder: Dict[str, Any]) -> ClaimError:
@@ -169,8 +195,7 @@ def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]
         if data is None:
             continue
         holder = _holder(output, path, data)
-        if take_over is None or holder.get("run_id") != take_over:
-            raise _held_error(output, holder)
+        _check_take_over(output, holder, take_over)
         tmp = f"{path}.{uuid.uuid4().hex}"
         with open(tmp, "wb") as fh:
             fh.write(body)
@@ -184,7 +209,7 @@ def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]
     mine = _holder(output, path, data)
     if mine.get("token") != json.loads(body)["token"]:  # another launcher or take-over won the race
         raise _held_error(output, mine)
-    return Claim(path=path, run_id=run_id)
+    return Claim(path=path, run_id=run_id, body=body)
 
 
 def _local_read_bytes(path: str) -> Optional[bytes]:
@@ -251,8 +276,7 @@ def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) 
     data, generation = _gcs_read_bytes(path)
     holder = None if data is None else _holder(output, path, data)
     if holder is not None:
-        if take_over is None or holder.get("run_id") != take_over:
-            raise _held_error(output, holder)
+        _check_take_over(output, holder, take_over)
         precondition = generation  # replace exactly the claim we read, nothing newer
     else:
         precondition = 0  # create only if absent
@@ -267,7 +291,7 @@ def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) 
     mine = {} if now is None else _holder(output, path, now)
     if mine.get("token") != json.loads(body)["token"]:
         raise _held_error(output, mine)
-    return Claim(path=path, run_id=run_id, generation=generation)
+    return Claim(path=path, run_id=run_id, generation=generation, body=body)
 
 
 def _gcs_release(claim: Claim) -> bool:
@@ -307,6 +331,75 @@ def release(claim: Claim) -> bool:
     except Exception:  # never mask the run's own outcome; a left claim is reported by the next run
         _LOGGER.warning("could not release the claim %s", claim.path, exc_info=True)
         return False
+
+
+def _restore(claim: Claim) -> bool:
+    """Put a deleted claim file back, only if the name is still free; True when it was put back."""
+    if claim.path.startswith("gs://"):
+        from google.api_core import exceptions as gexc
+
+        try:
+            _blob(claim.path).upload_from_string(claim.body, content_type="application/json", if_generation_match=0)
+        except gexc.PreconditionFailed:
+            return False
+        return True
+    return _local_create(claim.path, claim.body)
+
+
+class ClaimKeeper:
+    """Watches a held claim while its run runs (a daemon thread, one read every `interval_s`).
+
+    A claim file deleted under the run (by hand, or a cleanup) is put back at once, so no second run can
+    claim the output meanwhile; the launcher logs a warning. A claim that names another run (taken over
+    from another machine, or claimed in the moment it was missing) means the output is no longer this run's:
+    `on_lost(description)` is called once and the keeper stops.
+    """
+
+    def __init__(self, claim: Claim, on_lost, interval_s: float = 1.0):
+        self._claim = claim
+        self._on_lost = on_lost
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="delg-claim-keeper", daemon=True)
+        self.restored = 0
+
+    def __enter__(self) -> "ClaimKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _token(self) -> Optional[str]:
+        parsed = _parse(self._claim.body)
+        return parsed.get("token") if parsed else None
+
+    def check(self) -> bool:
+        """One look at the claim; False once it is lost (on_lost called)."""
+        try:
+            data = (_gcs_read_bytes(self._claim.path)[0] if self._claim.path.startswith("gs://")
+                    else _local_read_bytes(self._claim.path))
+        except Exception:  # storage unreachable for a moment: look again next time
+            _LOGGER.debug("could not read the claim %s", self._claim.path, exc_info=True)
+            return True
+        if data is None:
+            if _restore(self._claim):
+                self.restored += 1
+                _LOGGER.warning("the claim file %s was deleted while run %s holds the output: put it back",
+                                self._claim.path, self._claim.run_id)
+                return True
+            return self.check()  # someone else created it meanwhile: look at whose it is
+        holder = _parse(data) or {}
+        if holder.get("token") == self._token():
+            return True
+        self._on_lost(_describe(holder) if holder else f"an unreadable claim file {self._claim.path}")
+        return False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            if not self.check():
+                return
 
 
 def read(output: str) -> Optional[Dict[str, Any]]:
