@@ -38,6 +38,10 @@ want=$( { pwd; python --version; cat requirements.txt requirements-dev.txt setup
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "dev_env.sh: installing requirements-dev.txt and the project into .venv" >&2
   python -m pip install -q -r requirements-dev.txt
-  python -m pip install -q --no-deps -e .
+  # setuptools' editable build warns on every install (a notice about same-named folders): shown only on failure.
+  if ! log=$(python -m pip install -q --no-deps -e . 2>&1); then
+    echo "$log" >&2
+    false
+  fi
   echo "$want" >"$stamp"
 fi
