@@ -5,11 +5,14 @@ What Beam's ModelHandler does for us, through its own keyword arguments: one ima
 once per worker process through `Shared` and used by all its threads, or with share_across_processes=True
 (`--share_model_across_processes`, Beam's `large_model=True`) one copy per machine in a separate process
 (MultiProcessShared), and the model-load metrics (one `RunInference/load_model_latency_milli_secs` update
-per load, plus `model_byte_size`). What is ours: loading and calling the DELG extractor (TensorFlow is
-imported inside load_model, never at module import); the methods-only DelgModelService (a
-MultiProcessShared proxy only forwards method calls); get_num_bytes (the image bytes, instead of pickling
-the batch); and turning an error of the model call into an InferenceError result, which ToRows writes as a
-failure row at stage "inference" (see InferenceError for why not RunInference's dead letters).
+per load, plus `model_byte_size`). Its other arguments do not apply: max_batch_duration_secs (streaming),
+model_copies (one copy a machine is what the flag asks), env_vars (none needed).
+
+What is ours: loading and calling the DELG extractor (TensorFlow is imported inside load_model, never at
+module import); the methods-only DelgModelService (a MultiProcessShared proxy only forwards method calls);
+get_num_bytes (the image bytes, instead of pickling the batch); and turning an error of the model call into
+an InferenceError result, which ToRows writes as a failure row at stage "inference" (see InferenceError for
+why not RunInference's dead letters).
 """
 
 from __future__ import annotations
