@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 _FENCE = re.compile(r"^([ \t]*)```bash\n(.*?)^\1```", re.S | re.M)
@@ -206,6 +208,7 @@ def _in_process(words, capsys):
     return status, captured.out + captured.err
 
 
+@pytest.mark.slow  # about 45 s: jobs, retrieval, reports, two dry runs (the listing check above is fast)
 def test_the_doc_commands_run_as_written(tmp_path, monkeypatch, capsys):
     from beam_job.pipeline.inputs import derive_image_id
 
