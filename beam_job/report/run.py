@@ -29,7 +29,6 @@ from beam_job import layout, storage
 from beam_job.imaging import decode_image
 from beam_job.pipeline.options import JobConfigError, check_run_id
 from beam_job.pipeline.resume import list_shards, output_state
-from beam_job.pipeline.summary import read_json
 from beam_job.report.html import (
     bars_svg, colorbar_svg, colormap, data_uri, esc, figure, fmt, histogram_svg, jpeg_bytes, page, scatter_svg,
     table, thumbnail,
@@ -110,7 +109,7 @@ def list_runs(output: str) -> List[Dict[str, Any]]:
         paths = []
     runs = []
     for p in paths:
-        data = read_json(p)
+        data = storage.read_json(p)
         if data:
             data.setdefault("run_id", p.rstrip("/").split("/")[-2])
             runs.append(data)
