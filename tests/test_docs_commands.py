@@ -120,8 +120,9 @@ NOT_RUN = {
     "delg-extract report gs://bucket/out": "needs a Cloud Storage bucket",
     "delg-retrieval query index/ --queries queries.csv --k 100": "a template (queries.csv is the reader's); the same "
                                                                  "command runs on the demo in docs/report.md",
-    "delg-retrieval report results.parquet --index index/ --queries queries.csv --out pages/ [": "a template of "
-        "the options ([...] are optional); the same command runs on the demo in docs/report.md",
+    "delg-retrieval report results.parquet --index index/": "the reader's results and index (docs/report.md's "
+                                                           "template of the options, docs/retrieval.md's tour); "
+                                                           "docs/report.md's demo report runs here",
     # docs/retrieval.md: the whole tour on the reader's official-model features (ids img-001..., Revisited Oxford).
     "delg-retrieval build out/ index/": "the tour of docs/retrieval.md on official-model features of the reader's "
                                         "photos; README's retrieval block runs the same commands on the examples",
@@ -132,8 +133,6 @@ NOT_RUN = {
     "delg-retrieval draw-matches index/ query.jpg img-042": "the tour of docs/retrieval.md (the reader's ids); "
                                                             "README's draw-matches runs here",
     "delg-retrieval contact-sheet index/ img-001": "the tour of docs/retrieval.md (the reader's ids)",
-    "delg-retrieval report results.parquet --index index/ --queries queries.csv --gnd gnd_roxford5k.pkl":
-        "the tour of docs/retrieval.md (Revisited Oxford files); docs/report.md's report runs here",
 }
 
 
