@@ -158,7 +158,7 @@ def _prepare_models(spec: Dict[str, Any], env: Dict[str, str], work: str) -> Non
     code = (
         "import os, sys\n"
         "from beam_job.delg.embedded import embedded_model_path, _code_version\n"
-        "from beam_job.delg.loader import build_once\n"
+        "from beam_job.delg.cache import build_once\n"
         f"arch, target = {spec['arch']!r}, {spec['official_model']!r}\n"
         "embedded_model_path(arch)\n"
         "def build(tmp):\n"
@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.tf_threads:
         env["TF_NUM_INTRAOP_THREADS"] = str(args.tf_threads)
     from beam_job.delg.embedded import _code_version
-    from beam_job.delg.loader import default_cache_dir
+    from beam_job.delg.cache import default_cache_dir
 
     work = tempfile.mkdtemp(prefix="delg-bench-")
     job_dir = os.path.join(work, "photos")
