@@ -62,7 +62,7 @@ def test_portable_runner_with_a_worker_pool_runs_the_odd_corpus_exactly_once(tmp
         proc = subprocess.run(
             [sys.executable, "-m", "beam_job", "--input", str(tmp_path / "img" / "*"), "--output", str(out),
              "--preset", "tiny", "--runner=PortableRunner", f"--job_endpoint=127.0.0.1:{job_port}",
-             "--environment_type=EXTERNAL", f"--environment_config=127.0.0.1:{pool_port}"],
+             "--environment_type=EXTERNAL", f"--environment_config=127.0.0.1:{pool_port}", "--verbose"],
             capture_output=True, text=True, timeout=400, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     finally:
         for service in services:
