@@ -309,6 +309,9 @@ def test_report_refuses_a_hostile_run_id_from_the_flag_or_from_a_summary(tmp_pat
     rid = synthetic_output(out, n_rows=4, per_shard=4)
     for bad in ("../../escape", "..", ""):
         _fails_with(capsys, ["report", out, "--run_id", bad], "--run_id", "is not allowed")
+    assert cli.main(["report", out, "--run-id", rid]) == 0  # the hyphenated spelling too (issue 17)
+    assert os.path.exists(os.path.join(out, "runs", rid, "report.html"))
+    os.remove(os.path.join(out, "runs", rid, "report.html"))
     path = os.path.join(out, "runs", rid, "summary.json")
     summary = json.load(open(path))
     summary["run_id"] = "../../../escape"

@@ -538,7 +538,7 @@ def report_command(argv: Sequence[str]) -> str:
     parser = argparse.ArgumentParser(prog="delg-extract report",
                                      description="Write <output>/runs/<run_id>/report.html for an existing output.")
     parser.add_argument("output", help="the job's --output (local or gs://)")
-    parser.add_argument("--run_id", default=None, help="the run to report (default: the latest)")
+    parser.add_argument("--run_id", "--run-id", default=None, help="the run to report (default: the latest)")
     args = parser.parse_args(list(argv))
     if args.run_id is not None:
         check_run_id(args.run_id)
