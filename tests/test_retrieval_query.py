@@ -489,6 +489,11 @@ def test_bad_output_format_and_missing_query_image_are_refused_before_any_work(j
         assert err.strip().splitlines()[-1].startswith("delg-retrieval")
     assert not [r for r in caplog.records if "loading DELG model" in r.getMessage()]
     assert not (tmp_path / "s.png").exists()
+    # other missing files: named in one line, without Python's errno wording
+    for argv in (["query", index_dir, "--queries", "nope.csv"], ["report", "nope.parquet", "--index", index_dir,
+                                                                 "--out", str(tmp_path / "pages")]):
+        status, _, err = _run(argv, capsys)
+        assert status == 2 and "'nope." in err and "not found" in err and "Errno" not in err
 
 
 def test_eval_revisitop_asks_for_k_all_only_when_rankings_were_cut(collection, tmp_path, capsys, caplog):

@@ -341,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None, extra: Sequence[Command] = ()) ->
     try:
         return run(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
+        if isinstance(err, FileNotFoundError) and err.filename:  # not Python's "[Errno 2] ..." wording
+            err = ValueError(f"{err.filename!r} not found: check the path")
         print(f"delg-retrieval {args.command}: error: {err}", file=sys.stderr)
         return 2
 
