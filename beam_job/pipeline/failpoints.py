@@ -1,8 +1,9 @@
 """Crash points for tests of what the local runner never does: SIGKILL, fail once or pause a process at a named point.
 
 Nothing but the tests sets these variables. Names: "write" (a bundle has written temp files, nothing is
-committed), "finalize" (every shard is committed, the summary is not written), "success" (summary.json
-written, _SUCCESS not yet).
+committed), "committed_features" / "committed_failures" (that kind's shards are committed, the other kind's
+may not be: the window between the two commits), "finalize" (every shard is committed, the summary is not
+written), "success" (summary.json written, _SUCCESS not yet).
 
 Two ways to arm a point:
 
