@@ -60,7 +60,7 @@ def load_revisitop_gnd(path: str) -> Dict:
 
 
 def _gnd_entry(g: Mapping, offset: int) -> Dict:
-    out = {}
+    out: Dict[str, Optional[np.ndarray]] = {}
     for key in ("easy", "hard", "junk"):
         arr = np.ravel(np.asarray(g[key] if key in g else [], dtype=np.float64))
         out[key] = arr.astype(np.int64) - offset

@@ -131,9 +131,13 @@ def apply_search_params(index, params: Dict, k_factor_rf: int, ef_search: int) -
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = int(params["nprobe"])
         if params.get("refine"):
-            faiss.downcast_index(index).k_factor = float(k_factor_rf)
+            refine = faiss.downcast_index(index)
+            assert isinstance(refine, faiss.IndexRefine), type(refine)  # the factory's ",RFlat"
+            refine.k_factor = float(k_factor_rf)
     elif kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(ef_search)
+        hnsw = faiss.downcast_index(index)
+        assert isinstance(hnsw, faiss.IndexHNSW), type(hnsw)
+        hnsw.hnsw.efSearch = int(ef_search)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -221,8 +225,9 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     if params["kind"] == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.ef_construction
+        hnsw_index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw_index.hnsw.efConstruction = cfg.ef_construction
+        index: faiss.Index = hnsw_index
     else:
         index = faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
 

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ from beam_job import storage
 from .index import RetrievalIndex
 from .rerank import RerankConfig, final_order, verify_pair
 from .shards import LocalFeatureReader, LocalFeatures, read_bytes
+
+if TYPE_CHECKING:
+    from beam_job.delg.extractor import DelgExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class QueryEngine:
         self.index = RetrievalIndex.load(index_dir, nprobe=nprobe, ef_search=ef_search)
         self.reader = LocalFeatureReader()
         self.rerank_config = rerank_config
-        self._extractor = None
+        self._extractor: Optional[DelgExtractor] = None  # loaded by extractor() on first use
 
     # ------------------------------------------------------------------ building queries
 

@@ -88,8 +88,9 @@ def rerank(
     limit = c if num_to_rerank is None else min(c, num_to_rerank)
     inliers = np.zeros(c, np.int64)
     for j in range(limit):
-        if candidates[j] is not None:
-            inliers[j] = verify_pair(query, candidates[j], config).inliers
+        candidate = candidates[j]
+        if candidate is not None:
+            inliers[j] = verify_pair(query, candidate, config).inliers
     return inliers, final_order(inliers, global_scores)
 
 
