@@ -23,10 +23,13 @@ import signal
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from beam_job import layout, storage
 from beam_job.pipeline.options import JobConfig, JobConfigError
+
+if TYPE_CHECKING:
+    from beam_job.pipeline.claim import Claim
 
 _LOGGER = logging.getLogger("beam_job.launch")
 PROGRESS_DIR_PREFIX = "delg-progress-"  # + "<launcher pid>-": a folder of a dead launcher is removed (see below)
@@ -213,7 +216,7 @@ class Launch:
         self._progress_interval = progress_interval
         self._verbose = verbose
         self._test_pipeline = test_pipeline
-        self._claim = None
+        self._claim: Optional[Claim] = None
         self._created_output = False
         self._progress_dir: Optional[str] = None
         self._signals = _StopOnSignals()
@@ -293,7 +296,7 @@ class Launch:
             return self.job.extraction.model or ""
         return check_model(self.job, self.local)
 
-    def _take_claim(self):
+    def _take_claim(self) -> Claim:
         """Take the output's claim (this also proves it is writable); JobConfigError (one line) if held."""
         from beam_job.pipeline import claim
 
@@ -307,8 +310,9 @@ class Launch:
                                  "you can write to") from None
 
     def _check_output(self) -> None:
-        """With the claim held: the run id, the shards already there, --overwrite, the output's identity."""
-        from beam_job.pipeline.resume import clear_outputs, has_shards
+        """With the claim held: the run id, the shards already there (readable, of our schema), --overwrite, the
+        output's identity."""
+        from beam_job.pipeline.resume import DamagedShardError, check_output_shards, clear_outputs, has_shards
 
         job = self.job
         if storage.exists(job.run_dir + "/") or storage.exists(job.summary_path):
@@ -323,8 +327,12 @@ class Launch:
             n = clear_outputs(job)
             _LOGGER.info("--overwrite: deleted %d earlier shard(s) under %s", n, job.output)
             existing = False
+        if existing:  # before the identity, which may read a shard's footer: a damaged one is named here
+            try:
+                check_output_shards(job.output)
+            except DamagedShardError as exc:
+                raise JobConfigError(str(exc)) from None
         self._check_identity(existing)
-        self.job = self.job.replace(existing_features=has_shards(job.features_dir))
 
     def _check_identity(self, existing: bool) -> None:
         """An output is one model and one configuration: refuse (one line) a run that would mix in another."""
@@ -395,6 +403,7 @@ class Launch:
                      job.model_identity)
         from beam_job.pipeline.claim import ClaimKeeper
 
+        assert self._claim is not None, "Launch.run() is called inside `with Launch(...)`, which takes the claim"
         try:
             with ClaimKeeper(self._claim, self._claim_lost), _RunnerThreadErrors():
                 result = self._run_pipeline(job)
@@ -409,6 +418,7 @@ class Launch:
             # Shards may have been committed before the failure: the output is not known to be complete.
             if storage.exists(job.success_path):
                 storage.delete([job.success_path])
+            self._remove_own_temp_files()  # nothing in them was committed; a resume never reads them
             if self._signals.signum is not None:  # the runner caught our KeyboardInterrupt and raised its own
                 raise Interrupted(self._signals.signum) from None
             raise JobFailedError(f"the job failed: {job_error_line(exc)}") from exc
@@ -441,9 +451,7 @@ class Launch:
         from beam_job.report.run import write_run_report_after_run
 
         job = self.job
-        from beam_job.pipeline.summary import read_json
-
-        summary = read_json(job.summary_path)
+        summary = storage.read_json(job.summary_path)
         if not summary:
             raise JobFailedError(f"the job ended without writing its summary {job.summary_path}")
         c, o = summary["counts"], summary["output"]

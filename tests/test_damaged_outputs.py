@@ -214,6 +214,30 @@ def test_a_damaged_id_page_fails_the_resume_in_one_line_naming_the_shard(tmp_pat
     assert lines[0].startswith("delg-extract: job failed: ") and f"{shard} cannot be read (" in lines[0]
     assert f"move it out of {output}/features/" in lines[0]
     assert not os.path.exists(f"{output}/_SUCCESS")
+    assert not glob.glob(f"{output}/*/beam-temp-*")  # the failed run's temp folders are removed
+
+
+def _snapshot(output):
+    return sorted((os.path.relpath(os.path.join(d, f), output), os.path.getsize(os.path.join(d, f)))
+                  for d, _, files in os.walk(output) for f in files)
+
+
+def test_a_damaged_shard_is_refused_before_launch_naming_it_and_the_resume_works_once_it_is_moved(tmp_path, capsys):
+    """Junk under features/ used to fail the resume after launch with "Could not open Parquet input source
+    '<Buffer>'", no file named, _SUCCESS deleted and beam-temp-* left: now exit 2 before any work, one line."""
+    output = str(tmp_path / "out")
+    run = ["--manifest", _manifest(tmp_path), "--output", output, *TINY]
+    assert cli.main(run) == 0
+    junk = f"{output}/features/x.parquet"
+    with open(junk, "wb") as fh:
+        fh.write(b"not parquet at all")
+    before = _snapshot(output)
+    status, lines = _job_error(capsys, [*run, "--skip_existing"])
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"delg-extract: error: {junk} ") and f"move it out of {output}/features/" in lines[0]
+    assert _snapshot(output) == before  # nothing launched, written or deleted; the claim released
+    os.replace(junk, str(tmp_path / "x.parquet"))
+    assert cli.main([*run, "--skip_existing"]) == 0
 
 
 def test_duplicated_feature_rows_fail_the_run_naming_the_shards_until_the_copy_is_moved(tmp_path, capsys):

@@ -367,6 +367,19 @@ def test_claimed_output_refuses_a_second_run_and_changes_nothing(store, tmp_path
     assert claim.release(held) and claim.read(output) is None
 
 
+def _crashed(output, held):
+    """Make a held claim look as a crashed run leaves it: same run and token, the pid of a process that ended
+    (a take-over of a holder still alive on this machine is refused; the racing launchers here are threads)."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    body = dict(json.loads(held.body), pid=ended.pid)
+    if output.startswith("gs://"):
+        claim._blob(held.path).upload_from_string(json.dumps(body))
+    else:
+        with open(held.path, "w") as fh:
+            json.dump(body, fh)
+
+
 def test_gcs_claim_is_won_by_exactly_one_of_racing_launchers():
     """On GCS the claim is a create with ifGenerationMatch=0, enforced by the server. gcp-storage-emulator
     ignores preconditions, so this runs against fake-gcs-server (which enforces them)."""
@@ -396,6 +409,9 @@ def test_gcs_claim_is_won_by_exactly_one_of_racing_launchers():
         # Taking over replaces exactly the named stale claim; the old holder can no longer release it.
         with pytest.raises(claim.ClaimError):
             claim.acquire(output, "late", take_over="not-the-holder")
+        with pytest.raises(claim.ClaimError, match="still running on this machine"):
+            claim.acquire(output, "late", take_over=won[0].run_id)
+        _crashed(output, won[0])
         taken = claim.acquire(output, "late", take_over=won[0].run_id)
         assert not claim.release(won[0]) and claim.read(output)["run_id"] == "late"
         assert claim.release(taken) and claim.read(output) is None
@@ -406,6 +422,7 @@ def test_local_claim_take_over_and_release_only_by_its_holder(tmp_path):
     first = claim.acquire(output, "a")
     with pytest.raises(claim.ClaimError, match="claimed by run a"):
         claim.acquire(output, "b")
+    _crashed(output, first)
     taken = claim.acquire(output, "b", take_over="a")
     assert not claim.release(first) and claim.read(output)["run_id"] == "b"
     assert claim.release(taken) and not os.listdir(output)

@@ -272,7 +272,6 @@ class JobConfig:
     run_id:            names this run's shards, temp dir and summary.
     model_identity:    identity of the model checked on the launcher (or its URI when not checked).
     progress_dir:      local directory where workers report progress (local runners only), else None.
-    existing_features: True when <output>/features held shards before this run (set by the launcher).
     started_at:        ISO time the launcher started the run.
     recorded_identity: JSON of the output identity recorded before this run, when it differed and
                        --allow_config_change accepted it (set by the launcher), else "".
@@ -295,7 +294,6 @@ class JobConfig:
     run_id: str = field(default_factory=new_run_id)
     model_identity: str = ""
     progress_dir: Optional[str] = None
-    existing_features: bool = False
     started_at: str = ""
     recorded_identity: str = ""
 

@@ -34,7 +34,6 @@ from beam_job.pipeline.resume import (
 )
 from beam_job.pipeline.stats import describe, merge_into, new_timing
 from beam_job.schemas import delg_v1
-from beam_job.storage import read_json as read_json  # noqa: F401 - the launcher's and the report's import, for now
 from beam_job.storage import write_json
 
 _LOGGER = logging.getLogger(__name__)
