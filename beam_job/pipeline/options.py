@@ -192,7 +192,7 @@ FLAGS: Tuple[Flag, ...] = (
          type=int),
     Flag("row_group_size", "feature rows per Parquet row group (bounds writer memory: a row can hold 512 KB)",
          IO, "job", default=DEFAULT_ROW_GROUP_SIZE, type=int),
-    Flag("skip_existing", "resume: leave out images whose image_id is already in <output>/features", IO, "job",
+    Flag("skip_existing", "resume: leave out inputs (image_id, path) that already have their row in <output>", IO, "job",
          default=False, action="store_true"),
     Flag("overwrite", "delete earlier features, failures, _output.json and _SUCCESS under --output first", IO,
          "job", default=False, action="store_true"),
@@ -261,7 +261,8 @@ class JobConfig:
     descriptor_dtype:  "float32" or "float16" for local descriptors.
     rows_per_shard:    at most this many feature rows per Parquet file.
     row_group_size:    feature rows per Parquet row group (bounds writer memory: a row can hold 512 KB).
-    skip_existing:     leave out images whose image_id is already in <output>/features.
+    skip_existing:     leave out inputs (image_id, path) that already have their row in <output> (a feature row,
+                       or the DuplicateImageIdError row of a second path).
     overwrite:         delete earlier features/failures/_SUCCESS under output before the run.
     allow_config_change: let --skip_existing add rows of another model or other settings to the output
                        (refused by default; the summary then records both identities).

@@ -322,7 +322,7 @@ def _counts_section(d: RunData) -> str:
         ("images", _count_cell("run.processed", c.get("processed")), _count_cell("output.images", o["images"])),
         ("features", _count_cell("run.features", c.get("features")), _count_cell("output.features", o["features"])),
         ("failures", _count_cell("run.failures", c.get("failures")), _count_cell("output.failures", o["failures"])),
-        ("skipped (already in features)", _count_cell("run.skipped_existing", c.get("skipped_existing")), dash),
+        ("skipped (already have their row)", _count_cell("run.skipped_existing", c.get("skipped_existing")), dash),
         ("duplicate inputs", _count_cell("run.duplicate_inputs", c.get("duplicate_inputs")), dash),
     ]
     if "retried" in c:
