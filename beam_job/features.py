@@ -71,9 +71,9 @@ class DelgFeatures:
             descriptors=np.zeros((0, local_dim), np.float32),
             scales=np.zeros((0,), np.float32),
             attention=np.zeros((0,), np.float32),
-            original_hw=tuple(int(v) for v in original_hw),
-            processed_hw=tuple(int(v) for v in processed_hw),
-            scale_factors=tuple(float(v) for v in scale_factors),
+            original_hw=(int(original_hw[0]), int(original_hw[1])),
+            processed_hw=(int(processed_hw[0]), int(processed_hw[1])),
+            scale_factors=(float(scale_factors[0]), float(scale_factors[1])),
         )
 
     def validate(self) -> "DelgFeatures":

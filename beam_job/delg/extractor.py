@@ -214,7 +214,7 @@ class DelgExtractor:
             descriptors=np.asarray(descriptors, dtype=np.float32),
             scales=scales,
             attention=np.asarray(attention, dtype=np.float32),
-            original_hw=tuple(int(v) for v in prepared.original_hw),
+            original_hw=(int(prepared.original_hw[0]), int(prepared.original_hw[1])),
             processed_hw=processed_hw,
             scale_factors=factors_tuple,
         ).validate()

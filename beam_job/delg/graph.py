@@ -30,7 +30,7 @@ Our departures (outputs as the official graph's):
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
@@ -67,6 +67,39 @@ def receptive_boxes(height, width, scale=None):
     if scale is not None:
         boxes = tf.divide(boxes, scale)
     return boxes
+
+
+# One factory per variant: each returns a function named ExtractFeatures whose argument names are the variant's
+# official input names (tf.function takes the signature's input names from them).
+_SignatureFunction = Callable[..., Dict[str, tf.Tensor]]
+
+
+def _local_and_global_scales_signature(extract: _SignatureFunction) -> _SignatureFunction:
+    def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
+        return extract(input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind)
+
+    return ExtractFeatures
+
+
+def _local_signature(extract: _SignatureFunction) -> _SignatureFunction:
+    def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres):
+        return extract(input_image, input_scales, input_max_feature_num, input_abs_thres, None)
+
+    return ExtractFeatures
+
+
+def _global_scales_signature(extract: _SignatureFunction) -> _SignatureFunction:
+    def ExtractFeatures(input_image, input_scales, input_global_scales_ind):
+        return extract(input_image, input_scales, None, None, input_global_scales_ind)
+
+    return ExtractFeatures
+
+
+def _image_and_scales_signature(extract: _SignatureFunction) -> _SignatureFunction:
+    def ExtractFeatures(input_image, input_scales):
+        return extract(input_image, input_scales, None, None, None)
+
+    return ExtractFeatures
 
 
 class DelgExtractionModule(tf.Module):
@@ -139,24 +172,15 @@ class DelgExtractionModule(tf.Module):
         """The official TensorSpec of an input name (dtype and shape)."""
         return _SPECS[name]
 
-    def _signature_function(self):
+    def _signature_function(self) -> _SignatureFunction:
         """A Python function whose argument names are exactly the official input names of this variant."""
-        extract = self._extract
         if self.local and self.global_scales_input:
-            def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres,
-                                input_global_scales_ind):
-                return extract(input_image, input_scales, input_max_feature_num, input_abs_thres,
-                               input_global_scales_ind)
-        elif self.local:
-            def ExtractFeatures(input_image, input_scales, input_max_feature_num, input_abs_thres):
-                return extract(input_image, input_scales, input_max_feature_num, input_abs_thres, None)
-        elif self.global_scales_input:
-            def ExtractFeatures(input_image, input_scales, input_global_scales_ind):
-                return extract(input_image, input_scales, None, None, input_global_scales_ind)
-        else:
-            def ExtractFeatures(input_image, input_scales):
-                return extract(input_image, input_scales, None, None, None)
-        return ExtractFeatures
+            return _local_and_global_scales_signature(self._extract)
+        if self.local:
+            return _local_signature(self._extract)
+        if self.global_scales_input:
+            return _global_scales_signature(self._extract)
+        return _image_and_scales_signature(self._extract)
 
     # ------------------------------------------------------------------------------------------------------
     def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> Dict[str, tf.Tensor]:

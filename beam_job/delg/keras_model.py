@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_INPUTS = ("block3", "autoencoder")
 
 # Official variable names of each layer kind, in the order Keras 3 stores them.
-_CONV_VARS = ("kernel", "bias")
-_BN_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
+_CONV_VARS: Tuple[str, ...] = ("kernel", "bias")
+_BN_VARS: Tuple[str, ...] = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
 def layer_variables(layer: keras.layers.Layer) -> Dict[str, keras.Variable]:

@@ -288,16 +288,16 @@ class LoadedDelgModel:
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
-        scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+        scale_array = np.asarray(scales, dtype=np.float32).reshape(-1)
         out = self._call(
             image,
-            scales,
+            scale_array,
             int(max_feature_num),
             float(abs_thres),
             np.asarray(global_scales_ind, dtype=np.int32).reshape(-1),
         )
         if self.precision != "fp32" and "boxes" in out and len(out["boxes"]):
-            out["boxes"], out["scales"] = exact_receptive_geometry(out["boxes"], out["scales"], scales)
+            out["boxes"], out["scales"] = exact_receptive_geometry(out["boxes"], out["scales"], scale_array)
         return out
 
 

@@ -242,13 +242,15 @@ def _split_gs(path: str) -> Tuple[str, str]:
 
 
 def _blob(path: str):
-    from google.cloud import storage as gcs
+    # The submodule by its full name: `from google.cloud import storage` makes mypy look `storage` up as an
+    # attribute of the google.cloud namespace package, where it does not find it.
+    from google.cloud.storage import Client
 
     from beam_job import storage
 
     storage.prepare_remote_access()
     bucket, name = _split_gs(path)
-    return gcs.Client().bucket(bucket).blob(name)
+    return Client().bucket(bucket).blob(name)
 
 
 def _gcs_read_bytes(path: str) -> Tuple[Optional[bytes], Optional[int]]:
