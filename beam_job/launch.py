@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from beam_job import layout, storage
-from beam_job.pipeline.options import JobConfig, JobConfigError
+from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
 
 if TYPE_CHECKING:
     from beam_job.pipeline.claim import Claim
@@ -79,9 +79,11 @@ class _StopOnSignals:
 
 @dataclass
 class RunOutcome:
-    """What `Launch.run()` returns: the job config, the run summary dict and Beam's PipelineResult."""
+    """What `Launch.run()` returns: the settings, the run's context, its summary dict, Beam's PipelineResult and
+    the metric lines."""
 
     job: JobConfig
+    context: RunContext
     summary: Dict[str, Any]
     result: Any
     metrics: List[str]
@@ -196,6 +198,9 @@ class Launch:
     skip_model_check: trust --model without reading it (the identity is then its URI);
     progress / progress_interval: the progress bar or line (local runners only); verbose: log Beam's metrics at
     the end (else at DEBUG level); test_pipeline: a beam.Pipeline to build into instead of creating one (tests).
+
+    Entering sets `context`, the RunContext the checks found out (model identity, start time, the identity the
+    output recorded, later the progress folder), which the pipeline receives beside `job`.
     """
 
     def __init__(self, job: JobConfig, pipeline_args: Sequence[str], *, skip_model_check: bool = False,
@@ -221,6 +226,7 @@ class Launch:
         self._progress_dir: Optional[str] = None
         self._signals = _StopOnSignals()
         self._lost_to: Optional[str] = None  # who holds the output's claim now, when this run lost it
+        self.context: RunContext  # what the checks found out (model identity, start time, ...): set on entering
 
     # ------------------------------------------------------------------ checks and claim
     def __enter__(self) -> "Launch":
@@ -233,12 +239,11 @@ class Launch:
 
     def _enter(self) -> "Launch":
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.job = self.job.replace(started_at=started)
         if self.dry_run:
             _LOGGER.info("--dry_run: skipping the input, output and model checks that need storage access")
             if not self.job.extraction.model:
                 check_model(self.job)  # raises: no model at all
-            self.job = self.job.replace(model_identity=self.job.extraction.model or "")
+            self.context = RunContext(model_identity=self.job.extraction.model or "", started_at=started)
             return self
         _LOGGER.info("run %s: checking the inputs, the model (TensorFlow starts up) and the output %s",
                      self.job.run_id, self.job.output)  # the first line the user sees, before TensorFlow's
@@ -247,7 +252,7 @@ class Launch:
         self._created_output = not storage.exists(self.job.output + "/")
         self._claim = self._take_claim()
         try:
-            self.job = self.job.replace(model_identity=identity)
+            self.context = RunContext(model_identity=identity, started_at=started)
             self._check_output()
         except BaseException:
             self._release()
@@ -344,7 +349,7 @@ class Launch:
         )
 
         job = self.job
-        current = output_identity(job)
+        current = output_identity(job, self.context.model_identity)
         recorded = read_output_identity(job.output) if existing else None
         if recorded is not None:
             diffs = identity_differences(recorded, current)
@@ -356,7 +361,7 @@ class Launch:
                 )
             if diffs:
                 _LOGGER.warning("--allow_config_change: adding to %s with %s", job.output, "; ".join(diffs))
-                self.job = job.replace(recorded_identity=json.dumps(recorded, sort_keys=True))
+                self.context = self.context.replace(recorded_identity=json.dumps(recorded, sort_keys=True))
         if recorded is None or not existing:
             write_output_identity(job.output, current)
 
@@ -392,15 +397,15 @@ class Launch:
 
         job = self.job
         if self.dry_run:
-            result = run_pipeline(job, self.pipeline_args, self._test_pipeline)
-            return RunOutcome(job=job, summary={}, result=result, metrics=[])
+            result = run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
+            return RunOutcome(job=job, context=self.context, summary={}, result=result, metrics=[])
         if self._progress:
             remove_stale_progress_dirs()
             self._progress_dir = tempfile.mkdtemp(prefix=f"{PROGRESS_DIR_PREFIX}{os.getpid()}-")
-            job = self.job = job.replace(progress_dir=self._progress_dir)
+            self.context = self.context.replace(progress_dir=self._progress_dir)
         _LOGGER.info("run %s: %s images listed, output %s, preset %s, model %s", job.run_id,
                      self.total if self.total is not None else "?", job.output, job.extraction.name,
-                     job.model_identity)
+                     self.context.model_identity)
         from beam_job.pipeline.claim import ClaimKeeper
 
         assert self._claim is not None, "Launch.run() is called inside `with Launch(...)`, which takes the claim"
@@ -425,7 +430,7 @@ class Launch:
         lines = metrics_report(result)
         for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
             _LOGGER.log(logging.INFO if self._verbose else logging.DEBUG, "metric: %s", line)  # --verbose
-        return RunOutcome(job=job, summary=self._finish(), result=result, metrics=lines)
+        return RunOutcome(job=job, context=self.context, summary=self._finish(), result=result, metrics=lines)
 
     def _claim_lost(self, holder: str) -> None:
         """ClaimKeeper's call when another run holds the output now: stop this run (the main thread)."""
@@ -439,12 +444,12 @@ class Launch:
         from beam_job.pipeline.pipeline import run_pipeline
 
         if not self._progress_dir:
-            return run_pipeline(job, self.pipeline_args, self._test_pipeline)
+            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
         from beam_job.pipeline.progress import ProgressMonitor
 
         with ProgressMonitor(self._progress_dir, self.total, self._progress_interval,
-                             started_at=job.started_at):  # the rate since the run started, as the summary's
-            return run_pipeline(job, self.pipeline_args, self._test_pipeline)
+                             started_at=self.context.started_at):  # the rate since the run started, as the summary's
+            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
 
     def _finish(self) -> Dict[str, Any]:
         """Read the run's summary, log the done line, write the run report; JobFailedError when it failed."""

@@ -114,7 +114,7 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
         from beam_job.config import get_preset
         from beam_job.delg.extractor import DelgExtractor
         from beam_job.imaging import decode_image, prepare_image
-        from beam_job.pipeline.options import JobConfig
+        from beam_job.pipeline.options import JobConfig, RunContext
         from beam_job.pipeline.rows import feature_record, features_table
         from beam_job.pipeline.writer import FEATURES, parquet_writer, shard_schema
 
@@ -126,8 +126,8 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
         load_s = time.perf_counter() - t0
         identity = extractor.identity
         job = JobConfig(inputs=("bench",), manifests=(), output=opts["out_dir"], extraction=config,
-                        descriptor_dtype=opts["descriptor_dtype"], model_identity=identity)
-        schema = shard_schema(FEATURES, job)
+                        descriptor_dtype=opts["descriptor_dtype"])
+        schema = shard_schema(FEATURES, job, RunContext(model_identity=identity, started_at=""))
         shard_path = os.path.join(opts["out_dir"], f"bench-worker{index}.parquet")
         writer = parquet_writer(shard_path, schema)
 

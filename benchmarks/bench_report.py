@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from beam_job.config import get_preset  # noqa: E402
 from beam_job.features import DelgFeatures  # noqa: E402
-from beam_job.pipeline.options import JobConfig  # noqa: E402
+from beam_job.pipeline.options import JobConfig, RunContext  # noqa: E402
 from beam_job.pipeline.rows import failure_record, failures_table, feature_record, features_table  # noqa: E402
 from beam_job.pipeline.stats import StageStats  # noqa: E402
 from beam_job.pipeline.summary import finalize_run  # noqa: E402
@@ -53,7 +53,8 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
     shutil.rmtree(out, ignore_errors=True)
     photos = make_images(os.path.join(out, "_photos"))
     job = JobConfig(inputs=(os.path.join(out, "_photos", "*.jpg"),), manifests=(), output=out,
-                    extraction=get_preset("tiny"), started_at="2026-01-01T00:00:00+00:00", model_identity="bench")
+                    extraction=get_preset("tiny"))
+    run = RunContext(model_identity="bench", started_at="2026-01-01T00:00:00+00:00")
     os.makedirs(job.features_dir)
     os.makedirs(job.failures_dir)
     rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
             record = feature_record(f"img-{i:06d}", photos[i % len(photos)], feats, model="bench", preset="tiny")
             records.append(record)
             stats.add(FEATURES, record, {"read": 1.0, "decode": 10.0, "inference": 500.0})
-        schema = shard_schema(FEATURES, job)
+        schema = shard_schema(FEATURES, job, run)
         path = f"{shard_prefix(job, FEATURES)}-{start // ROWS_PER_SHARD:05d}-of-{n_shards:05d}.parquet"
         pq.write_table(features_table(records, schema), path, row_group_size=ROW_GROUP, compression="zstd",
                        use_compliant_nested_type=False)
@@ -87,9 +88,9 @@ def make_output(out: str, images: int, features: int) -> JobConfig:
         for r in failures:
             stats.add(FAILURES, r, {"read": 0.1})
         path = f"{shard_prefix(job, FAILURES)}-00000-of-00001.parquet"
-        pq.write_table(failures_table(failures, shard_schema(FAILURES, job)), path)
+        pq.write_table(failures_table(failures, shard_schema(FAILURES, job, run)), path)
         infos.append({"kind": FAILURES, "rows": len(failures), "stats": stats.to_dict()})
-    finalize_run(job, infos, images + len(failures), 0, 0)  # finds the shards by name; writes summary.json
+    finalize_run(job, run, infos, images + len(failures), 0, 0)  # finds the shards by name; writes summary.json
     return job
 
 

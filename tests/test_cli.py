@@ -9,6 +9,7 @@ import pytest
 
 from beam_job import cli
 from beam_job.config import PRESETS
+from helpers import fails_with, synthetic_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,39 +24,28 @@ def image_dir(tmp_path):
     return d
 
 
-def _fails_with(capsys, argv, *needles):
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("delg-extract: error: "), err
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
-
-
 def test_config_errors_are_one_line_before_launch(tmp_path, image_dir, capsys):
     out = str(tmp_path / "out")
     good_input = ["--input", str(image_dir / "*.jpg")]
-    _fails_with(capsys, ["--output", out, "--preset", "tiny"], "no inputs", "--input")
-    _fails_with(capsys, [*good_input, "--preset", "tiny"], "--output is required")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "nope"], "--preset", "invalid choice")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--image_scales", "-1"],
+    fails_with(capsys, ["--output", out, "--preset", "tiny"], "no inputs", "--input")
+    fails_with(capsys, [*good_input, "--preset", "tiny"], "--output is required")
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "nope"], "--preset", "invalid choice")
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--image_scales", "-1"],
                 "image_scales must all be > 0")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_feature_num", "many"],
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_feature_num", "many"],
                 "--max_feature_num", "invalid int value")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_failure_ratio", "2"],
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--max_failure_ratio", "2"],
                 "--max_failure_ratio must be between 0 and 1")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--skip_existing", "--overwrite"],
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--skip_existing", "--overwrite"],
                 "pick one")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "stray"], "unexpected argument 'stray'")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--ouptut=x"], "unknown flag '--ouptut=x'")
-    _fails_with(capsys, ["--input", str(image_dir / "*.png"), "--output", out, "--preset", "tiny"], "matches no file")
-    _fails_with(capsys, ["--manifest", str(tmp_path / "none.csv"), "--output", out, "--preset", "tiny"],
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "stray"], "unexpected argument 'stray'")
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--ouptut=x"], "unknown flag '--ouptut=x'")
+    fails_with(capsys, ["--input", str(image_dir / "*.png"), "--output", out, "--preset", "tiny"], "matches no file")
+    fails_with(capsys, ["--manifest", str(tmp_path / "none.csv"), "--output", out, "--preset", "tiny"],
                 "does not exist")
     unreadable = tmp_path / "a_directory"
     unreadable.mkdir()  # listing it raises an OSError (as an unreachable bucket does), not a traceback
-    _fails_with(capsys, ["--manifest", str(unreadable), "--output", out, "--preset", "tiny"],
+    fails_with(capsys, ["--manifest", str(unreadable), "--output", out, "--preset", "tiny"],
                 "cannot list the inputs", "credentials")
     assert not os.path.exists(out)  # nothing was launched or written
 
@@ -64,10 +54,10 @@ def test_unwritable_output_and_unusable_models_fail_before_launch(tmp_path, imag
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     good_input = ["--input", str(image_dir / "*.jpg")]
-    _fails_with(capsys, [*good_input, "--output", str(blocker / "out"), "--preset", "tiny"], "not writable")
+    fails_with(capsys, [*good_input, "--output", str(blocker / "out"), "--preset", "tiny"], "not writable")
     out = str(tmp_path / "out")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "r50_gldv2clean"], "has no model", "--model")
-    _fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--model", str(tmp_path / "no_model")],
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "r50_gldv2clean"], "has no model", "--model")
+    fails_with(capsys, [*good_input, "--output", out, "--preset", "tiny", "--model", str(tmp_path / "no_model")],
                 "cannot be used")
     assert not os.path.exists(out)  # refused before the claim: no output folder is created
 
@@ -92,11 +82,11 @@ def test_remote_runner_launcher_does_not_judge_its_own_cpu_for_bf16(tmp_path, im
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert precision.check_precision("bf16") is not None  # the simulated CPU would be refused for local work
     with _launch(image_dir, tmp_path / "out", "--precision", "bf16", f"--runner={runner}") as launch:
-        job = launch.job
-        assert launch.local is False and job.extraction.precision == "bf16"
-        assert job.model_identity.startswith("embedded:tiny@sha256:") and job.model_identity.endswith("+bf16")
+        identity = launch.context.model_identity
+        assert launch.local is False and launch.job.extraction.precision == "bf16"
+        assert identity.startswith("embedded:tiny@sha256:") and identity.endswith("+bf16")
     # Every other model check still runs on the launcher: an unusable model is refused before launch.
-    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(tmp_path / "out2"), "--preset", "tiny",
+    fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(tmp_path / "out2"), "--preset", "tiny",
                          "--precision", "bf16", f"--runner={runner}", "--model", str(tmp_path / "no_model")],
                 "cannot be used", "does not exist")
 
@@ -112,12 +102,12 @@ def test_local_runner_launcher_still_refuses_bf16_on_a_cpu_without_it(tmp_path, 
     out = tmp_path / "out"
     argv = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny", "--no_progress",
             *([f"--runner={runner}"] if runner else [])]
-    line = _fails_with(capsys, argv + ["--precision", "bf16"], "needs a CPU with native bfloat16",
+    line = fails_with(capsys, argv + ["--precision", "bf16"], "needs a CPU with native bfloat16",
                        "lacks the CPU flags avx512_bf16 and amx_bf16", "--precision fp32")
     assert line.startswith("delg-extract: error: model embedded:tiny cannot be used: ")
     assert not (out / "features").exists()
     with _launch(image_dir, out, "--precision", "fp32", *argv[7:]) as launch:
-        assert launch.local is True and "+" not in launch.job.model_identity.rsplit("@", 1)[1]
+        assert launch.local is True and "+" not in launch.context.model_identity.rsplit("@", 1)[1]
     assert not os.path.exists(out / "_claim.json")  # released when the block ends
 
 
@@ -214,14 +204,14 @@ def test_hyphenated_flags_are_the_same_flags_ours_and_beams():
 def test_unknown_hyphenated_flags_and_unquoted_globs_are_refused_saying_the_fix(tmp_path, image_dir, capsys):
     out = str(tmp_path / "out")
     base = ["--output", out, "--preset", "tiny"]
-    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--max-featur-num", "5"],
+    fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--max-featur-num", "5"],
                 "unknown flag '--max-featur-num'", "did you mean --max_feature_num?")
-    _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--direct-num-worker=2"],
+    fails_with(capsys, ["--input", str(image_dir / "*.jpg"), *base, "--direct-num-worker=2"],
                 "unknown flag '--direct-num-worker=2'", "did you mean --direct_num_workers?")
     for name in ("b.jpg", "c.jpg"):
         (image_dir / name).write_bytes((image_dir / "a.jpg").read_bytes())
     expanded = sorted(str(p) for p in image_dir.glob("*.jpg"))  # what the shell makes of an unquoted glob
-    _fails_with(capsys, ["--input", *expanded, *base], f"unexpected argument {expanded[1]!r}",
+    fails_with(capsys, ["--input", *expanded, *base], f"unexpected argument {expanded[1]!r}",
                 "the shell expanded an unquoted glob into 3 paths: quote the glob",
                 f"--input {str(image_dir / '*.jpg')!r}")
     assert not os.path.exists(out)
@@ -277,7 +267,7 @@ def test_run_ids_outside_the_safe_alphabet_are_refused_before_the_output_exists(
         for flag in (["--run_id", run_id], [f"--run_id={run_id}"]):
             if flag[0] == "--run_id" and run_id.startswith("-"):
                 continue  # argparse reads '-x' as a flag; '--run_id=-x' reaches the check
-            line = _fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny",
+            line = fails_with(capsys, ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny",
                                         "--skip_existing", *flag], "--run_id", "letters, digits, '.', '_' or '-'")
             assert "\n" not in line
     assert sorted(os.listdir(tmp_path)) == ["img"]  # not even the output's parents: refused before anything
@@ -303,12 +293,10 @@ def test_report_refuses_a_hostile_run_id_from_the_flag_or_from_a_summary(tmp_pat
     """`delg-extract report --run_id` and the run id a summary.json holds both name the page's folder."""
     import json
 
-    from test_report import synthetic_output
-
     out = str(tmp_path / "out")
     rid = synthetic_output(out, n_rows=4, per_shard=4)
     for bad in ("../../escape", "..", ""):
-        _fails_with(capsys, ["report", out, "--run_id", bad], "--run_id", "is not allowed")
+        fails_with(capsys, ["report", out, "--run_id", bad], "--run_id", "is not allowed")
     assert cli.main(["report", out, "--run-id", rid]) == 0  # the hyphenated spelling too (issue 17)
     assert os.path.exists(os.path.join(out, "runs", rid, "report.html"))
     os.remove(os.path.join(out, "runs", rid, "report.html"))
@@ -316,7 +304,7 @@ def test_report_refuses_a_hostile_run_id_from_the_flag_or_from_a_summary(tmp_pat
     summary = json.load(open(path))
     summary["run_id"] = "../../../escape"
     json.dump(summary, open(path, "w"))
-    _fails_with(capsys, ["report", out], "the run id in", "summary.json", "'../../../escape' is not allowed")
+    fails_with(capsys, ["report", out], "the run id in", "summary.json", "'../../../escape' is not allowed")
     assert not os.path.exists(tmp_path / "escape") and not os.path.exists(os.path.join(out, "escape"))
     assert not os.path.exists(os.path.join(out, "runs", rid, "report.html"))
 
@@ -328,18 +316,18 @@ def test_settings_no_image_can_work_with_fail_before_launch_in_one_line(tmp_path
     out = tmp_path / "out"
     run = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny"]
     for value in ("2147483648", "99999999999999999999", "4294967296"):
-        _fails_with(capsys, [*run, "--max_feature_num", value], "max_feature_num must be between 1 and 2147483647",
+        fails_with(capsys, [*run, "--max_feature_num", value], "max_feature_num must be between 1 and 2147483647",
                     "int32")
-    _fails_with(capsys, [*run, "--max_feature_num", "1e20"], "--max_feature_num", "invalid int value")
+    fails_with(capsys, [*run, "--max_feature_num", "1e20"], "--max_feature_num", "invalid int value")
     for scales, shown in (("1e-9,1", "1e-09"), ("1,0.05", "0.05"), ("0.00001", "1e-05")):
-        _fails_with(capsys, [*run, "--image_scales", scales, "--global_scales_ind", "0"],
+        fails_with(capsys, [*run, "--image_scales", scales, "--global_scales_ind", "0"],
                     f"image_scales {shown} too small", "max_image_size 96", "smallest usable scale here is 0.0521")
     # the bound follows the settings: the largest image they allow
-    _fails_with(capsys, [*run, "--max_image_size", "1024", "--image_scales", "0.004,1", "--global_scales_ind", "1"],
+    fails_with(capsys, [*run, "--max_image_size", "1024", "--image_scales", "0.004,1", "--global_scales_ind", "1"],
                 "image_scales 0.004 too small", "max_image_size 1024", "is 0.004883")
-    _fails_with(capsys, [*run, "--max_image_size", "-1", "--image_scales", "1e-4", "--global_scales_ind", "0"],
+    fails_with(capsys, [*run, "--max_image_size", "-1", "--image_scales", "1e-4", "--global_scales_ind", "0"],
                 "image_scales 0.0001 too small", "max_image_pixels 100000000", "is 0.0005")
-    _fails_with(capsys, [*run, "--max_image_size", "2147483648"], "max_image_size must be -1 (off) or a positive size")
+    fails_with(capsys, [*run, "--max_image_size", "2147483648"], "max_image_size must be -1 (off) or a positive size")
     assert not os.path.exists(out)
 
 

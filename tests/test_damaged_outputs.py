@@ -23,16 +23,16 @@ from beam_job.config import get_preset
 from beam_job.features import DelgFeatures
 from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline import resume
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.pipeline.rows import failure_record, feature_record, table_for
 from beam_job.pipeline.summary import run_status
 from beam_job.pipeline.transforms import DUPLICATE, FAILED, SKIPPED, DuplicateImageIdError, ResolveInputsFn
 from beam_job.pipeline.writer import parquet_writer, shard_schema
-from test_pipeline import make_good_images
+from helpers import make_good_images
 
 TINY = ["--preset", "tiny", "--no_progress"]
-JOB = JobConfig(inputs=("unused/*.jpg",), manifests=(), output="unused", extraction=get_preset("tiny"),
-                model_identity="embedded:tiny@sha256:000000000000", started_at="2026-12-03T00:00:00+00:00")
+JOB = JobConfig(inputs=("unused/*.jpg",), manifests=(), output="unused", extraction=get_preset("tiny"))
+RUN = RunContext(model_identity="embedded:tiny@sha256:000000000000", started_at="2026-12-03T00:00:00+00:00")
 
 
 def _features(seed, n=3):
@@ -47,7 +47,7 @@ def _features(seed, n=3):
 def _write(path, kind, records):
     """A shard exactly as the job writes one (its schema, footer metadata and writer settings)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    schema = shard_schema(kind, JOB)
+    schema = shard_schema(kind, JOB, RUN)
     writer = parquet_writer(path, schema)
     writer.write_table(table_for(kind, records, schema))
     writer.close()
@@ -59,11 +59,11 @@ def good_output(tmp_path):
     """An output with one feature shard and one failure shard written by the job's own writer."""
     output = str(tmp_path / "good")
     _write(f"{output}/features/part-a-00000-of-00001.parquet", FEATURES,
-           [feature_record(f"id{i}", f"/img/{i}.jpg", _features(i), model=JOB.model_identity, preset="tiny")
+           [feature_record(f"id{i}", f"/img/{i}.jpg", _features(i), model=RUN.model_identity, preset="tiny")
             for i in range(4)])
     _write(f"{output}/failures/part-a-00000-of-00001.parquet", FAILURES,
            [failure_record("bad", "/img/bad.jpg", "decode", "ImageDecodeError", "truncated",
-                           model=JOB.model_identity, preset="tiny")])
+                           model=RUN.model_identity, preset="tiny")])
     return output
 
 
@@ -267,7 +267,7 @@ def test_duplicated_feature_rows_fail_the_run_naming_the_shards_until_the_copy_i
 def _resolve(listed, done=()):
     """Run ResolveInputsFn on one id: (to process, {path: (error_type, message)} of duplicate-id failure rows,
     skipped kinds, identical listings collapsed)."""
-    fn = ResolveInputsFn(JOB)
+    fn = ResolveInputsFn(JOB, RUN)
     fn.setup()
     todo, duplicates, skipped, collapsed = [], {}, [], 0
     for out in fn.process(("same", {"input": list(listed), "done": list(done)})):

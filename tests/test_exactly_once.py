@@ -26,12 +26,12 @@ from beam_job import cli
 from beam_job.config import get_preset
 from beam_job.features import DelgFeatures
 from beam_job.pipeline import claim
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.pipeline.resume import current_failures
 from beam_job.pipeline.rows import failure_record, feature_record, table_for
 from beam_job.pipeline.summary import finalize_run
 from beam_job.pipeline.writer import FAILURES, FEATURES, DelgParquetSink, shard_schema
-from test_pipeline import make_good_images
+from helpers import make_good_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--no_progress"]
@@ -153,16 +153,16 @@ def _bundle(sink, init, tables):
 def test_failed_bundle_attempt_is_never_committed_and_end_of_run_steps_run_twice(store, tmp_path):
     output = store.out("retry")
     job = JobConfig(inputs=("unused/*.jpg",), manifests=(), output=output, extraction=get_preset("tiny"),
-                    rows_per_shard=4, row_group_size=2, model_identity="embedded:tiny@sha256:000000000000",
-                    started_at="2026-12-02T00:00:00+00:00")
-    records = {FEATURES: [feature_record(f"id{i:02d}", f"/img/{i}.jpg", _feature(i), model=job.model_identity,
+                    rows_per_shard=4, row_group_size=2)
+    run = RunContext(model_identity="embedded:tiny@sha256:000000000000", started_at="2026-12-02T00:00:00+00:00")
+    records = {FEATURES: [feature_record(f"id{i:02d}", f"/img/{i}.jpg", _feature(i), model=run.model_identity,
                                          preset="tiny") for i in range(10)],
                FAILURES: [failure_record(f"bad{i}", f"/img/bad{i}.jpg", "decode", "ImageDecodeError", "truncated",
-                                         model=job.model_identity, preset="tiny") for i in range(3)]}
+                                         model=run.model_identity, preset="tiny") for i in range(3)]}
     files, infos, leftovers = {}, [], []
     for kind, recs in records.items():
-        schema = shard_schema(kind, job)
-        sink = DelgParquetSink(kind, job)
+        schema = shard_schema(kind, job, run)
+        sink = DelgParquetSink(kind, job, run)
         init = sink.initialize_write()
         groups = [table_for(kind, recs[i:i + 2], schema) for i in range(0, len(recs), 2)]
         # Attempt 1 of the first bundle writes its files, then the worker dies: the runner drops its results.
@@ -180,9 +180,9 @@ def test_failed_bundle_attempt_is_never_committed_and_end_of_run_steps_run_twice
     assert len(files[FEATURES]) == 3  # 10 rows, 4 rows (2 row groups) per shard at most: 4 + 4 + 2
     # Never visible under a final name; Beam's finalize removes the temp directory on local disk but not on
     # gs:// (it deletes the directory's name, which matches no object): our end-of-run step removes them.
-    first = finalize_run(job, infos, 13, 0, 0)
+    first = finalize_run(job, run, infos, 13, 0, 0)
     assert not any(FileSystems.exists(p) for p in leftovers)
-    second = finalize_run(job, infos, 13, 0, 0)  # FinalizeRun retried
+    second = finalize_run(job, run, infos, 13, 0, 0)  # FinalizeRun retried
     assert first["shards"] == second["shards"] == {kind: sorted(paths) for kind, paths in files.items()}
     for summary in (first, second):
         assert summary["status"] == "succeeded"

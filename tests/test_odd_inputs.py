@@ -11,110 +11,14 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from beam_job import cli
 from beam_job.config import ExtractionConfig, get_preset
-from beam_job.pipeline.inputs import derive_image_id, path_to_text, text_to_path
-from beam_job.pipeline.options import JobConfig, JobConfigError
-from test_imaging import _with_orientation, encode, raw_png, rgb_pattern
-from test_pipeline import failing_handler, huge_header_png, read_rows
+from beam_job.pipeline.inputs import text_to_path
+from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
+from helpers import assert_every_entry_once, encode, failing_handler, pattern_image, read_rows, write_corpus
 
 TINY = ["--preset", "tiny", "--no_progress"]
-OK = "features"
-
-
-def _img(h=24, w=36, mode="RGB"):
-    return Image.fromarray(rgb_pattern(h, w)).convert(mode)
-
-
-def _gradient(h, w):
-    y, x = np.mgrid[0:h, 0:w]
-    return Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8))
-
-
-def _good_corpus():
-    """{raw file name (bytes): (file bytes, expected (original_height, original_width))}."""
-    rgb = _img()
-    values16 = (np.arange(24 * 36, dtype=np.uint32).reshape(24, 36) * 77 % 65536).astype(np.uint16)
-    rows16 = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in np.repeat(values16[..., None], 3, -1))
-    hw = (24, 36)
-    files = {
-        # every format
-        b"fmt.jpg": encode(rgb, "JPEG"),
-        b"fmt.mpo": encode(rgb, "MPO", save_all=True, append_images=[_img(mode="RGB")]),
-        b"fmt.png": encode(rgb, "PNG"),
-        b"fmt.webp": encode(rgb, "WEBP", lossless=True),
-        b"fmt.bmp": encode(rgb, "BMP"),
-        b"fmt.dib": encode(rgb, "DIB"),
-        b"fmt.tif": encode(rgb, "TIFF", compression="tiff_lzw"),
-        b"fmt.gif": encode(rgb, "GIF", save_all=True, append_images=[_img()]),
-        b"fmt.ppm": encode(rgb, "PPM"),
-        # every mode
-        b"mode_1.png": encode(_img(mode="1"), "PNG"),
-        b"mode_L.jpg": encode(_img(mode="L"), "JPEG"),
-        b"mode_LA.png": encode(_img(mode="LA"), "PNG"),
-        b"mode_P.png": encode(_img(mode="P"), "PNG"),
-        b"mode_PA.tif": encode(_img(mode="PA"), "TIFF"),
-        b"mode_RGBA.png": encode(_img(mode="RGBA"), "PNG"),
-        b"mode_CMYK.jpg": encode(_img(mode="CMYK"), "JPEG"),
-        b"mode_CMYK.tif": encode(_img(mode="CMYK"), "TIFF"),
-        b"mode_YCbCr.jpg": encode(_img(mode="YCbCr"), "JPEG"),
-        b"mode_LAB.tif": encode(_img(mode="LAB"), "TIFF"),
-        b"mode_I16.png": encode(Image.fromarray(values16), "PNG"),
-        b"mode_I16B.tif": encode(Image.frombytes("I;16B", (36, 24), values16.astype(">u2").tobytes()), "TIFF"),
-        b"mode_I.tif": encode(Image.fromarray(values16.astype(np.int32), "I"), "TIFF"),
-        b"mode_F.tif": encode(Image.fromarray(values16.astype(np.float32) / 65535, "F"), "TIFF"),
-        b"rgb16.png": raw_png(36, 24, 16, 2, rows16),
-        # names: unicode, spaces, not UTF-8, a trailing / leading space
-        "фото 東京 é.png".encode(): encode(rgb, "PNG"),
-        b"my holiday photo.jpg": encode(rgb, "JPEG"),
-        b"trailing.jpg ": encode(rgb, "JPEG"),
-        b" leading.jpg": encode(rgb, "JPEG"),
-        b"caf\xe9 \xff.jpg": encode(rgb, "JPEG"),
-    }
-    out = {name: (data, hw) for name, data in files.items()}
-    out[b"exif_rotated.jpg"] = (_with_orientation(_img(40, 64), "JPEG", 6), (64, 40))  # 90 degrees clockwise
-    out[b"panorama.jpg"] = (encode(_gradient(400, 3000), "JPEG"), (400, 3000))  # 13x96 px after the tiny resize
-    out[b"big photo.jpg"] = (encode(_gradient(2000, 3000), "JPEG", quality=80), (2000, 3000))
-    return out
-
-
-def _bad_corpus(good_jpeg: bytes):
-    """{raw name: (bytes or None for a special entry, expected failure stage)}."""
-    rng = np.random.default_rng(7)
-    return {
-        b"empty.jpg": (b"", "decode"),
-        b"truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "decode"),
-        b"random.jpg": (rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), "decode"),
-        b"notes.txt": (b"this is a text file, not an image\n", "decode"),
-        b"bomb 50000x50000.png": (huge_header_png(), "decode"),
-        b"bad \xff\xfe.jpg": (good_jpeg[:40], "decode"),
-        b"broken link.jpg": (None, "read"),
-        b"pipe.jpg": (None, "read"),
-    }
-
-
-def write_corpus(root):
-    """Write the good and bad corpus into <root>/img; returns (good, {raw name: path}, {path: expected outcome}),
-    the outcome being "features" or the failure stage, for the entries a glob of <root>/img/* lists."""
-    rootb = os.fsencode(str(root / "img"))
-    os.makedirs(rootb)
-    good = _good_corpus()
-    bad = _bad_corpus(good[b"fmt.jpg"][0])
-    for name, (data, _) in {**good, **bad}.items():
-        if data is not None:
-            with open(rootb + b"/" + name, "wb") as fh:
-                fh.write(data)
-    os.symlink(rootb + b"/gone.jpg", rootb + b"/broken link.jpg")
-    os.mkdir(rootb + b"/folder.jpg")  # a directory: a failure row from a manifest, never listed by a glob
-    os.mkfifo(rootb + b"/pipe.jpg")  # opening it for reading would block forever
-    path = {name: os.fsdecode(rootb + b"/" + name) for name in [*good, *bad, b"folder.jpg", b"missing.jpg"]}
-    expect = {path[n]: OK for n in good}
-    expect.update({path[n]: stage for n, (_, stage) in bad.items()})
-    return good, path, expect
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("odd")
@@ -148,25 +52,6 @@ def test_odd_corpus_ends_with_exit_0_and_every_entry_exactly_once(corpus, kind):
     run = corpus["runs"][kind]
     assert run["code"] == 0
     assert_every_entry_once(run["out"], run["expect"])
-
-
-def assert_every_entry_once(out, expect):
-    """Every entry of `expect` ({path: "features" or failure stage}) is exactly one row of the output, as
-    expected, and nothing else is; failure rows say what failed; paths and ids are in their stored form.
-    Returns the feature rows."""
-    features = read_rows(os.path.join(out, "features")).to_pylist()
-    failures = read_rows(os.path.join(out, "failures")).to_pylist()
-    ids = sorted(r["image_id"] for r in features + failures)
-    assert ids == sorted(derive_image_id(p) for p in expect)  # every entry once, nothing else
-    outcome = {text_to_path(r["path"]): OK for r in features}
-    outcome.update({text_to_path(r["path"]): r["stage"] for r in failures})
-    assert outcome == expect
-    for row in failures:
-        assert row["error_type"] and row["message"] and row["message"] != row["error_type"], row
-    for row in features + failures:
-        assert row["path"] == path_to_text(text_to_path(row["path"]))  # stored form, valid UTF-8
-        assert row["image_id"] == derive_image_id(text_to_path(row["path"]))
-    return features
 
 
 def test_odd_names_and_sizes_come_out_right(corpus):
@@ -217,7 +102,7 @@ def test_failures_table_as_manifest_reaches_the_same_files(corpus):
     ("--progress_interval", "nan"), ("--progress_interval", "inf"), ("--progress_interval", "0"),
 ])
 def test_float_flags_refuse_nan_and_infinities_before_any_work(tmp_path, capsys, flag, value):
-    (tmp_path / "a.jpg").write_bytes(encode(_img(), "JPEG"))
+    (tmp_path / "a.jpg").write_bytes(encode(pattern_image(), "JPEG"))
     out = tmp_path / "out"
     code = cli.main(["--input", str(tmp_path / "*.jpg"), "--output", str(out), *TINY, f"{flag}={value}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -317,18 +202,19 @@ def test_inference_failure_row_carries_the_tensorflow_error_line(tmp_path):
         _graph_reshape()(prepared.image)
 
     good, boom = tmp_path / "a.png", tmp_path / "b.png"
-    good.write_bytes(encode(_img(), "PNG"))
-    boom.write_bytes(encode(_img(30, 36), "PNG"))
+    good.write_bytes(encode(pattern_image(), "PNG"))
+    boom.write_bytes(encode(pattern_image(30, 36), "PNG"))
     from beam_job.imaging import decode_image, prepare_image
 
     prepared = prepare_image(decode_image(boom.read_bytes()), get_preset("tiny"))
     text = str(_tf_error(lambda: _graph_reshape()(prepared.image)))
     expected = next(line for line in text.splitlines() if line.startswith("Input to reshape"))
     job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
-                    extraction=get_preset("tiny"), model_identity="embedded:tiny")
+                    extraction=get_preset("tiny"))
+    run = RunContext(model_identity="embedded:tiny", started_at="2026-12-03T00:00:00+00:00")
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
         out = (p | beam.Create([("boom", str(boom)), ("fine", str(good))])
-               | ExtractFeatures(job, failing_handler(job.extraction, (30, 36), fail)))
+               | ExtractFeatures(job, run, failing_handler(job.extraction, (30, 36), fail)))
         failures = out["failures"] | "Fields" >> beam.Map(
             lambda e: (e[0]["image_id"], e[0]["stage"], e[0]["error_type"], e[0]["message"]))
         assert_that(failures, equal_to([("boom", "inference", "InvalidArgumentError", expected)]), label="Failures")

@@ -5,11 +5,8 @@ with missing, truncated, empty, non-image and huge-header files; the tests below
 """
 
 import glob
-import io
 import json
 import os
-import struct
-import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,53 +18,12 @@ from beam_job import cli
 from beam_job.config import get_preset
 from beam_job.pipeline.inputs import derive_image_id
 from beam_job.pipeline.pipeline import counter_value
+from helpers import encode, failing_handler, huge_header_png, make_good_images, read_rows
 
 TINY = ["--preset", "tiny"]
 
 
-# ----------------------------------------------------------------------------- image helpers (also used by test_resume)
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def huge_header_png(width: int = 50000, height: int = 50000) -> bytes:
-    """A valid-looking PNG whose IHDR declares width x height (a decompression-bomb header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def _encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def make_good_images(directory, n_rgb=3, seed=0):
-    """Write small decodable images of several modes; returns {path: bytes}."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(directory, exist_ok=True)
-    files = {}
-    for i in range(n_rgb):
-        h, w = 40 + 8 * (i % 5), 56 + 8 * (i % 4)
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
-        files[os.path.join(directory, f"rgb{i}.{ext}")] = _encode(Image.fromarray(arr), fmt)
-    if n_rgb >= 3:
-        sixteen = Image.fromarray(rng.integers(0, 65535, (44, 60), dtype=np.uint16))
-        files[os.path.join(directory, "gray16.png")] = _encode(sixteen, "PNG")
-        cmyk = Image.fromarray(rng.integers(0, 256, (48, 52, 3), dtype=np.uint8)).convert("CMYK")
-        files[os.path.join(directory, "cmyk.jpg")] = _encode(cmyk, "JPEG")
-        pal = Image.fromarray(rng.integers(0, 256, (50, 64, 3), dtype=np.uint8)).convert("P")
-        files[os.path.join(directory, "palette.png")] = _encode(pal, "PNG")
-        gray = Image.fromarray(rng.integers(0, 256, (96, 90), dtype=np.uint8))
-        files[os.path.join(directory, "gray.jpg")] = _encode(gray, "JPEG")
-    for path, data in files.items():
-        with open(path, "wb") as fh:
-            fh.write(data)
-    return files
-
+# ----------------------------------------------------------------------------- image helpers
 
 def make_bad_files(directory, good_jpeg: bytes):
     """Write broken inputs; returns {path: expected (stage, error_type or None)}."""
@@ -85,7 +41,7 @@ def make_bad_files(directory, good_jpeg: bytes):
         "empty.jpg": b"",
         "notes.txt": b"this is not an image\n",
         "bomb.png": huge_header_png(),
-        "sliver.png": _encode(Image.new("RGB", (300, 3), (200, 10, 10)), "PNG"),
+        "sliver.png": encode(Image.new("RGB", (300, 3), (200, 10, 10)), "PNG"),
     }
     for name, data in contents.items():
         with open(os.path.join(directory, name), "wb") as fh:
@@ -99,16 +55,6 @@ def model_loads(result) -> int:
 
     query = MetricsFilter().with_namespace("RunInference").with_name("load_model_latency_milli_secs")
     return int(sum(d.committed.count for d in result.metrics().query(query)["distributions"] if d.committed))
-
-
-def read_rows(directory):
-    """All rows of all shards in a directory as a pyarrow Table (None when empty)."""
-    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
-    if not files:
-        return None
-    import pyarrow as pa
-
-    return pa.concat_tables([pq.read_table(f) for f in files])
 
 
 # ----------------------------------------------------------------------------- the shared mixed run
@@ -321,40 +267,13 @@ def test_model_loaded_once_per_worker_process(tmp_path, mode, workers, loads, sh
                                       .astype(np.float32))
 
 
-class FailingModel:
-    """The loaded DELG model, except that its call runs `fail(prepared)` (which raises) for images whose original
-    (height, width) is `boom_hw`: the real model runs for every other image."""
-
-    def __init__(self, model, boom_hw, fail):
-        self._model, self._boom_hw, self._fail = model, tuple(boom_hw), fail
-
-    def extract(self, prepared):
-        if tuple(prepared.original_hw) == self._boom_hw:
-            self._fail(prepared)
-        return self._model.extract(prepared)
-
-    def identity(self):
-        return self._model.identity()
-
-
-def failing_handler(config, boom_hw, fail):
-    """A DelgModelHandler whose model call raises for the image of size boom_hw (see FailingModel)."""
-    from beam_job.pipeline.handler import DelgModelHandler
-
-    class FailingHandler(DelgModelHandler):
-        def load_model(self):
-            return FailingModel(super().load_model(), boom_hw, fail)
-
-    return FailingHandler(config)
-
-
 def test_inference_failures_become_failure_rows(tmp_path):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
     from beam_job.imaging import decode_image
-    from beam_job.pipeline.options import JobConfig
+    from beam_job.pipeline.options import JobConfig, RunContext
     from beam_job.pipeline.transforms import ExtractFeatures
 
     def fail(prepared):
@@ -364,10 +283,11 @@ def test_inference_failures_become_failure_rows(tmp_path):
     with open(good[0], "rb") as fh:
         boom_hw = decode_image(fh.read()).shape[:2]
     job = JobConfig(inputs=(), manifests=(str(tmp_path / "unused.txt"),), output=str(tmp_path / "out"),
-                    extraction=get_preset("tiny"), model_identity="embedded:tiny")
+                    extraction=get_preset("tiny"))
+    run = RunContext(model_identity="embedded:tiny", started_at="2026-12-03T00:00:00+00:00")
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
         pairs = p | beam.Create([("boom", good[0]), ("fine", good[1])])
-        out = pairs | ExtractFeatures(job, failing_handler(job.extraction, boom_hw, fail))
+        out = pairs | ExtractFeatures(job, run, failing_handler(job.extraction, boom_hw, fail))
         failures = out["failures"] | "FailureFields" >> beam.Map(
             lambda e: (e[0]["image_id"], e[0]["path"], e[0]["stage"], e[0]["error_type"], e[0]["message"],
                        sorted(e[1])))
@@ -380,14 +300,14 @@ def test_inference_failures_become_failure_rows(tmp_path):
 def test_steps_emit_new_values_and_never_change_what_they_received(tmp_path):
     """A runner may hold an element it handed to a step (to retry a bundle, or fused into another step):
     DecodeAndResize and ToRows build new values instead of changing their input."""
-    from beam_job.pipeline.options import JobConfig
+    from beam_job.pipeline.options import JobConfig, RunContext
     from beam_job.pipeline.transforms import DecodeAndResizeFn, ImageTask
 
     good = make_good_images(str(tmp_path / "img"), n_rgb=1)
     path, data = next(iter(good.items()))
     job = JobConfig(inputs=("x",), manifests=(), output=str(tmp_path / "o"), extraction=get_preset("tiny"))
     task = ImageTask("id0", path, data=data, timings={"read": 1.5})
-    fn = DecodeAndResizeFn(job)
+    fn = DecodeAndResizeFn(job, RunContext(model_identity="embedded:tiny", started_at=""))
     fn.setup()
     (out_id, out_task), = list(fn.process(("id0", task)))
     assert out_id == "id0" and out_task is not task

@@ -12,7 +12,7 @@ from beam_job.features import DelgFeatures
 from beam_job.pipeline.rows import (MissingGlobalDescriptorError, failure_record, feature_record, failures_table,
                                     features_table)
 from beam_job.pipeline.writer import shard_schema
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.config import get_preset
 
 
@@ -103,9 +103,9 @@ def test_failure_record_is_one_line_and_checks_stage():
 
 def test_shard_schema_footer_names_version_model_preset():
     job = JobConfig(inputs=("x/*.jpg",), manifests=(), output="/tmp/o", extraction=get_preset("tiny"),
-                    descriptor_dtype="float16", model_identity="embedded:tiny@sha256:abc", run_id="r1",
-                    started_at="2026-12-02T00:00:00+00:00")
-    schema = shard_schema("features", job)
+                    descriptor_dtype="float16", run_id="r1")
+    run = RunContext(model_identity="embedded:tiny@sha256:abc", started_at="2026-12-02T00:00:00+00:00")
+    schema = shard_schema("features", job, run)
     meta = schema.metadata
     assert meta[b"delg.schema_version"] == b"delg_v1"
     assert meta[b"delg.model"] == b"embedded:tiny@sha256:abc"
@@ -126,12 +126,13 @@ def test_writer_steps_allocate_arrow_buffers_with_malloc():
     code = (
         "import pyarrow as pa\n"
         "from beam_job.config import get_preset\n"
-        "from beam_job.pipeline.options import JobConfig\n"
+        "from beam_job.pipeline.options import JobConfig, RunContext\n"
         "from beam_job.pipeline.writer import ToTablesFn\n"
         "before = pa.default_memory_pool().backend_name\n"
         "job = JobConfig(inputs=('x/*.jpg',), manifests=(), output='/tmp/o', extraction=get_preset('tiny'),\n"
-        "                model_identity='embedded:tiny@sha256:abc', run_id='r1')\n"
-        "ToTablesFn('features', job).setup()\n"
+        "                run_id='r1')\n"
+        "run = RunContext(model_identity='embedded:tiny@sha256:abc', started_at='')\n"
+        "ToTablesFn('features', job, run).setup()\n"
         "print(before, pa.default_memory_pool().backend_name)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

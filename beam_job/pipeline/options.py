@@ -192,8 +192,8 @@ FLAGS: Tuple[Flag, ...] = (
          type=int),
     Flag("row_group_size", "feature rows per Parquet row group (bounds writer memory: a row can hold 512 KB)",
          IO, "job", default=DEFAULT_ROW_GROUP_SIZE, type=int),
-    Flag("skip_existing", "resume: leave out inputs (image_id, path) that already have their row in <output>", IO, "job",
-         default=False, action="store_true"),
+    Flag("skip_existing", "resume: leave out inputs (image_id, path) that already have their row in <output>", IO,
+         "job", default=False, action="store_true"),
     Flag("overwrite", "delete earlier features, failures, _output.json and _SUCCESS under --output first", IO,
          "job", default=False, action="store_true"),
     Flag("allow_config_change", "with --skip_existing: accept another model or other extraction settings than "
@@ -251,7 +251,10 @@ def flag_default(name: str) -> Any:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything the pipeline needs, validated on the launcher and pickled to workers.
+    """The user's settings of a run (flags and preset), validated on the launcher and pickled to workers.
+
+    What the launcher finds out when it starts the run (the model's identity, the start time, what the
+    output recorded before, the progress folder) is not here: it travels beside this, as a RunContext.
 
     inputs:            glob patterns of image files (local or gs://).
     manifests:         manifest files or patterns: CSV with a `path` header (optional `image_id`), plain
@@ -270,12 +273,9 @@ class JobConfig:
     max_failure_ratio: the run fails when failures / processed images exceeds this (0..1).
     share_model_across_processes: one model copy per machine (Beam large_model) instead of per process.
     max_file_bytes:    files larger than this fail at the read stage instead of being loaded.
-    run_id:            names this run's shards, temp dir and summary.
-    model_identity:    identity of the model checked on the launcher (or its URI when not checked).
-    progress_dir:      local directory where workers report progress (local runners only), else None.
-    started_at:        ISO time the launcher started the run.
-    recorded_identity: JSON of the output identity recorded before this run, when it differed and
-                       --allow_config_change accepted it (set by the launcher), else "".
+    run_id:            names this run's shards, temp dir and summary: --run_id, else generated with the settings.
+                       It stays with the settings because every path of the run (layout.py) derives from the
+                       output and it, on the launcher and the workers alike, and the user may choose it.
     """
 
     inputs: Tuple[str, ...]
@@ -293,10 +293,6 @@ class JobConfig:
     share_model_across_processes: bool = flag_default("share_model_across_processes")
     max_file_bytes: int = flag_default("max_file_bytes")
     run_id: str = field(default_factory=new_run_id)
-    model_identity: str = ""
-    progress_dir: Optional[str] = None
-    started_at: str = ""
-    recorded_identity: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -526,8 +522,29 @@ def load_runner_options(beam_args: Sequence[str]) -> None:
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What the launcher found out when it started a run, beside its settings (JobConfig); pickled to workers.
+
+    model_identity:    the model checked on the launcher (`<uri>@sha256:<12 hex>`, or its URI when the check was
+                       skipped); it goes into every row and shard footer.
+    started_at:        ISO time (UTC, whole seconds) the launcher began the run; rates are measured from it.
+    recorded_identity: JSON of the output identity recorded before this run, when it differed and
+                       --allow_config_change accepted it, else "" (what the output held).
+    progress_dir:      local folder where workers report progress (local runners with progress on), else None.
+    """
+
+    model_identity: str
+    started_at: str
+    recorded_identity: str = ""
+    progress_dir: Optional[str] = None
+
+    def replace(self, **changes: Any) -> "RunContext":
+        return dataclasses.replace(self, **changes)
+
+
 def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:
-    """A JobConfig from parsed flags (extra: launcher-decided fields such as model_identity)."""
+    """A JobConfig from parsed flags (extra: settings to set beside the flags, e.g. in tests)."""
     if not args.output:
         raise JobConfigError("--output is required: an output directory or gs:// prefix")
     kwargs: Dict[str, Any] = {"extraction": extraction_config_from_args(args)}

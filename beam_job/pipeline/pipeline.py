@@ -1,4 +1,4 @@
-"""Pipeline wiring: `build_pipeline(p, job)` (pure wiring) and `run_pipeline(job, beam_args)` (options, run, metrics).
+"""Pipeline wiring: `build_pipeline(p, job, run)` (pure wiring) and `run_pipeline(job, run, beam_args)` (options, run).
 
 Step labels (as in the Dataflow UI):
   ListInputs -> [ExistingOutcomes] -> GroupById -> ResolveInputs -> SpreadWork (Reshuffle) ->
@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_job.layout import FAILURES, FEATURES, kind_dir, shard_glob
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline.inputs import ListInputs
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.pipeline.summary import FinalizeRunFn
 from beam_job.pipeline.transforms import (
     DUPLICATE,
@@ -55,7 +55,7 @@ class ExistingOutcomes(beam.PTransform):
         )
 
 
-def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollection]:
+def build_pipeline(p: beam.Pipeline, job: JobConfig, run: RunContext) -> Dict[str, beam.PCollection]:
     """Wire the whole job into `p`. Returns the main PCollections (for tests and extensions):
     "inputs" (image_id, path), "features" and "failures" (record, timings), "files" ({kind: committed
     shard paths}), "summary" (one summary dict, after all shards are committed).
@@ -68,13 +68,13 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
     resolved = (
         {"input": listed, "done": done}
         | "GroupById" >> beam.CoGroupByKey()
-        | "ResolveInputs" >> beam.ParDo(ResolveInputsFn(job)).with_outputs(FAILED, SKIPPED, DUPLICATE, main="todo")
+        | "ResolveInputs" >> beam.ParDo(ResolveInputsFn(job, run)).with_outputs(FAILED, SKIPPED, DUPLICATE, main="todo")
     )
     work = resolved.todo | "SpreadWork" >> beam.Reshuffle()
-    extracted = work | "ExtractFeatures" >> ExtractFeatures(job)
+    extracted = work | "ExtractFeatures" >> ExtractFeatures(job, run)
     failures = (extracted["failures"], resolved[FAILED]) | "AllFailures" >> beam.Flatten()
-    written = {FEATURES: extracted["features"] | "WriteFeatures" >> WriteShards(FEATURES, job),
-               FAILURES: failures | "WriteFailures" >> WriteShards(FAILURES, job)}
+    written = {FEATURES: extracted["features"] | "WriteFeatures" >> WriteShards(FEATURES, job, run),
+               FAILURES: failures | "WriteFailures" >> WriteShards(FAILURES, job, run)}
     stats = (written[FEATURES]["stats"], written[FAILURES]["stats"]) | "AllStats" >> beam.Flatten()
     counts = {
         "listed": listed | "CountListed" >> beam.combiners.Count.Globally(),
@@ -86,7 +86,7 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig) -> Dict[str, beam.PCollecti
         p
         | "FinalizeTrigger" >> beam.Create([None], reshuffle=False)
         | "FinalizeRun" >> beam.ParDo(
-            FinalizeRunFn(job),
+            FinalizeRunFn(job, run),
             infos=beam.pvalue.AsList(stats),
             listed=beam.pvalue.AsSingleton(counts["listed"]),
             skipped=beam.pvalue.AsDict(counts["skipped"]),
@@ -181,13 +181,14 @@ def counter_value(result, name: str, namespace: str = METRICS_NAMESPACE) -> int:
     return int(sum(_metric_value(c)[0] or 0 for c in found))
 
 
-def run_pipeline(job: JobConfig, beam_args: Sequence[str], test_pipeline: Optional[beam.Pipeline] = None):
+def run_pipeline(job: JobConfig, run: RunContext, beam_args: Sequence[str],
+                 test_pipeline: Optional[beam.Pipeline] = None):
     """Build and run the job; blocks until it finishes and returns the PipelineResult."""
     if test_pipeline is not None:
         p = test_pipeline
     else:
         p = beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
-    build_pipeline(p, job)
+    build_pipeline(p, job, run)
     result = p.run()
     result.wait_until_finish()
     return result

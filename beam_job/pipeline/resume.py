@@ -96,14 +96,15 @@ def remove_temp_files(output: str) -> int:
 
 # ----------------------------------------------------------------------------- identity
 
-def output_identity(job: JobConfig) -> Dict[str, Any]:
-    """What makes an output one output: model identity, extraction settings and their fingerprint."""
+def output_identity(job: JobConfig, model_identity: str) -> Dict[str, Any]:
+    """What makes an output one output: the model's identity (RunContext.model_identity), the extraction
+    settings and their fingerprint."""
     settings = {k: v for k, v in job.extraction.to_dict().items() if k not in _NOT_FINGERPRINTED}
     settings["descriptor_dtype"] = job.descriptor_dtype
     canonical = json.dumps(settings, sort_keys=True, default=str)
     return {
         "schema_version": delg_v1.SCHEMA_VERSION,
-        "model_identity": job.model_identity,
+        "model_identity": model_identity,
         "preset": job.extraction.name,
         "settings": settings,
         "settings_fingerprint": hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16],

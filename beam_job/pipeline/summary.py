@@ -22,7 +22,7 @@ import apache_beam as beam
 from beam_job import __version__, layout, storage
 from beam_job.layout import FAILURES, FEATURES
 from beam_job.pipeline.failpoints import failpoint
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.pipeline.progress import images_per_s
 from beam_job.pipeline.resume import (
     OutputState,
@@ -121,7 +121,8 @@ def _skipped_counts(skipped: Skipped) -> Tuple[int, int]:
     return int(skipped), 0
 
 
-def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, List[str]], listed: int,
+def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], files: Dict[str, List[str]],
+                  listed: int,
                   skipped: Skipped, duplicates: int, state: OutputState, retried: Tuple[int, int],
                   cleanup: Dict[str, Any], finished_at: Optional[str] = None,
                   duplicated: Optional[Tuple[int, List[str]]] = None) -> Dict[str, Any]:
@@ -161,7 +162,7 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
     if status == "failed" and merged["failures"] and not output_counts["duplicate_feature_rows"]:
         top_key, top_n = merged["failures"].most_common(1)[0]
         reason += f"; most common in this run: {top_key} ({top_n}x), e.g. {merged['examples'].get(top_key, '')}"
-    started = job.started_at or None
+    started = run.started_at or None
     elapsed = None
     if started:
         try:
@@ -171,9 +172,9 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
         except ValueError:
             elapsed = None
     timings = {stage: describe(entry) for stage, entry in sorted(merged["timings"].items())}
-    identity = {"this_run": output_identity(job)}
-    if job.recorded_identity:
-        identity["recorded_before"] = json.loads(job.recorded_identity)
+    identity = {"this_run": output_identity(job, run.model_identity)}
+    if run.recorded_identity:
+        identity["recorded_before"] = json.loads(run.recorded_identity)
     summary: Dict[str, Any] = {
         "schema_version": delg_v1.SCHEMA_VERSION,
         "job_version": __version__,
@@ -193,7 +194,7 @@ def build_summary(job: JobConfig, infos: List[Dict[str, Any]], files: Dict[str, 
         "keypoints": {"total": merged["keypoints"],
                       "mean_per_image": round(merged["keypoints"] / n_features, 3) if n_features else 0.0},
         "timings_ms": timings,
-        "model": {"identity": (merged["models"].most_common(1)[0][0] if merged["models"] else job.model_identity),
+        "model": {"identity": (merged["models"].most_common(1)[0][0] if merged["models"] else run.model_identity),
                   "identities_seen": dict(merged["models"]), "uri": job.extraction.model},
         "output_identity": identity,
         "config": job.extraction.to_dict(),
@@ -223,7 +224,7 @@ def run_files(job: JobConfig, kind: str) -> List[str]:
     return storage.match(layout.run_shards_glob(job.output, kind, job.run_id))
 
 
-def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipped: Skipped,
+def finalize_run(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], listed: int, skipped: Skipped,
                  duplicates: int) -> Dict[str, Any]:
     """Everything after the commit, idempotent: temp cleanup, output state, summary.json, _SUCCESS."""
     failpoint("finalize")
@@ -239,7 +240,7 @@ def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipp
     duplicated = duplicated_feature_ids(job.output) if state.counts["duplicate_feature_rows"] else None
     cleanup = {"temp_leftovers_removed": removed, "finalize_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
     files = {FEATURES: feature_files, FAILURES: failure_files}
-    summary = build_summary(job, infos, files, int(listed), skipped, int(duplicates), state, retried, cleanup,
+    summary = build_summary(job, run, infos, files, int(listed), skipped, int(duplicates), state, retried, cleanup,
                             duplicated=duplicated)
     write_json(job.summary_path, summary)
     failpoint("success")
@@ -257,10 +258,11 @@ def finalize_run(job: JobConfig, infos: List[Dict[str, Any]], listed: int, skipp
 class FinalizeRunFn(beam.DoFn):
     """One trigger element -> the run summary dict (see module docstring); never raises on a bad outcome."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, run: RunContext):
         self._job = job
+        self._run = run
 
     def process(self, _unused, infos, listed, skipped, duplicates, features_committed=(), failures_committed=()):
         # features_committed / failures_committed: the sinks' outputs, side inputs only so that this step
         # waits for both commits; the files are listed by name (see run_files).
-        yield finalize_run(self._job, list(infos), listed, skipped, duplicates)
+        yield finalize_run(self._job, self._run, list(infos), listed, skipped, duplicates)

@@ -20,7 +20,7 @@ from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
 from beam_job.pipeline.handler import DelgModelHandler, InferenceError
 from beam_job.pipeline.inputs import check_regular_file, text_to_path
-from beam_job.pipeline.options import JobConfig
+from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.pipeline.rows import failure_record, feature_record
 
 FAILED = "failed"
@@ -72,16 +72,17 @@ def _valid_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _failure_row(job: JobConfig, image_id: str, path: str, stage: str, error_type: str, message: str,
+def _failure_row(job: JobConfig, run: RunContext, image_id: str, path: str, stage: str, error_type: str, message: str,
                  timings: Dict[str, float]):
     Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}").inc()
     record = failure_record(image_id, path, stage, error_type, _valid_text(message),
-                            model=job.model_identity, preset=job.extraction.name)
+                            model=run.model_identity, preset=job.extraction.name)
     return beam.pvalue.TaggedOutput(FAILED, (record, dict(timings)))
 
 
-def _failure(job: JobConfig, image_id: str, path: str, stage: str, exc: BaseException, timings: Dict[str, float]):
-    return _failure_row(job, image_id, path, stage, type(exc).__name__, str(exc) or repr(exc), timings)
+def _failure(job: JobConfig, run: RunContext, image_id: str, path: str, stage: str, exc: BaseException,
+             timings: Dict[str, float]):
+    return _failure_row(job, run, image_id, path, stage, type(exc).__name__, str(exc) or repr(exc), timings)
 
 
 class ResolveInputsFn(beam.DoFn):
@@ -96,11 +97,12 @@ class ResolveInputsFn(beam.DoFn):
     exactly one outcome row, whatever a killed run committed.
     """
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, run: RunContext):
         self._job = job
+        self._run = run
 
     def setup(self):
-        self._progress = progress.ProgressReporter(self._job.progress_dir)
+        self._progress = progress.ProgressReporter(self._run.progress_dir)
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "skipped_existing")
         self._dups = Metrics.counter(METRICS_NAMESPACE, "duplicate_inputs")
 
@@ -128,7 +130,7 @@ class ResolveInputsFn(beam.DoFn):
             else:
                 held = "is also listed for" if own in distinct else "already has its feature row, for"
                 exc = DuplicateImageIdError(f"image_id {image_id} {held} {own}: give each path its own id")
-                yield _failure(self._job, image_id, path, "read", exc, {})
+                yield _failure(self._job, self._run, image_id, path, "read", exc, {})
 
     def finish_bundle(self):
         self._progress.flush()
@@ -158,8 +160,9 @@ class ExpandShardsFn(beam.DoFn):
 class ReadBytesFn(beam.DoFn):
     """(image_id, path) -> (image_id, ImageTask with .data); failures at stage "read"."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, run: RunContext):
         self._job = job
+        self._run = run
 
     def setup(self):
         self._read_ms = Metrics.distribution(METRICS_NAMESPACE, "read_ms")
@@ -178,7 +181,8 @@ class ReadBytesFn(beam.DoFn):
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
-            yield _failure(self._job, image_id, path, "read", exc, {"read": (time.perf_counter() - t0) * 1000.0})
+            timings = {"read": (time.perf_counter() - t0) * 1000.0}
+            yield _failure(self._job, self._run, image_id, path, "read", exc, timings)
             return
         ms = (time.perf_counter() - t0) * 1000.0
         self._read_ms.update(int(round(ms)))
@@ -190,8 +194,9 @@ class ReadBytesFn(beam.DoFn):
 class DecodeAndResizeFn(beam.DoFn):
     """(image_id, ImageTask) -> same with .prepared (imaging.PreparedImage); failures at "decode"/"preprocess"."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, run: RunContext):
         self._job = job
+        self._run = run
 
     def setup(self):
         self._decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
@@ -212,7 +217,7 @@ class DecodeAndResizeFn(beam.DoFn):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
             stage = getattr(exc, "stage", stage) if stage == "decode" else stage
             timings = {**task.timings, "decode": (time.perf_counter() - t0) * 1000.0}
-            yield _failure(self._job, image_id, task.path, stage, exc, timings)
+            yield _failure(self._job, self._run, image_id, task.path, stage, exc, timings)
             return
         ms = (time.perf_counter() - t0) * 1000.0
         self._decode_ms.update(int(round(ms)))
@@ -224,8 +229,9 @@ class ToRowsFn(beam.DoFn):
     """(image_id, PredictionResult) -> (feature record, timings); failures at stages "inference" (the model call
     raised: the handler's InferenceError) and "postprocess"."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, run: RunContext):
         self._job = job
+        self._run = run
 
     def setup(self):
         self._keypoints = Metrics.distribution(METRICS_NAMESPACE, "keypoints_per_image")
@@ -236,8 +242,8 @@ class ToRowsFn(beam.DoFn):
         task = result.example
         if isinstance(result.inference, InferenceError):
             error = result.inference
-            yield _failure_row(self._job, image_id, task.path, "inference", error.error_type, error.message,
-                               task.timings)
+            yield _failure_row(self._job, self._run, image_id, task.path, "inference", error.error_type,
+                               error.message, task.timings)
             return
         features, identity, infer_ms = result.inference
         timings = {**task.timings, "inference": infer_ms}
@@ -246,7 +252,7 @@ class ToRowsFn(beam.DoFn):
             record = feature_record(image_id, task.path, features, model=identity, preset=self._job.extraction.name,
                                     descriptor_dtype=self._job.descriptor_dtype)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
-            yield _failure(self._job, image_id, task.path, "postprocess", exc, timings)
+            yield _failure(self._job, self._run, image_id, task.path, "postprocess", exc, timings)
             return
         timings["postprocess"] = (time.perf_counter() - t0) * 1000.0
         self._keypoints.update(int(record["num_features"]))
@@ -260,18 +266,20 @@ class ExtractFeatures(beam.PTransform):
     Steps (labels as shown in the Dataflow UI): ReadBytes, DecodeAndResize, RunInference, ToRows.
     """
 
-    def __init__(self, job: JobConfig, model_handler: Optional[DelgModelHandler] = None):
+    def __init__(self, job: JobConfig, run: RunContext, model_handler: Optional[DelgModelHandler] = None):
         """model_handler: the unkeyed handler to use (default: DelgModelHandler for job.extraction)."""
         super().__init__()
         self._job = job
+        self._run = run
         self._handler = model_handler or DelgModelHandler(
             job.extraction, share_across_processes=job.share_model_across_processes)
 
     def expand(self, pairs):
         job = self._job
-        read = pairs | "ReadBytes" >> beam.ParDo(ReadBytesFn(job)).with_outputs(FAILED, main="ok")
-        decoded = read.ok | "DecodeAndResize" >> beam.ParDo(DecodeAndResizeFn(job)).with_outputs(FAILED, main="ok")
+        read = pairs | "ReadBytes" >> beam.ParDo(ReadBytesFn(job, self._run)).with_outputs(FAILED, main="ok")
+        decode = DecodeAndResizeFn(job, self._run)
+        decoded = read.ok | "DecodeAndResize" >> beam.ParDo(decode).with_outputs(FAILED, main="ok")
         predictions = decoded.ok | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
-        rows = predictions | "ToRows" >> beam.ParDo(ToRowsFn(job)).with_outputs(FAILED, main="ok")
+        rows = predictions | "ToRows" >> beam.ParDo(ToRowsFn(job, self._run)).with_outputs(FAILED, main="ok")
         failures = (read[FAILED], decoded[FAILED], rows[FAILED]) | "MergeFailures" >> beam.Flatten()
         return {"features": rows.ok, "failures": failures}

@@ -37,7 +37,7 @@ from beam_job.layout import FAILURES, FEATURES, SHARD_SUFFIX
 from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.pipeline import progress
 from beam_job.pipeline.failpoints import failpoint
-from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig
+from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, RunContext
 from beam_job.pipeline.rows import table_for
 from beam_job.pipeline.stats import StageStats
 from beam_job.schemas import delg_v1
@@ -54,16 +54,16 @@ def shard_prefix(job: JobConfig, kind: str) -> str:
     return layout.shard_prefix(job.output, kind, job.run_id)
 
 
-def shard_schema(kind: str, job: JobConfig) -> pa.Schema:
+def shard_schema(kind: str, job: JobConfig, run: RunContext) -> pa.Schema:
     """The delg_v1 schema of a shard, with the footer metadata (version, model, preset, config, run)."""
     base = delg_v1.features_schema(job.descriptor_dtype) if kind == FEATURES else delg_v1.FAILURES_SCHEMA
     meta = delg_v1.file_metadata(
-        model=job.model_identity,
+        model=run.model_identity,
         preset=job.extraction.name,
         config_json=job.extraction.to_json(),
         descriptor_dtype=job.descriptor_dtype,
         untrained=bool(job.extraction.untrained or job.extraction.is_embedded_model),
-        extra={"run_id": job.run_id, "run_started_at": job.started_at, "kind": kind},
+        extra={"run_id": job.run_id, "run_started_at": run.started_at, "kind": kind},
     )
     return delg_v1.with_metadata(base, meta)
 
@@ -119,7 +119,7 @@ class _OpenParquet:
 class DelgParquetSink(FileBasedSink):
     """Beam FileBasedSink writing delg_v1 Parquet shards; each record is an Arrow table (one row group)."""
 
-    def __init__(self, kind: str, job: JobConfig):
+    def __init__(self, kind: str, job: JobConfig, run: RunContext):
         _, groups_per_shard = _group_sizes(job, kind)
         super().__init__(
             shard_prefix(job, kind),
@@ -130,7 +130,7 @@ class DelgParquetSink(FileBasedSink):
             max_records_per_shard=groups_per_shard,
             skip_if_empty=True,
         )
-        self._schema = shard_schema(kind, job)
+        self._schema = shard_schema(kind, job, run)
         self._kind = kind
 
     def initialize_write(self):
@@ -170,19 +170,20 @@ class ToTablesFn(beam.DoFn):
     """(record, timings) -> Arrow tables of at most `row_group_size` rows, and per table (tag "stats") a
     dict {"kind", "rows", "stats"} with the rows' per-stage timings, failure counts and keypoints."""
 
-    def __init__(self, kind: str, job: JobConfig):
+    def __init__(self, kind: str, job: JobConfig, run: RunContext):
         if kind not in (FEATURES, FAILURES):
             raise ValueError(f"kind must be {FEATURES} or {FAILURES}, got {kind!r}")
         self._kind = kind
         self._job = job
+        self._run = run
         self._group, _ = _group_sizes(job, kind)
 
     def setup(self):
         use_system_memory_pool()
-        self._schema = shard_schema(self._kind, self._job)
+        self._schema = shard_schema(self._kind, self._job, self._run)
         self._build_ms = Metrics.distribution(METRICS_NAMESPACE, f"table_ms_per_{self._kind}_group")
         self._rows = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}_rows_written")
-        self._progress = progress.ProgressReporter(self._job.progress_dir)
+        self._progress = progress.ProgressReporter(self._run.progress_dir)
 
     def start_bundle(self):
         self._flushes = getattr(self, "_flushes", 0)
@@ -229,12 +230,14 @@ class ToTablesFn(beam.DoFn):
 class WriteShards(beam.PTransform):
     """(record, timings) -> committed Parquet shards of `kind`; returns {"files": final paths, "stats": dicts}."""
 
-    def __init__(self, kind: str, job: JobConfig):
+    def __init__(self, kind: str, job: JobConfig, run: RunContext):
         super().__init__()
         self._kind = kind
         self._job = job
+        self._run = run
 
     def expand(self, pcoll):
-        tables = pcoll | "ToTables" >> beam.ParDo(ToTablesFn(self._kind, self._job)).with_outputs(STATS, main="tables")
-        files = tables.tables | "Commit" >> beam.io.Write(DelgParquetSink(self._kind, self._job))
+        to_tables = ToTablesFn(self._kind, self._job, self._run)
+        tables = pcoll | "ToTables" >> beam.ParDo(to_tables).with_outputs(STATS, main="tables")
+        files = tables.tables | "Commit" >> beam.io.Write(DelgParquetSink(self._kind, self._job, self._run))
         return {"files": files, "stats": tables[STATS]}
