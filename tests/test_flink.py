@@ -27,7 +27,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from test_odd_inputs import assert_every_entry_once, write_corpus
+from helpers import assert_every_entry_once, read_rows, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -197,8 +197,6 @@ def test_taskmanagers_on_hosts_of_their_own_with_the_output_on_gcs(tmp_path):
     from gcp_storage_emulator.server import create_server
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-
-    from test_pipeline import read_rows
 
     network = flink_cluster.make_hosts(2)
     gateway = network["gateway"]

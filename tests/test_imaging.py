@@ -11,7 +11,6 @@ import textwrap
 import time
 import tracemalloc
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -28,41 +27,15 @@ from beam_job.imaging import (
     read_image_size,
     resize_image,
 )
+from helpers import encode, raw_png, rgb_pattern, with_orientation
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 
 
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def reference_decode(data: bytes) -> np.ndarray:
     """What the reference loader gives: PIL open + convert('RGB'), no EXIF orientation."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes = b"") -> bytes:
-    """A PNG written by hand: IHDR as given, IDAT = zlib(rows) (each row already prefixed by filter 0)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(rows))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def rgb_pattern(height: int = 24, width: int = 36) -> np.ndarray:
-    """An asymmetric, smooth-ish RGB test image (every row, column and channel differs)."""
-    y, x = np.mgrid[0:height, 0:width]
-    return np.stack([(x * 7) % 256, (y * 11) % 256, (x * 3 + y * 5) % 256], axis=-1).astype(np.uint8)
 
 
 def assert_rgb_output(array: np.ndarray, hw) -> None:
@@ -296,16 +269,10 @@ def test_float_tiff_beyond_unit_range_follows_reference():
 # EXIF orientation
 
 
-def _with_orientation(img: Image.Image, fmt: str, orientation: int, **kwargs) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(img, fmt, exif=exif, **kwargs)
-
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_matches_pillow_exif_transpose(orientation):
     pixels = rgb_pattern(5, 8)
-    data = _with_orientation(Image.fromarray(pixels), "PNG", orientation)
+    data = with_orientation(Image.fromarray(pixels), "PNG", orientation)
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
     decoded = decode_image(data)
     assert_rgb_output(decoded, expected.shape[:2])
@@ -318,7 +285,7 @@ def test_exif_orientation_matches_pillow_exif_transpose(orientation):
 def test_exif_orientation_on_jpeg():
     pixels = np.zeros((40, 64, 3), np.uint8)
     pixels[:8, :16] = 255  # a white block in the top-left corner
-    data = _with_orientation(Image.fromarray(pixels), "JPEG", 6, quality=95)
+    data = with_orientation(Image.fromarray(pixels), "JPEG", 6, quality=95)
     upright = decode_image(data)
     stored = decode_image(data, apply_exif_orientation=False)
     assert stored.shape == (40, 64, 3) and upright.shape == (64, 40, 3)
@@ -330,7 +297,7 @@ def test_exif_orientation_on_jpeg():
 @pytest.mark.parametrize("orientation", [0, 9, 65535])
 def test_invalid_orientation_values_are_ignored(orientation):
     pixels = rgb_pattern(3, 4)
-    np.testing.assert_array_equal(decode_image(_with_orientation(Image.fromarray(pixels), "PNG", orientation)), pixels)
+    np.testing.assert_array_equal(decode_image(with_orientation(Image.fromarray(pixels), "PNG", orientation)), pixels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -636,7 +603,7 @@ def test_prepare_image_uses_config():
 
 
 def test_decode_then_prepare_end_to_end():
-    data = _with_orientation(Image.fromarray(rgb_pattern(120, 200)), "JPEG", 8, quality=90)
+    data = with_orientation(Image.fromarray(rgb_pattern(120, 200)), "JPEG", 8, quality=90)
     decoded = decode_image(data, max_pixels=get_preset("tiny").max_image_pixels)
     prepared = prepare_image(decoded, get_preset("tiny"))  # max 96
     assert decoded.shape == (200, 120, 3)  # orientation 8 swaps the sides
