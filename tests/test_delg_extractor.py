@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_delg_loader import cached_model, tiny_tf1, tiny_tf2
+from helpers import cached_model, tiny_tf1, tiny_tf2
 
 from beam_job import imaging
 from beam_job.config import PcaConfig, get_preset

@@ -13,49 +13,15 @@ import tensorflow as tf
 from beam_job.delg import loader
 from beam_job.delg.cache import build_once, default_cache_dir
 from beam_job.delg.loader import ModelLoadError, load_delg_model
+from helpers import cached_model, tiny_tf1, tiny_tf2
 
 SCALES = [0.70710677, 1.0]
 GSI = [0, 1]
 
 
-def shared_export(tmp_path_factory, name: str, build) -> str:
-    """A SavedModel built once per test session (shared by the DELG test files through the session temp dir)."""
-    target = str(tmp_path_factory.getbasetemp() / "delg-shared" / name)
-    return build_once(target, build, is_complete=lambda p: os.path.isfile(os.path.join(p, "saved_model.pb")))
-
-
-def tiny_tf2(tmp_path_factory) -> str:
-    from beam_job.delg.embedded import embedded_model_path
-
-    return embedded_model_path("tiny", cache_dir=str(tmp_path_factory.getbasetemp() / "delg-cache"))
-
-
-def tiny_tf1(tmp_path_factory, variant: str = "full") -> str:
-    options = {
-        "full": {},
-        "local": {"global_": False},
-        "global": {"local": False},
-        "kaggle": {"global_scales_input": False},
-    }[variant]
-
-    def build(tmp):
-        from beam_job.delg.export import export_tf1
-        from beam_job.delg.keras_model import build_delg
-
-        export_tf1(build_delg("tiny", seed=0), tmp, overwrite=True, **options)
-
-    return shared_export(tmp_path_factory, f"tiny-tf1-{variant}", build)
-
-
 @functools.lru_cache(maxsize=None)
 def _image(h: int = 72, w: int = 104, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def cached_model(path: str):
-    """A loaded model shared by tests that only need to run it (loading is tested separately)."""
-    return load_delg_model(path)
 
 
 def _run(model, image=None, max_feature_num=50, gsi=GSI):

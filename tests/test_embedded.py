@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_delg_loader import tiny_tf2
+from helpers import tiny_tf2
 
 from beam_job.delg import embedded
 from beam_job.delg.loader import load_delg_model
