@@ -22,7 +22,7 @@ from beam_job.pipeline.inputs import (
     read_manifest,
     text_to_path,
 )
-from test_cli import _fails_with
+from helpers import fails_with
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # what os.listdir gives for these bytes (surrogate escapes)
 
@@ -187,7 +187,7 @@ def test_malformed_csv_manifest_is_refused_before_launch_naming_file_and_line(tm
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,image_id\n{good},A\n" + body)
     out = tmp_path / "out"
-    _fails_with(capsys, ["--manifest", str(manifest), "--output", str(out), *TINY_RUN],
+    fails_with(capsys, ["--manifest", str(manifest), "--output", str(out), *TINY_RUN],
              f"CSV manifest {manifest}, ", *needles)
     assert not out.exists()  # nothing launched: no claim, no shard, no _SUCCESS
     with pytest.raises(ManifestError, match=needles[0]):
@@ -232,7 +232,7 @@ def test_folder_input_lists_the_files_directly_in_it(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "only_a_subfolder").mkdir(parents=True)
     (empty / "only_a_subfolder" / "x.jpg").write_bytes(b"x")
-    _fails_with(capsys, ["--input", str(empty) + "/", "--output", str(tmp_path / "out2"), *TINY_RUN],
+    fails_with(capsys, ["--input", str(empty) + "/", "--output", str(tmp_path / "out2"), *TINY_RUN],
              f"--input {empty}/ matches no file", f"{empty}/**")
     assert not (tmp_path / "out2").exists()
 

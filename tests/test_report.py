@@ -18,15 +18,13 @@ from PIL import Image
 
 from beam_job import cli
 from beam_job.imaging import decode_image
-from beam_job.pipeline.rows import feature_record, features_table
-from beam_job.features import DelgFeatures
 from beam_job.report import run as run_report
 from beam_job.report.html import histogram_svg
 from beam_job.report.retrieval import main as retrieval_main
 from beam_job.report.retrieval import write_retrieval_report
 from beam_job.retrieval import cli as rcli
 from beam_job.retrieval import evaluate as ev
-from beam_job.schemas import delg_v1
+from helpers import synthetic_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "examples", "images")
@@ -250,35 +248,6 @@ class ColumnSpy:
             return result
 
         monkeypatch.setattr(pq, "read_table", read_table)
-
-
-def synthetic_output(root, n_rows=60, per_shard=20, group=4, run_id="20260101T000000Z-abc123"):
-    """An output written with the job's own row code: n_rows feature rows (up to 40 keypoints each) and a summary."""
-    rng = np.random.default_rng(0)
-    schema = delg_v1.with_metadata(delg_v1.features_schema(), delg_v1.file_metadata(
-        model="m", preset="tiny", config_json="{}", descriptor_dtype="float32", untrained=True))
-    os.makedirs(os.path.join(root, "features"))
-    os.makedirs(os.path.join(root, "runs", run_id))
-    records = []
-    for i in range(n_rows):
-        n = int(rng.integers(0, 40))
-        g = rng.standard_normal(2048).astype(np.float32)
-        feats = DelgFeatures(global_descriptor=g / np.linalg.norm(g),
-                             locations=(rng.random((n, 2)) * [300, 400]).astype(np.float32),
-                             descriptors=rng.standard_normal((n, 128)).astype(np.float32),
-                             scales=np.ones(n, np.float32),
-                             attention=np.sort(rng.random(n).astype(np.float32))[::-1].copy(),
-                             original_hw=(300, 400), processed_hw=(300, 400), scale_factors=(1.0, 1.0))
-        records.append(feature_record(f"img-{i:04d}", f"/nonexistent/img-{i:04d}.jpg", feats, model="m", preset="tiny"))
-    for s in range(0, n_rows, per_shard):
-        pq.write_table(features_table(records[s:s + per_shard], schema),
-                       os.path.join(root, "features", f"part-{run_id}-{s:016x}.parquet"), row_group_size=group)
-    summary = {"run_id": run_id, "status": "succeeded", "counts": {"listed": n_rows, "processed": n_rows,
-               "features": n_rows, "failures": 0, "skipped_existing": 0, "duplicate_inputs": 0},
-               "config": {"name": "tiny", "untrained": True}, "timings_ms": {}}
-    with open(os.path.join(root, "runs", run_id, "summary.json"), "w") as fh:
-        json.dump(summary, fh)
-    return run_id
 
 
 def test_histogram_of_a_single_value_is_one_bar_with_one_tick_at_it():
