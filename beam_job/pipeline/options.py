@@ -156,7 +156,8 @@ class Flag:
             return self.metavar
         if self.choices:
             return "{" + ",".join(self.choices) + "}" if len(self.choices) <= 3 else "NAME"
-        return {int: "N", float: "X"}.get(self.type, "VALUE" if self.type is None else "X")
+        names: Dict[Any, str] = {int: "N", float: "X"}
+        return names.get(self.type, "VALUE" if self.type is None else "X")
 
     def add_to(self, parser) -> None:
         kwargs: Dict[str, Any] = {"help": self.help, "default": self.default, "dest": self.name}

@@ -66,7 +66,7 @@ def _merge_stats(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"timings": timings, "failures": failures, "examples": examples, "models": models, "keypoints": keypoints}
 
 
-def _ratio(part: int, whole: int) -> float:
+def _ratio(part: float, whole: float) -> float:
     return round(part / whole, 6) if whole else 0.0
 
 
@@ -75,7 +75,7 @@ def _names(paths: List[str], most: int = 3) -> str:
     return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
 
-def run_status(run: Dict[str, int], output: Dict[str, int], max_failure_ratio: float,
+def run_status(run: Mapping[str, float], output: Mapping[str, float], max_failure_ratio: float,
                duplicated: Optional[Tuple[int, List[str]]] = None) -> Tuple[str, str]:
     """("succeeded" | "failed", one-line reason) for a run (docs/pipeline.md, "Exit status and _SUCCESS").
 
@@ -144,7 +144,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
         stage, error_type = key.split("/", 1)
         by_stage[stage] += count
         by_type[error_type] += count
-    run_counts = {
+    run_counts: Dict[str, float] = {  # counts, and the failure ratio
         "listed": listed,
         "duplicate_inputs": duplicates,
         "skipped_existing": skipped_total,
@@ -156,7 +156,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
         "retried": retried[0],
         "retried_still_failing": retried[1],
     }
-    output_counts = dict(state.counts)
+    output_counts: Dict[str, float] = dict(state.counts)
     output_counts["failure_ratio"] = _ratio(output_counts["failures"], output_counts["images"])
     status, reason = run_status(run_counts, output_counts, job.max_failure_ratio, duplicated)
     if status == "failed" and merged["failures"] and not output_counts["duplicate_feature_rows"]:
@@ -171,6 +171,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
             elapsed = max((t1 - t0).total_seconds(), 1e-3)
         except ValueError:
             elapsed = None
+    rate = images_per_s(processed, elapsed)
     timings = {stage: describe(entry) for stage, entry in sorted(merged["timings"].items())}
     identity = {"this_run": output_identity(job, run.model_identity)}
     if run.recorded_identity:
@@ -184,7 +185,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
         "started_at": started,
         "finished_at": finished_at or _now_iso(),
         "elapsed_s": round(elapsed, 3) if elapsed else None,
-        "images_per_s": round(images_per_s(processed, elapsed), 3) if elapsed else None,  # the one rate
+        "images_per_s": round(rate, 3) if rate is not None else None,  # the one rate
         "counts": run_counts,
         "output": output_counts,
         "failures_by_stage": dict(sorted(by_stage.items())),

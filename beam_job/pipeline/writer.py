@@ -163,7 +163,7 @@ class DelgParquetSink(FileBasedSink):
 
 
 def _in_global_window(value):
-    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+    return WindowedValue(value, GlobalWindow().max_timestamp(), (GlobalWindow(),))
 
 
 class ToTablesFn(beam.DoFn):

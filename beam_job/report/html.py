@@ -123,7 +123,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequen
 def thumbnail(image: np.ndarray, max_side: int) -> Image.Image:
     """A PIL RGB thumbnail of an HxWx3 uint8 array, longest side at most max_side (never enlarged)."""
     pil = Image.fromarray(np.asarray(image)[..., :3], "RGB")
-    pil.thumbnail((max_side, max_side), Image.BILINEAR)
+    pil.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return pil
 
 

@@ -170,10 +170,10 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
         return GroundTruth("revisitop", ev.PROTOCOLS, ev.format_revisitop(metrics), rows, headers, ap, label)
     if path.endswith(".csv"):
         solution = ev.read_gldv2_solution(path)
-        metrics = ev.evaluate_gldv2(ranked, solution)
+        maps = ev.evaluate_gldv2(ranked, solution)
         relevant = {**solution["Public"], **solution["Private"]}
         usage = {q: u for u in ("Public", "Private", "Ignored") for q in solution[u]}
-        ap = {q: {"AP@100": ev.gldv2_map_at_k({q: ranked.get(q, [])}, {q: rel})} for q, rel in relevant.items()}
+        ap_at_100 = {q: {"AP@100": ev.gldv2_map_at_k({q: ranked.get(q, [])}, {q: rel})} for q, rel in relevant.items()}
 
         def label(query_id: str, image_id: str) -> Tuple[str, str]:
             if usage.get(query_id) == "Ignored":
@@ -182,9 +182,9 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
                 return "", ""
             return ("positive", "") if image_id in relevant[query_id] else ("negative", "")
 
-        rows = [(u, f"{100 * v:.2f}" if v is not None else "\u2014") for u, v in metrics.items()]
-        text = "\n".join(f"mAP@100 {u}: {'n/a' if v is None else f'{100 * v:.2f}'}" for u, v in metrics.items())
-        return GroundTruth("gldv2", ("AP@100",), text, rows, ("queries", "mAP@100"), ap, label)
+        rows = [(u, f"{100 * v:.2f}" if v is not None else "\u2014") for u, v in maps.items()]
+        text = "\n".join(f"mAP@100 {u}: {'n/a' if v is None else f'{100 * v:.2f}'}" for u, v in maps.items())
+        return GroundTruth("gldv2", ("AP@100",), text, rows, ("queries", "mAP@100"), ap_at_100, label)
     raise ValueError(f"ground truth must be a revisitop .pkl/.mat or a GLDv2 solution .csv, got {path!r}")
 
 
@@ -408,7 +408,7 @@ def write_retrieval_report(
             qp.thumb = _thumb_file(out, thumbs, thumb_key, query_image)
         except Exception as exc:  # unknown or unreadable query image: the results are still shown
             qp.problem = f"query image not available: {exc}"[:300]
-        positions = []
+        positions: List[Optional[int]] = []
         for it in qp.items:
             try:
                 positions.append(engine.index.position_of(it.image_id))
@@ -433,7 +433,7 @@ def write_retrieval_report(
                 it.problem = f"image not readable from {rec.path}: {exc}"[:300]
                 continue
             it.thumb = _thumb_file(out, thumbs, key, image)
-            if draw:
+            if draw and query is not None and query_image is not None:
                 v = verify_pair(query.local, rec.local, rerank_config)
                 picture, _ = draw_matches(query_image, image, query.local.locations, rec.local.locations, v.matches,
                                           v.inlier_mask, max_height=MATCH_HEIGHT,

@@ -165,10 +165,10 @@ class RunData:
 def _read_image(path: str, config: Dict[str, Any]) -> np.ndarray:
     with storage.open_read(path) as fh:
         data = fh.read()
-    kwargs = {"apply_exif_orientation": bool(config.get("apply_exif_orientation", True))}
+    exif = bool(config.get("apply_exif_orientation", True))
     if config.get("max_image_pixels"):
-        kwargs["max_pixels"] = int(config["max_image_pixels"])
-    return decode_image(data, **kwargs)
+        return decode_image(data, apply_exif_orientation=exif, max_pixels=int(config["max_image_pixels"]))
+    return decode_image(data, apply_exif_orientation=exif)
 
 
 def _load_sample_image(sample: SampleImage, config: Dict[str, Any]) -> None:
@@ -280,12 +280,12 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     for s in ordered:
         _load_sample_image(s, config)
     run_reports = {}
-    for s in runs:
-        if s["run_id"] != rid:
+    for other in runs:
+        if other["run_id"] != rid:
             try:
-                run_reports[s["run_id"]] = storage.exists(layout.report_path(output, s["run_id"]))
+                run_reports[other["run_id"]] = storage.exists(layout.report_path(output, other["run_id"]))
             except Exception:
-                run_reports[s["run_id"]] = False
+                run_reports[other["run_id"]] = False
     return RunData(output=output, summary=summary, runs=runs, output_counts=output_counts,
                    output_counts_source=source, run_failures=dict(run_failures), output_failures=output_failures,
                    num_features=nf, sizes_hw=hw, attention_sample=attention, attention_rows=len(attention_refs),

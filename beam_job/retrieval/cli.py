@@ -242,11 +242,11 @@ def _cmd_eval_revisitop(args) -> int:
 
     gnd = load_revisitop_gnd(args.gnd)
     table = read_results(args.results)
-    if args.order == "rank":
-        rankings = rankings_from_results(gnd["qimlist"], ranked_ids_from_table(table, "rank"), gnd["imlist"])
-    else:
-        rankings = protocol_rankings(table, gnd, args.rerank)
-    metrics = evaluate_revisitop(rankings, gnd["gnd"], args.kappas)
+    if args.order == "rank":  # one order for every protocol
+        ranked = rankings_from_results(gnd["qimlist"], ranked_ids_from_table(table, "rank"), gnd["imlist"])
+        metrics = evaluate_revisitop(ranked, gnd["gnd"], args.kappas)
+    else:  # one order per protocol
+        metrics = evaluate_revisitop(protocol_rankings(table, gnd, args.rerank), gnd["gnd"], args.kappas)
     print(format_revisitop(metrics))
     return 0
 
