@@ -183,6 +183,15 @@ class ExtractionConfig:
         # Normalise sequences so configs built from lists compare and hash like preset ones.
         object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
         object.__setattr__(self, "global_scales_ind", tuple(int(i) for i in self.global_scales_ind))
+        self._check_pyramid()
+        self._check_sizes()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+
+    def _check_pyramid(self) -> None:
+        """The scales, the attention threshold and which outputs are on (ValueError, one line)."""
         if not self.image_scales:
             raise ValueError("image_scales is empty: give at least one pyramid scale, e.g. 1.0")
         if not all(math.isfinite(s) and s > 0 for s in self.image_scales):
@@ -200,6 +209,9 @@ class ExtractionConfig:
                 raise ValueError(
                     f"global_scales_ind {list(bad)} out of range for {len(self.image_scales)} image_scales"
                 )
+
+    def _check_sizes(self) -> None:
+        """Whole numbers in range for the sizes and the feature count, and no scale below a usable level."""
         for name in ("max_feature_num", "max_image_size", "min_image_size", "max_image_pixels"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -222,10 +234,6 @@ class ExtractionConfig:
                 f"image_scales {', '.join(f'{s:g}' for s in small)} too small: at most {side} px a side ({why}), an "
                 f"image would be under {MIN_LEVEL_SIZE} px there, where no feature can come out (a 0-px level "
                 f"fails the image); the smallest usable scale here is {shown}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
 
     @property
     def smallest_scale(self) -> Tuple[float, int, str]:

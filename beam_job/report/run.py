@@ -20,7 +20,7 @@ import hashlib
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -190,21 +190,41 @@ def _load_sample_image(sample: SampleImage, config: Dict[str, Any]) -> None:
     sample.thumb_jpeg = jpeg_bytes(thumb)
 
 
+def _pick_summary(output: str, runs: List[Dict[str, Any]], run_id: Optional[str]) -> Dict[str, Any]:
+    """The summary of run `run_id` (the latest run when None); JobConfigError (one line) when there is none."""
+    if not runs:
+        raise JobConfigError(f"{output} has no runs/<run_id>/summary.json: give the --output of a finished run")
+    if run_id is None:
+        return runs[-1]
+    found = [s for s in runs if s["run_id"] == run_id]
+    if not found:
+        raise JobConfigError(f"run {run_id!r} not found under {layout.runs_dir(output)}; runs there: "
+                             + ", ".join(s["run_id"] for s in runs[-5:]))
+    return found[0]
+
+
+def _failure_groups(reader: ColumnReader, failure_shards: List[str], run_failure_paths: Set[str],
+                    current: Set[Tuple[str, int]]) -> Tuple[Dict[str, List[Dict[str, str]]], Counter]:
+    """(examples of this run's failures by "stage/error_type", counts of the output's current failures by it);
+    string columns only."""
+    output_failures: Counter = Counter()
+    run_failures: Dict[str, List[Dict[str, str]]] = defaultdict(list)
+    for path in failure_shards:
+        for row, r in enumerate(reader.read(path, FAILURE_COLUMNS).to_pylist()):
+            key = f"{r['stage']}/{r['error_type']}"
+            if (path, row) in current:
+                output_failures[key] += 1
+            if path in run_failure_paths and len(run_failures[key]) < FAILURE_EXAMPLES:
+                run_failures[key].append(r)
+    return run_failures, output_failures
+
+
 def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnReader] = None) -> RunData:
     """Read what the report needs; raises JobConfigError (one line) when the output has no such run."""
     output = output.rstrip("/") if output not in ("/", "") else output
     reader = reader or ColumnReader()
     runs = list_runs(output)
-    if not runs:
-        raise JobConfigError(f"{output} has no runs/<run_id>/summary.json: give the --output of a finished run")
-    if run_id is None:
-        summary = runs[-1]
-    else:
-        found = [s for s in runs if s["run_id"] == run_id]
-        if not found:
-            raise JobConfigError(f"run {run_id!r} not found under {layout.runs_dir(output)}; runs there: "
-                                 + ", ".join(s["run_id"] for s in runs[-5:]))
-        summary = found[0]
+    summary = _pick_summary(output, runs, run_id)
     rid = summary["run_id"]
     config = summary.get("config") or {}
 
@@ -241,16 +261,8 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
     current = {(where[1], where[2]) for where in state.current.values()}  # (failure shard, row)
 
     # Failures: string columns only; examples from this run's shards, groups of the output's current ones.
-    run_failure_paths = set(_of_run(failure_shards, rid))
-    output_failures: Counter = Counter()
-    run_failures: Dict[str, List[Dict[str, str]]] = defaultdict(list)
-    for path in failure_shards:
-        for row, r in enumerate(reader.read(path, FAILURE_COLUMNS).to_pylist()):
-            key = f"{r['stage']}/{r['error_type']}"
-            if (path, row) in current:
-                output_failures[key] += 1
-            if path in run_failure_paths and len(run_failures[key]) < FAILURE_EXAMPLES:
-                run_failures[key].append(r)
+    run_failures, output_failures = _failure_groups(reader, failure_shards, set(_of_run(failure_shards, rid)),
+                                                    current)
 
     # Attention of a bounded sample, then keypoints of a smaller one: only the row groups holding them.
     attention_refs = [refs[j] for j in order[:ATTENTION_SAMPLE_ROWS]]
