@@ -16,14 +16,29 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 from beam_job import __version__
-from beam_job.launch import Interrupted, JobFailedError, Launch, RunOutcome
-from beam_job.pipeline.options import JobConfigError, describe_presets, job_config_from_args, parse_job_args
+
+if TYPE_CHECKING:
+    from beam_job.launch import JobFailedError, RunOutcome
+    from beam_job.pipeline.options import JobConfigError
 
 PROG = "delg-extract"
 __all__ = ["JobConfigError", "JobFailedError", "RunOutcome", "run", "main", "exit_status", "console_main"]
+
+# Beam (1.1 s of imports) is imported when a run starts, inside `main`, so that a Ctrl-C at any moment of a
+# run ends in one line; the names below are this module's too, looked up on first use (PEP 562).
+_LAZY = {"JobConfigError": "beam_job.pipeline.options", "JobFailedError": "beam_job.launch",
+         "RunOutcome": "beam_job.launch"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[RunOutcome]:
@@ -32,6 +47,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
     Raises JobConfigError before launch and JobFailedError when the job fails; both carry one line.
     `test_pipeline`: a beam.Pipeline to build into instead of creating one (tests).
     """
+    from beam_job.launch import Launch
+    from beam_job.pipeline.options import describe_presets, job_config_from_args, parse_job_args
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["presets"]:
         print(describe_presets())
@@ -57,14 +75,17 @@ def exit_status(exc: BaseException) -> Optional[Tuple[int, str]]:
     2: invalid configuration (found before launch); 1: the job ran and failed; 128 + the signal's number when a
     signal stopped it (130 for Ctrl-C, 143 for SIGTERM, which the launch handles as Ctrl-C: launch.Interrupted).
     """
+    if isinstance(exc, KeyboardInterrupt):  # first, with no import: it may have interrupted the imports
+        signum = getattr(exc, "signum", signal.SIGINT)  # launch.Interrupted carries the signal
+        return 128 + signum, (f"{PROG}: stopped by {signal.Signals(signum).name}: the output's claim is released "
+                              "and committed shards are kept; run the same command with --skip_existing to finish")
+    from beam_job.launch import JobFailedError
+    from beam_job.pipeline.options import JobConfigError
+
     if isinstance(exc, JobConfigError):
         return 2, f"{PROG}: error: {exc}"
     if isinstance(exc, JobFailedError):
         return 1, f"{PROG}: job failed: {exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        return 128 + signum, (f"{PROG}: stopped by {signal.Signals(signum).name}: the output's claim is released "
-                              "and committed shards are kept; run the same command with --skip_existing to finish")
     return None
 
 
@@ -102,10 +123,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             handler.addFilter(_runner_traceback_as_one_line)
     try:
         run(argv)
-    except (JobConfigError, JobFailedError, KeyboardInterrupt) as exc:
-        status, line = exit_status(exc)  # type: ignore[misc]  # not None for these three
-        print(line, file=sys.stderr)
-        return status
+    except (Exception, KeyboardInterrupt) as exc:
+        ended = exit_status(exc)
+        if ended is None:  # not one of the job's own ends: a bug, shown with its traceback
+            raise
+        print(ended[1], file=sys.stderr)
+        return ended[0]
     return 0
 
 

@@ -202,3 +202,22 @@ def test_job_error_line_names_a_dead_worker_and_keeps_other_errors():
     assert launch.job_error_line(dead).startswith("a worker process died during the run")
     other = RuntimeError("Traceback ...\n  File x\nValueError: bad thing happened\n")
     assert launch.job_error_line(other) == "ValueError: bad thing happened"
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.8, 2.5])
+def test_ctrl_c_at_any_moment_of_start_up_prints_one_line(images, tmp_path, delay_s):
+    """Ctrl-C while Python imports Beam (the first second), while TensorFlow starts and the model is checked, or
+    while the pipeline is built: exit 130, one line, no traceback, no claim left."""
+    output = str(tmp_path / "out")
+    (tmp_path / "write").write_text("wait 120")  # the run cannot end before the signal: it waits at its first write
+    env = dict(os.environ, DELG_FAILPOINT_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "beam_job", "--input", images, "--output", output, "--preset",
+                             "tiny"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    own = [line for line in stderr.splitlines() if line.startswith("delg-extract: ")]
+    assert own == [stderr.strip().splitlines()[-1]] and own[0].startswith("delg-extract: stopped by SIGINT: ")
+    assert not os.path.exists(os.path.join(output, "_claim.json"))
