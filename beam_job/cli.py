@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from beam_job import __version__
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from beam_job.pipeline.options import JobConfigError
 
 PROG = "delg-extract"
-__all__ = ["JobConfigError", "JobFailedError", "RunOutcome", "run", "main", "exit_status", "console_main"]
+__all__ = ["JobConfigError", "JobFailedError", "RunOutcome", "console_main", "exit_status", "main", "run"]
 
 # Beam (1.1 s of imports) is imported when a run starts, inside `main`, so that a Ctrl-C at any moment of a
 # run ends in one line; the names below are this module's too, looked up on first use (PEP 562).
@@ -41,7 +42,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[RunOutcome]:
+def run(argv: Sequence[str] | None = None, test_pipeline=None) -> RunOutcome | None:
     """Parse argv, validate, run the job and return a RunOutcome (None for `presets` and `report`).
 
     Raises JobConfigError before launch and JobFailedError when the job fails; both carry one line.
@@ -69,7 +70,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> Optional[Ru
         return launch.run()
 
 
-def exit_status(exc: BaseException) -> Optional[Tuple[int, str]]:
+def exit_status(exc: BaseException) -> tuple[int, str] | None:
     """(exit status, the one line to print on stderr) for the job's own ends; None for anything else.
 
     2: invalid configuration (found before launch); 1: the job ran and failed; 128 + the signal's number when a
@@ -109,7 +110,7 @@ def _runner_traceback_as_one_line(record: logging.LogRecord) -> bool:
     return True
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (see exit_status: 0 ok, 1 failed, 2 invalid, 130 stopped)."""
     if "--version" in (sys.argv[1:] if argv is None else argv):  # before logging, flag parsing and any work
         print(__version__)

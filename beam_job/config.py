@@ -12,11 +12,11 @@ import math
 import numbers
 import string
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 # The seven pyramid scales of every official DELG config (0.25 ... 2.0, powers of sqrt(2)).
-OFFICIAL_SCALES: Tuple[float, ...] = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
-KAGGLE_SCALES: Tuple[float, ...] = (0.70710677, 1.0, 1.4142135)
+OFFICIAL_SCALES: tuple[float, ...] = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+KAGGLE_SCALES: tuple[float, ...] = (0.70710677, 1.0, 1.4142135)
 
 # Largest decoded image accepted before any pixel is decoded (width * height). 100 MP covers every
 # camera photo; a decompression bomb (e.g. a 50000x50000 PNG header) is refused from its header.
@@ -34,7 +34,7 @@ INT32_MAX = 2**31 - 1
 MIN_LEVEL_SIZE = 5
 
 # Compute precisions of the model (beam_job.delg.precision): fp32 is the model as exported, bf16 opt-in.
-PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 # The backbones our own Keras DELG is built with (beam_job.delg.keras_model; the export's fixed geometry is in
@@ -55,9 +55,9 @@ class DelgArchitecture:
     """
 
     name: str
-    units: Tuple[int, int, int, int]
+    units: tuple[int, int, int, int]
     stem_filters: int = 64
-    stage_filters: Tuple[int, int, int, int] = (64, 128, 256, 512)
+    stage_filters: tuple[int, int, int, int] = (64, 128, 256, 512)
     expansion: int = 4
     attention_width: int = 512
     embedding_dim: int = 2048
@@ -86,12 +86,12 @@ class DelgArchitecture:
         """Channels of the global feature map (2048 for ResNet-50/101)."""
         return self.stage_filters[3] * self.expansion
 
-    def unit_names(self, stage_index: int) -> Tuple[str, ...]:
+    def unit_names(self, stage_index: int) -> tuple[str, ...]:
         """Official unit names of a stage: stage_index 0..3 -> 'l2a', 'l2b', ... 'l5c' (R101: l4a..l4w)."""
         return tuple(f"l{stage_index + 2}{string.ascii_lowercase[k]}" for k in range(self.units[stage_index]))
 
 
-ARCHITECTURES: Dict[str, DelgArchitecture] = {
+ARCHITECTURES: dict[str, DelgArchitecture] = {
     "r50": DelgArchitecture(name="r50", units=(3, 4, 6, 3)),
     "r101": DelgArchitecture(name="r101", units=(3, 4, 23, 3)),
     # Tests only: one unit per stage and very few channels, but the official output sizes (2048 / 128)
@@ -102,7 +102,7 @@ ARCHITECTURES: Dict[str, DelgArchitecture] = {
 }
 
 
-def get_architecture(arch: Union[str, DelgArchitecture]) -> DelgArchitecture:
+def get_architecture(arch: str | DelgArchitecture) -> DelgArchitecture:
     """Resolve a name ('r50', 'r101', 'tiny') or pass a DelgArchitecture through."""
     if isinstance(arch, DelgArchitecture):
         return arch
@@ -123,7 +123,7 @@ class PcaConfig:
     projection_matrix_path: str
     pca_dim: int
     use_whitening: bool = False
-    variances_path: Optional[str] = None
+    variances_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.pca_dim <= 0:
@@ -159,11 +159,11 @@ class ExtractionConfig:
 
     name: str
     description: str = ""
-    model: Optional[str] = None
-    official_model_url: Optional[str] = None
+    model: str | None = None
+    official_model_url: str | None = None
     architecture: str = "r50"
-    image_scales: Tuple[float, ...] = OFFICIAL_SCALES
-    global_scales_ind: Tuple[int, ...] = (3, 4, 5)
+    image_scales: tuple[float, ...] = OFFICIAL_SCALES
+    global_scales_ind: tuple[int, ...] = (3, 4, 5)
     max_feature_num: int = 1000
     score_threshold: float = 100.0
     max_image_size: int = 1024
@@ -174,8 +174,8 @@ class ExtractionConfig:
     use_resized_coordinates: bool = False
     apply_exif_orientation: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    global_pca: Optional[PcaConfig] = None
-    local_pca: Optional[PcaConfig] = None
+    global_pca: PcaConfig | None = None
+    local_pca: PcaConfig | None = None
     untrained: bool = False
     precision: str = "fp32"
 
@@ -236,7 +236,7 @@ class ExtractionConfig:
                 f"fails the image); the smallest usable scale here is {shown}")
 
     @property
-    def smallest_scale(self) -> Tuple[float, int, str]:
+    def smallest_scale(self) -> tuple[float, int, str]:
         """(the smallest usable pyramid scale, the largest side both of an image's sides can have here, why).
 
         Before the pyramid the longest side is shrunk to max_image_size or grown to min_image_size; without a
@@ -258,21 +258,21 @@ class ExtractionConfig:
     def is_embedded_model(self) -> bool:
         return bool(self.model and self.model.startswith(EMBEDDED_MODEL_PREFIX))
 
-    def replace(self, **overrides: Any) -> "ExtractionConfig":
+    def replace(self, **overrides: Any) -> ExtractionConfig:
         """A copy with some fields changed (validated again). Unknown names raise ValueError."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **overrides)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ExtractionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ExtractionConfig:
         data = dict(data)
         for key in ("global_pca", "local_pca"):
             if data.get(key) is not None:
@@ -299,7 +299,7 @@ def _official(name: str, tarball: str, architecture: str, threshold: float, trai
     )
 
 
-PRESETS: Dict[str, ExtractionConfig] = {
+PRESETS: dict[str, ExtractionConfig] = {
     "r50_gldv2clean": _official("r50_gldv2clean", "r50delg_gldv2clean_20200914", "r50", 454.6, "GLDv2-clean"),
     "r101_gldv2clean": _official("r101_gldv2clean", "r101delg_gldv2clean_20200914", "r101", 357.48, "GLDv2-clean"),
     "r50_gld": _official("r50_gld", "r50delg_gld_20200814", "r50", 175.0, "GLDv1"),

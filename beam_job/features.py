@@ -16,7 +16,6 @@ Conventions (the same as the official DELG extractor):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 
@@ -44,9 +43,9 @@ class DelgFeatures:
     descriptors: np.ndarray
     scales: np.ndarray
     attention: np.ndarray
-    original_hw: Tuple[int, int]
-    processed_hw: Tuple[int, int]
-    scale_factors: Tuple[float, float]
+    original_hw: tuple[int, int]
+    processed_hw: tuple[int, int]
+    scale_factors: tuple[float, float]
 
     @property
     def num_features(self) -> int:
@@ -59,11 +58,11 @@ class DelgFeatures:
     @classmethod
     def empty(
         cls,
-        original_hw: Tuple[int, int],
-        processed_hw: Tuple[int, int],
-        scale_factors: Tuple[float, float],
+        original_hw: tuple[int, int],
+        processed_hw: tuple[int, int],
+        scale_factors: tuple[float, float],
         local_dim: int = LOCAL_DIM,
-    ) -> "DelgFeatures":
+    ) -> DelgFeatures:
         """No features at all (the reference's answer for images under 10 px after resize)."""
         return cls(
             global_descriptor=np.zeros((0,), np.float32),
@@ -76,7 +75,7 @@ class DelgFeatures:
             scale_factors=(float(scale_factors[0]), float(scale_factors[1])),
         )
 
-    def validate(self) -> "DelgFeatures":
+    def validate(self) -> DelgFeatures:
         """Check shapes and dtypes; returns self so it can be chained. Raises ValueError."""
         n = self.num_features
         checks = [

@@ -22,7 +22,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -35,14 +35,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "SUPPORTED_FORMATS",
-    "ImageError",
     "ImageDecodeError",
+    "ImageError",
     "ImageTooLargeError",
     "PreparedImage",
     "decode_image",
+    "prepare_image",
     "read_image_size",
     "resize_image",
-    "prepare_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 # Pillow format ids we decode. Others Pillow knows (EPS runs Ghostscript, PSD, ICNS, ...) are refused on
 # purpose: every extra parser is attack surface for a job that reads untrusted bytes. MPO is what Pillow
 # calls multi-picture JPEGs written by many phones and cameras; PPM covers PBM/PGM/PPM.
-SUPPORTED_FORMATS: Tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM")
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM")
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -100,14 +100,14 @@ def _as_bytes(data) -> bytes:
     raise ImageDecodeError(f"image data must be bytes, got {type(data).__name__}")
 
 
-def _identify_format(prefix: bytes) -> Optional[str]:
+def _identify_format(prefix: bytes) -> str | None:
     """Name of any Pillow format whose signature check accepts `prefix` (no parsing beyond that)."""
     Image.init()
     for name, (_, accept) in Image.OPEN.items():
         try:
             if accept is not None and accept(prefix) is True:
                 return name
-        except Exception:  # noqa: BLE001 - a signature probe must never fail the caller
+        except Exception:
             continue
     return None
 
@@ -139,7 +139,7 @@ def _open_lazy(data: bytes) -> ImageFile.ImageFile:
                 f"{name} image refused while parsing its header: {exc} (Pillow's process-wide "
                 "PIL.Image.MAX_IMAGE_PIXELS applies here on top of max_image_pixels / --max_image_pixels)"
             ) from exc
-        except Exception as exc:  # noqa: BLE001 - hostile bytes may trip any parser error; all mean "corrupt"
+        except Exception as exc:
             problems.append(f"{name}: {' '.join((str(exc) or type(exc).__name__).split())}")
     if problems:
         raise ImageDecodeError(f"corrupt image header ({'; '.join(problems)})")
@@ -226,7 +226,7 @@ def _exif_orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(_ORIENTATION_TAG, 1)
         value = int(value)
-    except Exception as exc:  # noqa: BLE001 - malformed metadata must not lose good pixels
+    except Exception as exc:
         logger.warning("ignoring unreadable EXIF metadata (orientation not applied): %s", exc)
         return 1
     return value if value in _ORIENT else 1
@@ -274,7 +274,7 @@ def decode_image(
             orientation = _exif_orientation(img) if apply_exif_orientation else 1
         except (ImageError, MemoryError):
             raise
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-image decode error
+        except Exception as exc:
             detail = " ".join((str(exc) or type(exc).__name__).split())  # one line
             raise ImageDecodeError(f"cannot decode {fmt} image ({width}x{height}, mode {mode}): {detail}") from exc
     finally:
@@ -294,7 +294,7 @@ def _open_header(data) -> ImageFile.ImageFile:
     return _open_lazy(data)
 
 
-def read_image_size(data: bytes) -> Tuple[int, int]:
+def read_image_size(data: bytes) -> tuple[int, int]:
     """(height, width) declared by the image header, without decoding pixels.
 
     This is the stored size: EXIF orientations 5..8 swap it in the decoded image. Raises ImageDecodeError
@@ -319,7 +319,7 @@ def resize_image(
     min_image_size: int = -1,
     use_square_images: bool = False,
     resize_factor: float = 1.0,
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Resize an image the way the official DELG extractor does before its pyramid.
 
     Rule (reference `ResizeImage`): max_s = resize_factor * max_image_size and min_s = resize_factor *
@@ -394,15 +394,15 @@ class PreparedImage:
 
     image: np.ndarray
     scale_factors: np.ndarray
-    original_hw: Tuple[int, int]
+    original_hw: tuple[int, int]
 
     @property
-    def processed_hw(self) -> Tuple[int, int]:
+    def processed_hw(self) -> tuple[int, int]:
         """(new_h, new_w) of the resized image."""
         return int(self.image.shape[0]), int(self.image.shape[1])
 
 
-def prepare_image(image: np.ndarray, config: "ExtractionConfig", resize_factor: float = 1.0) -> PreparedImage:
+def prepare_image(image: np.ndarray, config: ExtractionConfig, resize_factor: float = 1.0) -> PreparedImage:
     """Apply `resize_image` with the config's max_image_size, min_image_size and use_square_images."""
     image = np.asarray(image)
     resized, scale_factors = resize_image(

@@ -22,8 +22,9 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from beam_job import layout, storage
 from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
@@ -58,14 +59,14 @@ class _StopOnSignals:
     """
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
         raise Interrupted(signum)
 
-    def __enter__(self) -> "_StopOnSignals":
+    def __enter__(self) -> _StopOnSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -84,9 +85,9 @@ class RunOutcome:
 
     job: JobConfig
     context: RunContext
-    summary: Dict[str, Any]
+    summary: dict[str, Any]
     result: Any
-    metrics: List[str]
+    metrics: list[str]
 
 
 def first_line(exc: BaseException) -> str:
@@ -146,12 +147,12 @@ def check_model(job: JobConfig, local: bool = True) -> str:
         raise JobConfigError(f"model {cfg.model} cannot be used: {first_line(exc)}") from None
 
 
-def _pid_of_progress_dir(name: str) -> Optional[int]:
+def _pid_of_progress_dir(name: str) -> int | None:
     pid = name[len(PROGRESS_DIR_PREFIX):].split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
 
 
-def remove_stale_progress_dirs(parent: Optional[str] = None) -> int:
+def remove_stale_progress_dirs(parent: str | None = None) -> int:
     """Remove the progress folders of launchers on this machine that are gone (SIGKILLed); the count removed."""
     from beam_job.pipeline.claim import process_alive
 
@@ -174,7 +175,7 @@ class _RunnerThreadErrors:
     watchers when a worker process dies, its gRPC readers) is logged as one WARNING line instead of Python's
     default traceback on stderr; the run's own error then says what happened (job_error_line)."""
 
-    def __enter__(self) -> "_RunnerThreadErrors":
+    def __enter__(self) -> _RunnerThreadErrors:
         self._previous = threading.excepthook
         threading.excepthook = self._hook
         return self
@@ -215,21 +216,21 @@ class Launch:
         self.options = PipelineOptions(self.pipeline_args)
         self.local = is_local_runner(self.options)
         self.dry_run = is_dry_run(self.options)
-        self.total: Optional[int] = None  # images listed (local runners; None when not counted)
+        self.total: int | None = None  # images listed (local runners; None when not counted)
         self._skip_model_check = skip_model_check
         self._progress = progress and self.local
         self._progress_interval = progress_interval
         self._verbose = verbose
         self._test_pipeline = test_pipeline
-        self._claim: Optional[Claim] = None
+        self._claim: Claim | None = None
         self._created_output = False
-        self._progress_dir: Optional[str] = None
+        self._progress_dir: str | None = None
         self._signals = _StopOnSignals()
-        self._lost_to: Optional[str] = None  # who holds the output's claim now, when this run lost it
+        self._lost_to: str | None = None  # who holds the output's claim now, when this run lost it
         self.context: RunContext  # what the checks found out (model identity, start time, ...): set on entering
 
     # ------------------------------------------------------------------ checks and claim
-    def __enter__(self) -> "Launch":
+    def __enter__(self) -> Launch:
         self._signals.__enter__()
         try:
             return self._enter()
@@ -237,7 +238,7 @@ class Launch:
             self._signals.__exit__()
             raise
 
-    def _enter(self) -> "Launch":
+    def _enter(self) -> Launch:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if self.dry_run:
             _LOGGER.info("--dry_run: skipping the input, output and model checks that need storage access")
@@ -277,7 +278,7 @@ class Launch:
         except Exception:  # best effort: the next run's FinalizeRun removes leftovers too
             _LOGGER.warning("could not remove this run's temp files under %s", self.job.output, exc_info=True)
 
-    def _count_inputs(self) -> Optional[int]:
+    def _count_inputs(self) -> int | None:
         from beam_job.pipeline.inputs import check_inputs
 
         job = self.job
@@ -451,7 +452,7 @@ class Launch:
                              started_at=self.context.started_at):  # the rate since the run started, as the summary's
             return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
 
-    def _finish(self) -> Dict[str, Any]:
+    def _finish(self) -> dict[str, Any]:
         """Read the run's summary, log the done line, write the run report; JobFailedError when it failed."""
         from beam_job.report.run import write_run_report_after_run
 

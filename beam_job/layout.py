@@ -37,8 +37,6 @@ Who may delete what (nothing else under `<output>` deletes anything; docs/pipeli
 
 from __future__ import annotations
 
-from typing import Tuple
-
 from beam_job.storage import join
 
 FEATURES = "features"  # a kind of row, and the folder its shards go to
@@ -100,7 +98,7 @@ def is_run_temp(path: str, run_id: str) -> bool:
     return f"/{TEMP_DIR_PREFIX}{shard_name_prefix(run_id)}-" in path
 
 
-def temp_dir_globs(output: str) -> Tuple[str, ...]:
+def temp_dir_globs(output: str) -> tuple[str, ...]:
     """Patterns matching every temp file under the output (object stores: temp folders are name prefixes)."""
     return tuple(join(kind_dir(output, kind), TEMP_DIR_PREFIX + "**") for kind in KINDS) + (
         join(legacy_tmp_dir(output), "**"),)

@@ -21,7 +21,8 @@ import os
 import re
 import threading
 import uuid
-from typing import IO, Any, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import IO, Any
 
 _LOGGER = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -93,7 +94,7 @@ def open_read(path: str) -> IO[bytes]:
     return _filesystems(path).open(path, compression_type=_uncompressed())
 
 
-def read_bytes(path: str, limit: Optional[int] = None) -> bytes:
+def read_bytes(path: str, limit: int | None = None) -> bytes:
     """The file's bytes; with `limit`, at most limit bytes."""
     with open_read(path) as fh:
         return fh.read() if limit is None else fh.read(limit)
@@ -119,7 +120,7 @@ def write_json(path: str, data: Any) -> None:
     write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), "application/json")
 
 
-def read_json(path: str) -> Optional[Any]:
+def read_json(path: str) -> Any | None:
     """The JSON document at `path`, or None when it is absent or unreadable (the caller reports that)."""
     try:
         return json.loads(read_bytes(path).decode("utf-8"))
@@ -167,7 +168,7 @@ def download(path: str, local_path: str, chunk_bytes: int = 8 << 20) -> int:
 
 # ----------------------------------------------------------------------------- listing
 
-def _match_local(pattern: str) -> List[str]:
+def _match_local(pattern: str) -> list[str]:
     """Local entries matching a Beam glob, as Beam matches them, but keeping entries that cannot be stat'ed.
 
     Beam's local listing drops a file whose size it cannot read (a broken symlink) without a word; here
@@ -193,7 +194,7 @@ def _match_local(pattern: str) -> List[str]:
     return out
 
 
-def match(pattern: str, limit: Optional[int] = None) -> List[str]:
+def match(pattern: str, limit: int | None = None) -> list[str]:
     """Files matching a glob (local or remote), sorted, as the file system names them; directories are left
     out. Beam's glob rules: `*` stays within one folder, `**` crosses folders. A listing that fails
     (permission denied, no such bucket) raises; only a pattern that matches nothing gives [].
@@ -204,7 +205,7 @@ def match(pattern: str, limit: Optional[int] = None) -> List[str]:
     return sorted(meta.path for meta in result.metadata_list if not meta.path.endswith("/"))
 
 
-def listing(pattern: str) -> List[Tuple[str, int, float]]:
+def listing(pattern: str) -> list[tuple[str, int, float]]:
     """(path, size in bytes, last modified as Unix seconds) of every file matching a glob, sorted by path."""
     if not is_remote(pattern):
         out = []
@@ -220,8 +221,8 @@ def listing(pattern: str) -> List[Tuple[str, int, float]]:
                   if not m.path.endswith("/"))
 
 
-def match_any(patterns: Iterable[str]) -> List[str]:
-    out: List[str] = []
+def match_any(patterns: Iterable[str]) -> list[str]:
+    out: list[str] = []
     for pattern in patterns:
         out.extend(match(pattern))
     return sorted(set(out))

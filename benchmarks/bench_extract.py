@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 # Run from a checkout without installing: the repository root holds beam_job/ and schemas/.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ class RssSampler:
         self._proc = psutil.Process()
         self._interval = interval_s
         self.stage = "startup"
-        self.peaks: Dict[str, int] = {}
+        self.peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,7 +74,7 @@ class RssSampler:
         self.stage = stage
         self.sample()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -84,7 +84,7 @@ class RssSampler:
         self.sample()
 
 
-def list_images(source: str, limit: Optional[int]) -> List[str]:
+def list_images(source: str, limit: int | None) -> list[str]:
     """Image paths from a folder (its image files, sorted) or a glob pattern (local or gs://)."""
     from beam_job import storage
 
@@ -101,7 +101,7 @@ def list_images(source: str, limit: Optional[int]) -> List[str]:
     return paths[:limit] if limit else paths
 
 
-def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) -> None:
+def _worker(index: int, paths: list[str], opts: dict[str, Any], out_q, barrier) -> None:
     """One worker process: load the model, run every image stage by stage, report timings and RSS."""
     if opts["tf_threads"] is not None:
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(opts["tf_threads"])
@@ -131,7 +131,7 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
         shard_path = os.path.join(opts["out_dir"], f"bench-worker{index}.parquet")
         writer = parquet_writer(shard_path, schema)
 
-        def run_one(path: str, times: Optional[Dict[str, List[float]]], pending: List[Dict[str, Any]]) -> int:
+        def run_one(path: str, times: dict[str, list[float]] | None, pending: list[dict[str, Any]]) -> int:
             marks = [time.perf_counter()]
             rss.set_stage("read")
             data = storage.read_bytes(path)
@@ -167,8 +167,8 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
             for path in paths[: opts["warmup"]]:
                 run_one(path, None, [])
             warmup_s = time.perf_counter() - t0
-        times: Dict[str, List[float]] = {stage: [] for stage in STAGES}
-        pending: List[Dict[str, Any]] = []
+        times: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        pending: list[dict[str, Any]] = []
         keypoints = []
         barrier.wait()  # all workers start their timed loops together, after every model load and warmup
         t_start = time.perf_counter()
@@ -211,7 +211,7 @@ def _worker(index: int, paths: List[str], opts: Dict[str, Any], out_q, barrier) 
     })
 
 
-def summarize(times: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
+def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     total = sum(sum(v) for v in times.values()) or 1.0
     out = {}
     for stage in STAGES:
@@ -227,8 +227,8 @@ def summarize(times: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def print_report(results: List[Dict[str, Any]], wall_s: float, args: argparse.Namespace) -> Dict[str, Any]:
-    merged: Dict[str, List[float]] = {stage: [] for stage in STAGES}
+def print_report(results: list[dict[str, Any]], wall_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    merged: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for res in results:
         for stage in STAGES:
             merged[stage].extend(res["times_ms"][stage])
@@ -271,7 +271,7 @@ def print_report(results: List[Dict[str, Any]], wall_s: float, args: argparse.Na
             "steady_images_per_s": steady, "stages": overall, "per_worker": results}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", help="folder of images, or a glob (local or gs://)")
     parser.add_argument("--preset", default="tiny", help="extraction preset (default tiny)")

@@ -28,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -55,7 +55,7 @@ def synthetic_photo(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(image + texture[:, :, None] + noise, 0, 255).astype(np.uint8)
 
 
-def make_jpegs(height: int, width: int, count: int, quality: int) -> List[bytes]:
+def make_jpegs(height: int, width: int, count: int, quality: int) -> list[bytes]:
     out = []
     for seed in range(count):
         buf = io.BytesIO()
@@ -65,13 +65,13 @@ def make_jpegs(height: int, width: int, count: int, quality: int) -> List[bytes]
 
 
 def time_cases(
-    cases: Dict[str, Callable[[int], object]], n_items: int, min_seconds: float, min_runs: int
-) -> Dict[str, List[float]]:
+    cases: dict[str, Callable[[int], object]], n_items: int, min_seconds: float, min_runs: int
+) -> dict[str, list[float]]:
     """Seconds per call of each case. Rounds call every case once, round-robin over the items, so that
     load from other processes on a shared machine hits all cases alike; stops after both limits."""
     for fn in cases.values():
         fn(0)  # warm-up (plugin imports, first-touch allocations)
-    times: Dict[str, List[float]] = {name: [] for name in cases}
+    times: dict[str, list[float]] = {name: [] for name in cases}
     start = time.perf_counter()
     i = 0
     while i < min_runs or time.perf_counter() - start < min_seconds * len(cases):
@@ -83,7 +83,7 @@ def time_cases(
     return times
 
 
-def summarise(times: Sequence[float], megapixels: float) -> Dict[str, float]:
+def summarise(times: Sequence[float], megapixels: float) -> dict[str, float]:
     ordered = sorted(times)
     mean = statistics.fmean(times)
     return {
@@ -96,7 +96,7 @@ def summarise(times: Sequence[float], megapixels: float) -> Dict[str, float]:
     }
 
 
-def parse_size(text: str) -> Tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     config = get_preset(args.preset)
     print(f"bench_imaging: Python {platform.python_version()}, Pillow {Image.__version__}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs visible, 1 thread; preset {config.name} (max_image_size {config.max_image_size})")
-    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for width, height in args.sizes:
         jpegs = make_jpegs(height, width, args.images, args.quality)
         decoded = [decode_image(d) for d in jpegs]

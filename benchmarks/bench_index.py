@@ -27,8 +27,8 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from beam_job.retrieval import index as ix  # noqa: E402
-from beam_job.retrieval import synthetic  # noqa: E402
+from beam_job.retrieval import index as ix
+from beam_job.retrieval import synthetic
 
 DIM = 2048
 

@@ -25,14 +25,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_job.config import get_preset  # noqa: E402
-from beam_job.features import DelgFeatures  # noqa: E402
-from beam_job.pipeline.options import JobConfig, RunContext  # noqa: E402
-from beam_job.pipeline.rows import failure_record, failures_table, feature_record, features_table  # noqa: E402
-from beam_job.pipeline.stats import StageStats  # noqa: E402
-from beam_job.pipeline.summary import finalize_run  # noqa: E402
-from beam_job.pipeline.writer import FAILURES, FEATURES, shard_prefix, shard_schema  # noqa: E402
-from beam_job.report import run as run_report  # noqa: E402
+from beam_job.config import get_preset
+from beam_job.features import DelgFeatures
+from beam_job.pipeline.options import JobConfig, RunContext
+from beam_job.pipeline.rows import failure_record, failures_table, feature_record, features_table
+from beam_job.pipeline.stats import StageStats
+from beam_job.pipeline.summary import finalize_run
+from beam_job.pipeline.writer import FAILURES, FEATURES, shard_prefix, shard_schema
+from beam_job.report import run as run_report
 
 ROWS_PER_SHARD, ROW_GROUP = 256, 16
 

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from beam_job.retrieval import geometry, index as ix, matching, rerank, shards, synthetic  # noqa: E402
+from beam_job.retrieval import geometry, matching, rerank, shards, synthetic  # noqa: E402
+from beam_job.retrieval import index as ix
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -53,7 +54,7 @@ def bench_pairs(args) -> list:
     for fraction in (0.5, 0.2, 0.05, 0.0):
         query, cand, n_true = make_pair(np.random.default_rng(1), args.features, fraction)
         qi, ci = matching.match_descriptors(query.descriptors, cand.descriptors)
-        row = {"true_fraction": fraction, "putative": int(len(qi)), "true_inliers": n_true}
+        row = {"true_fraction": fraction, "putative": len(qi), "true_inliers": n_true}
         row["match_numpy_ms"] = median_ms(lambda: matching.match_descriptors(query.descriptors, cand.descriptors),
                                           args.repeats)
         row["match_ratio_faiss_ms"] = median_ms(

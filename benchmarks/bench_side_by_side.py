@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -56,7 +56,7 @@ ALL_CELLS = 10**6
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _config(spec: Dict[str, Any], model: Optional[str] = None, precision: str = "fp32", **overrides):
+def _config(spec: dict[str, Any], model: str | None = None, precision: str = "fp32", **overrides):
     from beam_job.config import get_preset
 
     kwargs = {"precision": precision, **overrides}
@@ -65,7 +65,7 @@ def _config(spec: Dict[str, Any], model: Optional[str] = None, precision: str = 
     return get_preset(spec["preset"], **kwargs)
 
 
-def child_bare(spec: Dict[str, Any], official: bool = False) -> Dict[str, Any]:
+def child_bare(spec: dict[str, Any], official: bool = False) -> dict[str, Any]:
     """README's API in a loop: the cost the job should match."""
     from beam_job.delg.extractor import DelgExtractor
     from beam_job.imaging import decode_image
@@ -82,7 +82,7 @@ def child_bare(spec: Dict[str, Any], official: bool = False) -> Dict[str, Any]:
     return {"load_s": load_s, "times": times}
 
 
-def child_model(spec: Dict[str, Any], which: str, precision: str) -> Dict[str, Any]:
+def child_model(spec: dict[str, Any], which: str, precision: str) -> dict[str, Any]:
     import numpy as np
 
     from beam_job.delg.extractor import DelgExtractor
@@ -119,7 +119,7 @@ def child_model(spec: Dict[str, Any], which: str, precision: str) -> Dict[str, A
     return {"load_s": load_s, "times": times}
 
 
-def run_child(variant: str, spec: Dict[str, Any]) -> None:
+def run_child(variant: str, spec: dict[str, Any]) -> None:
     if variant in ("bare", "bare-official"):
         result = child_bare(spec, official=variant == "bare-official")
     else:
@@ -133,7 +133,7 @@ def run_child(variant: str, spec: Dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _spawn(cmd: List[str], env: Dict[str, str], log_path: str) -> Dict[str, Any]:
+def _spawn(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
     """Run cmd; wall seconds, peak RSS (MB) of that process and its RESULT line (if any)."""
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
@@ -141,19 +141,19 @@ def _spawn(cmd: List[str], env: Dict[str, str], log_path: str) -> Dict[str, Any]
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    with open(log_path, "r", encoding="utf-8", errors="replace") as log:
+    with open(log_path, encoding="utf-8", errors="replace") as log:
         text = log.read()
     if proc.returncode != 0:
         tail = "\n".join(text.strip().splitlines()[-5:])
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for line in text.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
     return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024.0, **result}
 
 
-def _prepare_models(spec: Dict[str, Any], env: Dict[str, str], work: str) -> None:
+def _prepare_models(spec: dict[str, Any], env: dict[str, str], work: str) -> None:
     """Export the official-computation model and our embedded model once, outside any timing."""
     code = (
         "import os, sys\n"
@@ -185,12 +185,12 @@ def _by_cell(loc, scale, *arrays):
             for i, (p, level) in enumerate(zip(loc, scale))}
 
 
-def compare(test_npz: str, ref_npz: str, n: int) -> Dict[str, Any]:
+def compare(test_npz: str, ref_npz: str, n: int) -> dict[str, Any]:
     """Quality of `test` against `ref`, on the preset outputs (top) and on all cells."""
     import numpy as np
 
     test, ref = np.load(test_npz), np.load(ref_npz)
-    out: Dict[str, Any] = {"global_cos_min": 1.0, "global_maxdiff": 0.0, "top_same_keypoints": True,
+    out: dict[str, Any] = {"global_cos_min": 1.0, "global_maxdiff": 0.0, "top_same_keypoints": True,
                            "top_overlap_min": 1.0, "top_desc_maxdiff": 0.0, "top_att_maxdiff": 0.0,
                            "all_cells_matched": True, "all_cells_unique": True}
     cosines, relerrs = [], []
@@ -226,7 +226,7 @@ def compare(test_npz: str, ref_npz: str, n: int) -> Dict[str, Any]:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photos", nargs="?", help="folder of photos (.jpg/.jpeg/.png), read in place")
     parser.add_argument("--quick", action="store_true", help="tiny model: 4 job photos, 2 model photos, 1 round")
@@ -262,15 +262,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     if args.tf_threads:
         env["TF_NUM_INTRAOP_THREADS"] = str(args.tf_threads)
-    from beam_job.delg.embedded import _code_version
     from beam_job.delg.cache import default_cache_dir
+    from beam_job.delg.embedded import _code_version
 
     work = tempfile.mkdtemp(prefix="delg-bench-")
     job_dir = os.path.join(work, "photos")
     os.makedirs(job_dir)
     for path in photos[:n_job]:
         os.symlink(os.path.abspath(path), os.path.join(job_dir, os.path.basename(path)))
-    spec: Dict[str, Any] = {
+    spec: dict[str, Any] = {
         "preset": preset, "arch": arch,
         "job_photos": [os.path.join(job_dir, os.path.basename(p)) for p in photos[:n_job]],
         "model_photos": [os.path.abspath(p) for p in photos[:n_model]],
@@ -278,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     _prepare_models(spec, env, work)
     load = [os.getloadavg()[0]]
-    runs: Dict[str, List[Dict[str, Any]]] = {v: [] for v in variants}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(rounds):
         for variant in variants:
             log = os.path.join(work, f"{variant}-{r}.log")
@@ -311,13 +311,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _report(runs: Dict[str, List[Dict[str, Any]]], spec: Dict[str, Any], n_model: int,
-            load: List[float]) -> Dict[str, Any]:
-    def med(variant: str, key: str) -> Optional[float]:
+def _report(runs: dict[str, list[dict[str, Any]]], spec: dict[str, Any], n_model: int,
+            load: list[float]) -> dict[str, Any]:
+    def med(variant: str, key: str) -> float | None:
         values = [r[key] for r in runs.get(variant, []) if key in r]
         return statistics.median(values) if values else None
 
-    def per_image(variant: str) -> Optional[float]:
+    def per_image(variant: str) -> float | None:
         values = [statistics.median(r["times"]) for r in runs.get(variant, []) if r.get("times")]
         return statistics.median(values) if values else None
 
@@ -330,7 +330,7 @@ def _report(runs: Dict[str, List[Dict[str, Any]]], spec: Dict[str, Any], n_model
         pi = per_image(variant)
         print(f"{variant:<15} {pi if pi is not None else float('nan'):>17.3f} {med(variant, 'wall_s'):>15.1f} "
               f"{med(variant, 'rss_mb'):>12.0f}   {rounds}")
-    report: Dict[str, Any] = {"load": [min(load), max(load)]}
+    report: dict[str, Any] = {"load": [min(load), max(load)]}
     print()
     if "job" in runs and "bare" in runs:
         report["job_vs_bare_wall"] = med("job", "wall_s") / med("bare", "wall_s")

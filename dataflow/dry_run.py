@@ -21,18 +21,17 @@ import logging
 import os
 import sys
 import tarfile
-from typing import Any, Dict, List
+from typing import Any
 
 _LOGGER = logging.getLogger("dataflow.dry_run")
 
 
-def build_report(result) -> Dict[str, Any]:
+def build_report(result) -> dict[str, Any]:
     """The job Dataflow would receive, from the PipelineResult of a `--dry_run=True` DataflowRunner run."""
-    from google.protobuf import json_format
-
     from apache_beam.portability import common_urns
     from apache_beam.portability.api import beam_runner_api_pb2
     from apache_beam.runners.dataflow.internal import apiclient
+    from google.protobuf import json_format
 
     job = result.job
     proto = job.proto_pipeline
@@ -78,7 +77,7 @@ def build_report(result) -> Dict[str, Any]:
     }
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--dry_run=True" not in argv:
         raise SystemExit("dataflow/dry_run.py only runs Beam dry runs: pass --dry_run=True (run_dataflow.sh does)")

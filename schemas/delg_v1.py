@@ -7,11 +7,11 @@ column for index builders, and tests/test_schema.py guards the exact field list.
 from __future__ import annotations
 
 import json
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import pyarrow as pa
 
-from beam_job.features import GLOBAL_DIM, LOCAL_DIM  # noqa: F401 - the model's output sizes, stored as they are
+from beam_job.features import GLOBAL_DIM, LOCAL_DIM
 
 SCHEMA_VERSION = "delg_v1"
 
@@ -103,8 +103,8 @@ def file_metadata(
     config_json: str,
     descriptor_dtype: str = "float32",
     untrained: bool = False,
-    extra: Optional[Mapping[str, str]] = None,
-) -> Dict[bytes, bytes]:
+    extra: Mapping[str, str] | None = None,
+) -> dict[bytes, bytes]:
     """Key/value metadata stored in every shard's footer."""
     meta = {
         META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),

@@ -40,7 +40,6 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POM = os.path.join(ROOT, "flink", "pom.xml")
@@ -67,7 +66,7 @@ def cache_dir() -> str:
     return os.environ.get("DELG_FLINK_CACHE") or DEFAULT_CACHE
 
 
-def flink_home(cache: Optional[str] = None) -> str:
+def flink_home(cache: str | None = None) -> str:
     """A Flink distribution's lib/ folder, unpacked once from the PyPI sdist into the cache."""
     home = os.path.join(cache or cache_dir(), f"flink-{FLINK_VERSION}")
     if os.path.exists(os.path.join(home, "lib", f"flink-dist-{FLINK_VERSION}.jar")):
@@ -99,7 +98,7 @@ def flink_home(cache: Optional[str] = None) -> str:
     return home
 
 
-def job_server_jar(cache: Optional[str] = None) -> str:
+def job_server_jar(cache: str | None = None) -> str:
     """Beam's Flink job server, built from flink/pom.xml once per version of that file."""
     digest = hashlib.sha256()
     for source in [POM, *sorted(glob.glob(os.path.join(ROOT, "flink", "src", "**"), recursive=True))]:
@@ -122,7 +121,7 @@ def job_server_jar(cache: Optional[str] = None) -> str:
     return jar
 
 
-def _run(cmd: List[str], what: str) -> None:
+def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -139,7 +138,7 @@ def free_port() -> int:
 
 
 def _config(host: str, bind: str, rest_port: int, rpc_port: int, slots: int, attempts: int,
-            workdir: str) -> Dict[str, str]:
+            workdir: str) -> dict[str, str]:
     """Flink settings: the JobManager at `host`, listening on `bind`, small memory, quick loss detection,
     fixed-delay restarts."""
     return {
@@ -185,7 +184,7 @@ appender.main.layout.pattern = %d{yyyy-MM-dd HH:mm:ss,SSS} %-5p %-60c %x - %m%n
 """
 
 
-def _spawn(cmd: List[str], log: str, env: Optional[Dict[str, str]] = None) -> int:
+def _spawn(cmd: list[str], log: str, env: dict[str, str] | None = None) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, cwd=os.path.dirname(log))
@@ -199,7 +198,7 @@ def _java_binary() -> str:
     return java
 
 
-def _memory_args(home: str, workdir: str, role: str) -> List[str]:
+def _memory_args(home: str, workdir: str, role: str) -> list[str]:
     """JVM flags and dynamic settings for a JobManager ("JM") or TaskManager ("TM") from the memory settings in
     config.yaml, computed by Flink's own BashJavaUtils as its start scripts do (a TaskManager refuses to
     start without the resource settings it derives)."""
@@ -216,7 +215,7 @@ def _memory_args(home: str, workdir: str, role: str) -> List[str]:
     return [*jvm.split(), "\0", *dynamic.split()]
 
 
-def _java(home: str, workdir: str, name: str, main: str, role: str, *args: str) -> List[str]:
+def _java(home: str, workdir: str, name: str, main: str, role: str, *args: str) -> list[str]:
     jvm_and_dynamic = _memory_args(home, workdir, role)
     cut = jvm_and_dynamic.index("\0")
     return [_java_binary(), *jvm_and_dynamic[:cut], f"-Dlog.file={os.path.join(workdir, 'log', name + '.log')}",
@@ -231,8 +230,8 @@ def _get_json(url: str, timeout: float = 5.0):
 
 
 def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, rest_port: int = 0,
-          restart_attempts: int = 3, env: Optional[Dict[str, str]] = None, timeout: float = 180.0,
-          hosts=False) -> Dict:
+          restart_attempts: int = 3, env: dict[str, str] | None = None, timeout: float = 180.0,
+          hosts=False) -> dict:
     """Start the cluster; returns the state also written to <workdir>/cluster.json. `env`: extra variables
     for every SDK worker. `hosts`: True (or the result of make_hosts, to start a server on the hosts' gateway
     first) puts every TaskManager in a network namespace of its own (root needed); the JobManager then listens
@@ -256,7 +255,7 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
     with open(os.path.join(workdir, "conf", "log4j.properties"), "w") as fh:
         fh.write(_LOG4J)
 
-    state: Dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "host": host,
+    state: dict = {"workdir": workdir, "flink_home": home, "job_server_jar": jar, "host": host,
                    "rest_port": rest_port, "sdk_worker": _write_worker_command(workdir, env), "slots": slots,
                    "network": network, "owns_network": network is not None and not isinstance(hosts, dict),
                    "jobmanager": None, "taskmanagers": {}}
@@ -277,10 +276,10 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
     return state
 
 
-def start_taskmanager(state: Dict, name: str) -> int:
+def start_taskmanager(state: dict, name: str) -> int:
     """Start (or restart) one TaskManager of a running cluster; returns its pid."""
     workdir, network = state["workdir"], state.get("network")
-    where: List[str] = []
+    where: list[str] = []
     if network:  # its own host: its namespace, its address on the bridge
         namespace, address = network["hosts"][name]
         where = ["-D", f"taskmanager.host={address}", "-D", "taskmanager.bind-host=0.0.0.0"]
@@ -294,7 +293,7 @@ def start_taskmanager(state: Dict, name: str) -> int:
     return pid
 
 
-def _write_worker_command(workdir: str, extra: Optional[Dict[str, str]]) -> str:
+def _write_worker_command(workdir: str, extra: dict[str, str] | None) -> str:
     """<workdir>/sdk-worker: what a TaskManager runs for each SDK worker (Beam's PROCESS environment)."""
     env = {"PYTHONPATH": ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     env.update(extra or {})
@@ -307,7 +306,7 @@ def _write_worker_command(workdir: str, extra: Optional[Dict[str, str]]) -> str:
     return path
 
 
-def wait_ready(state: Dict, taskmanagers: int, timeout: float) -> None:
+def wait_ready(state: dict, taskmanagers: int, timeout: float) -> None:
     """Until the REST API lists `taskmanagers` TaskManagers."""
     deadline = time.monotonic() + timeout
     url = f"http://{state['host']}:{state['rest_port']}/taskmanagers"
@@ -328,7 +327,7 @@ def wait_ready(state: Dict, taskmanagers: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
+def job_flags(state: dict, parallelism: int | None = None) -> list[str]:
     """The Beam pipeline options that run a job on this cluster."""
     workers = parallelism or len(state["taskmanagers"])
     return [
@@ -345,14 +344,14 @@ def job_flags(state: Dict, parallelism: Optional[int] = None) -> List[str]:
     ]
 
 
-def _save(state: Dict) -> None:
+def _save(state: dict) -> None:
     path = os.path.join(state["workdir"], "cluster.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(state, fh, indent=1)
     os.replace(path + ".tmp", path)
 
 
-def load(workdir: str = DEFAULT_DIR) -> Dict:
+def load(workdir: str = DEFAULT_DIR) -> dict:
     path = os.path.join(os.path.abspath(workdir), "cluster.json")
     try:
         with open(path) as fh:
@@ -361,11 +360,11 @@ def load(workdir: str = DEFAULT_DIR) -> Dict:
         raise ClusterError(f"no cluster state in {path}: start one with flink_cluster.py start") from None
 
 
-def _pids(state: Dict) -> List[int]:
+def _pids(state: dict) -> list[int]:
     return [p for p in [*state.get("taskmanagers", {}).values(), state.get("jobmanager")] if p]
 
 
-def _alive(pid: Optional[int]) -> bool:
+def _alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -411,7 +410,7 @@ def stop(workdir: str = DEFAULT_DIR, quiet: bool = False, grace: float = 10.0) -
 HOSTS_SUBNET = "10.213"  # 10.213.<n>.0/24: addresses on a bridge that exists only on this machine
 
 
-def make_hosts(count: int) -> Dict:
+def make_hosts(count: int) -> dict:
     """Hosts for a JobManager and `count` TaskManagers: network namespaces `dlg<n>-jobmanager` and
     `dlg<n>-tm-<i>`, each with one veth on a new bridge `dlgbr<n>`, whose own address 10.213.<n>.1 (the
     gateway) is this machine's: the launcher's, and that of any server the hosts must share (a GCS emulator).
@@ -424,7 +423,7 @@ def make_hosts(count: int) -> Dict:
     n = next((i for i in range(1, 250) if f"dlgbr{i}:" not in used), None)
     if n is None:
         raise ClusterError("no free dlgbr<n> bridge name: remove stale ones with `ip link del dlgbr<n>`")
-    network: Dict = {"bridge": f"dlgbr{n}", "gateway": f"{HOSTS_SUBNET}.{n}.1", "hosts": {}}
+    network: dict = {"bridge": f"dlgbr{n}", "gateway": f"{HOSTS_SUBNET}.{n}.1", "hosts": {}}
     try:
         _ip("link", "add", network["bridge"], "type", "bridge")
         _ip("addr", "add", f"{network['gateway']}/24", "dev", network["bridge"])
@@ -446,7 +445,7 @@ def make_hosts(count: int) -> Dict:
     return network
 
 
-def remove_hosts(network: Dict) -> None:
+def remove_hosts(network: dict) -> None:
     for namespace, _ in network["hosts"].values():
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
     subprocess.run(["ip", "link", "del", network["bridge"]], capture_output=True)  # takes its veths along
@@ -459,7 +458,7 @@ def _ip(*args: str) -> None:
 # ------------------------------------------------------------------------------------------ command line
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flink_cluster.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("prepare", "start", "flags", "status", "stop"))
     parser.add_argument("--dir", default=DEFAULT_DIR, help="the cluster's working folder (default: .flink)")

@@ -24,10 +24,10 @@ import argparse
 import ast
 import os
 import sys
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from collections.abc import Iterator
 
 PACKAGE = "beam_job"
-LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("beam_job", "beam_job.storage", "beam_job.layout", "beam_job.config", "beam_job.features",
               "beam_job.imaging", "beam_job.schemas")),
     ("delg", ("beam_job.delg",)),
@@ -37,15 +37,15 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("launcher", ("beam_job.cli", "beam_job.launch", "beam_job.__main__")),
 )
 
-Graph = Dict[str, Set[Tuple[str, int]]]  # module -> {(imported module, line)}
+Graph = dict[str, set[tuple[str, int]]]  # module -> {(imported module, line)}
 
 
-def module_files(root: str) -> Dict[str, str]:
+def module_files(root: str) -> dict[str, str]:
     """{module name: file} of every module of the package under `root` (the repository root)."""
     trees = [(os.path.join(root, PACKAGE), PACKAGE)]
     if not os.path.isdir(os.path.join(root, PACKAGE, "schemas")) and os.path.isdir(os.path.join(root, "schemas")):
         trees.append((os.path.join(root, "schemas"), PACKAGE + ".schemas"))  # setup.py's package_dir mapping
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     for top, name in trees:
         for dirpath, dirnames, filenames in os.walk(top, followlinks=True):  # beam_job/schemas: a link
             dirnames[:] = sorted(d for d in dirnames if os.path.isfile(os.path.join(dirpath, d, "__init__.py")))
@@ -57,7 +57,7 @@ def module_files(root: str) -> Dict[str, str]:
     return files
 
 
-def _resolve(module: str, is_package: bool, level: int, target: Optional[str]) -> str:
+def _resolve(module: str, is_package: bool, level: int, target: str | None) -> str:
     """The absolute name of `from <level dots><target> import ...` written in `module`."""
     if not level:
         return target or ""
@@ -67,7 +67,7 @@ def _resolve(module: str, is_package: bool, level: int, target: Optional[str]) -
     return ".".join(base + ([target] if target else []))
 
 
-def _imported(tree: ast.AST, module: str, is_package: bool) -> Iterator[Tuple[str, int, Tuple[str, ...]]]:
+def _imported(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[str, int, tuple[str, ...]]]:
     """(imported module, line, names taken from it) for each import statement anywhere in the tree."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -94,16 +94,16 @@ def build_graph(root: str) -> Graph:
     return graph
 
 
-def _owner(target: str, files: Dict[str, str]) -> Optional[str]:
+def _owner(target: str, files: dict[str, str]) -> str | None:
     """The module `target` names, or the closest enclosing package that exists."""
     while target and target not in files:
         target = target.rpartition(".")[0]
     return target or None
 
 
-def layer_of(module: str) -> Optional[int]:
+def layer_of(module: str) -> int | None:
     """The layer index of a module (the longest matching prefix wins), None when it is in no layer."""
-    best: Tuple[int, int] = (-1, -1)
+    best: tuple[int, int] = (-1, -1)
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
             if (module == prefix or (prefix != PACKAGE and module.startswith(prefix + "."))) and len(prefix) > best[0]:
@@ -111,13 +111,13 @@ def layer_of(module: str) -> Optional[int]:
     return best[1] if best[0] >= 0 else None
 
 
-def cycles(graph: Graph) -> List[List[str]]:
+def cycles(graph: Graph) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted, in sorted order."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    on_stack: Set[str] = set()
-    found: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
 
     def visit(node: str) -> None:
         index[node] = low[node] = len(index)
@@ -146,7 +146,7 @@ def cycles(graph: Graph) -> List[List[str]]:
     return sorted(found)
 
 
-def upward_imports(graph: Graph) -> List[Tuple[str, int, str]]:
+def upward_imports(graph: Graph) -> list[tuple[str, int, str]]:
     """(module, line, imported module) for each import of a module in a higher layer."""
     found = []
     for module, edges in sorted(graph.items()):
@@ -158,11 +158,11 @@ def upward_imports(graph: Graph) -> List[Tuple[str, int, str]]:
     return found
 
 
-def unlayered(graph: Graph) -> List[str]:
+def unlayered(graph: Graph) -> list[str]:
     return sorted(m for m in graph if layer_of(m) is None)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--edges", action="store_true", help="also print every edge (module -> module)")

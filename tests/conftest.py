@@ -7,9 +7,9 @@ os.environ.setdefault("NO_GCE_CHECK", "true")  # never ping the GCE metadata ser
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
-import socket  # noqa: E402
+import socket
 
-import pytest  # noqa: E402
+import pytest
 
 
 def _free_port() -> int:

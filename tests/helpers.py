@@ -299,7 +299,7 @@ def tiny_tf1(tmp_path_factory, variant: str = "full") -> str:
     return shared_export(tmp_path_factory, f"tiny-tf1-{variant}", build)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_model(path: str):
     """A loaded model shared by tests that only need to run it (loading is tested separately)."""
     from beam_job.delg.loader import load_delg_model

@@ -9,6 +9,7 @@ import pytest
 
 from beam_job import cli
 from beam_job.config import PRESETS
+
 from helpers import fails_with, synthetic_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

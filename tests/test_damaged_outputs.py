@@ -28,6 +28,7 @@ from beam_job.pipeline.rows import failure_record, feature_record, table_for
 from beam_job.pipeline.summary import run_status
 from beam_job.pipeline.transforms import DUPLICATE, FAILED, SKIPPED, DuplicateImageIdError, ResolveInputsFn
 from beam_job.pipeline.writer import parquet_writer, shard_schema
+
 from helpers import make_good_images
 
 TINY = ["--preset", "tiny", "--no_progress"]

@@ -7,6 +7,7 @@ import tensorflow as tf
 from beam_job.delg.export import export_tf2
 from beam_job.delg.graph import DelgExtractionModule
 from beam_job.delg.keras_model import build_delg
+
 from helpers import tiny_tf1, tiny_tf2  # exports built once per session, shared with the loader tests
 
 SCALES = np.array([0.70710677, 1.0], np.float32)

@@ -4,12 +4,13 @@ import logging
 
 import numpy as np
 import pytest
-from helpers import cached_model, tiny_tf1, tiny_tf2
 
 from beam_job import imaging
 from beam_job.config import PcaConfig, get_preset
 from beam_job.delg import datum
 from beam_job.delg.extractor import DelgExtractor
+
+from helpers import cached_model, tiny_tf1, tiny_tf2
 
 TINY = get_preset("tiny")  # 2 scales (0.707, 1.0), both global, max 64 features, threshold 0, max side 96
 

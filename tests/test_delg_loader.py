@@ -13,13 +13,14 @@ import tensorflow as tf
 from beam_job.delg import loader
 from beam_job.delg.cache import build_once, default_cache_dir
 from beam_job.delg.loader import ModelLoadError, load_delg_model
+
 from helpers import cached_model, tiny_tf1, tiny_tf2
 
 SCALES = [0.70710677, 1.0]
 GSI = [0, 1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _image(h: int = 72, w: int = 104, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 

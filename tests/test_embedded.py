@@ -8,10 +8,11 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import tiny_tf2
 
 from beam_job.delg import embedded
 from beam_job.delg.loader import load_delg_model
+
+from helpers import tiny_tf2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -31,6 +31,7 @@ from beam_job.pipeline.resume import current_failures
 from beam_job.pipeline.rows import failure_record, feature_record, table_for
 from beam_job.pipeline.summary import finalize_run
 from beam_job.pipeline.writer import FAILURES, FEATURES, DelgParquetSink, shard_schema
+
 from helpers import make_good_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,7 @@ import os
 
 import pyarrow.parquet as pq
 
-from beam_job import schemas
-from beam_job import cli
+from beam_job import cli, schemas
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -27,6 +27,7 @@ from beam_job.imaging import (
     read_image_size,
     resize_image,
 )
+
 from helpers import encode, raw_png, rgb_pattern, with_orientation
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from beam_job.pipeline.inputs import (
     read_manifest,
     text_to_path,
 )
+
 from helpers import fails_with
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # what os.listdir gives for these bytes (surrogate escapes)

@@ -16,6 +16,7 @@ from beam_job import cli
 from beam_job.config import ExtractionConfig, get_preset
 from beam_job.pipeline.inputs import text_to_path
 from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
+
 from helpers import assert_every_entry_once, encode, failing_handler, pattern_image, read_rows, write_corpus
 
 TINY = ["--preset", "tiny", "--no_progress"]
@@ -135,7 +136,7 @@ def test_job_config_refuses_a_nan_failure_ratio():
 def _tf_error(fn):
     try:
         fn()
-    except Exception as exc:  # noqa: BLE001 - the error is what we want
+    except Exception as exc:
         return exc
     raise AssertionError("no error")
 

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_job import schemas
-from beam_job import cli
+from beam_job import cli, schemas
 from beam_job.config import get_preset
 from beam_job.pipeline.inputs import derive_image_id
 from beam_job.pipeline.pipeline import counter_value
+
 from helpers import encode, failing_handler, huge_header_png, make_good_images, read_rows
 
 TINY = ["--preset", "tiny"]

@@ -24,6 +24,7 @@ from beam_job.report.retrieval import main as retrieval_main
 from beam_job.report.retrieval import write_retrieval_report
 from beam_job.retrieval import cli as rcli
 from beam_job.retrieval import evaluate as ev
+
 from helpers import synthetic_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_job.retrieval import cli, geometry, index as ix, plots, synthetic
+from beam_job.retrieval import cli, geometry, plots, synthetic
+from beam_job.retrieval import index as ix
 
 GRAY = (128, 128, 128)
 

@@ -16,7 +16,9 @@ import pytest
 import beam_job.retrieval
 from beam_job.report.retrieval import REPORT_COMMAND
 from beam_job.report.retrieval import main as retrieval_main
-from beam_job.retrieval import cli, index as ix, query as qm, rerank, synthetic
+from beam_job.retrieval import cli, rerank, synthetic
+from beam_job.retrieval import index as ix
+from beam_job.retrieval import query as qm
 from beam_job.schemas import delg_v1
 
 DIM = 2048

@@ -8,12 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_job import schemas
-from beam_job.features import DelgFeatures
-from beam_job.pipeline.rows import (MissingGlobalDescriptorError, failure_record, feature_record, failures_table,
-                                    features_table)
-from beam_job.pipeline.writer import shard_schema
-from beam_job.pipeline.options import JobConfig, RunContext
 from beam_job.config import get_preset
+from beam_job.features import DelgFeatures
+from beam_job.pipeline.options import JobConfig, RunContext
+from beam_job.pipeline.rows import (
+    MissingGlobalDescriptorError,
+    failure_record,
+    failures_table,
+    feature_record,
+    features_table,
+)
+from beam_job.pipeline.writer import shard_schema
 
 
 def _features(n, seed=0, with_global=True):

@@ -19,6 +19,7 @@ from apache_beam.metrics.metricbase import MetricName
 
 from beam_job.pipeline.options import JobConfigError, parse_job_args
 from beam_job.pipeline.pipeline import counter_value, metrics_report
+
 from helpers import assert_every_entry_once, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

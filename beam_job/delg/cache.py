@@ -11,7 +11,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 SAVED_MODEL_FILE = "saved_model.pb"  # present in every SavedModel directory: marks a finished export
 
@@ -33,7 +33,7 @@ def _file_lock(path: str) -> Iterator[None]:
 
 
 def build_once(
-    target: str, build: Callable[[str], None], *, is_complete: Optional[Callable[[str], bool]] = None
+    target: str, build: Callable[[str], None], *, is_complete: Callable[[str], bool] | None = None
 ) -> str:
     """Create directory `target` exactly once, even when several processes race for it.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +27,7 @@ _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _ANCHOR = "backbone/conv1/kernel" + _SUFFIX
 
 
-def _detect_prefix(keys: List[str], ckpt_path: str) -> str:
+def _detect_prefix(keys: list[str], ckpt_path: str) -> str:
     candidates = sorted(
         {k[: -len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR) and ".OPTIMIZER_SLOT" not in k}, key=len
     )
@@ -40,7 +40,7 @@ def _detect_prefix(keys: List[str], ckpt_path: str) -> str:
     return candidates[0]
 
 
-def load_official_checkpoint(model, ckpt_path: str) -> Dict[str, Any]:
+def load_official_checkpoint(model, ckpt_path: str) -> dict[str, Any]:
     """Assign every variable of `model` (a DelgKerasModel) from the checkpoint at `ckpt_path`.
 
     ckpt_path: a checkpoint prefix (e.g. `.../delf_weights` or `.../ckpt-42`) or a directory holding a
@@ -64,7 +64,7 @@ def load_official_checkpoint(model, ckpt_path: str) -> Dict[str, Any]:
     keys = sorted(shapes)
     prefix = _detect_prefix(keys, path)
 
-    values: Dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
     for name, var in model.named_variables().items():
         key = f"{prefix}{name}{_SUFFIX}"
         if key not in shapes:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -169,7 +168,7 @@ class PcaParameters:
     matrix: np.ndarray
     dim: int
     use_whitening: bool
-    variances: Optional[np.ndarray]
+    variances: np.ndarray | None
 
     @property
     def input_dim(self) -> int:

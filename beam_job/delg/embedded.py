@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Optional, Set
 
 from beam_job.config import ARCHITECTURES as _ARCHITECTURE_SPECS
 from beam_job.delg.cache import SAVED_MODEL_FILE, build_once, default_cache_dir
@@ -33,7 +32,7 @@ UNTRAINED_WARNING = (
     "MEANINGLESS for retrieval; " + OFFICIAL_MODELS_HINT
 )
 
-_warned: Set[str] = set()
+_warned: set[str] = set()
 
 
 def _code_version() -> str:
@@ -56,7 +55,7 @@ def warn_untrained(what: str) -> None:
         logger.warning(UNTRAINED_WARNING.format(what=what))
 
 
-def embedded_model_path(arch: str = "r50", cache_dir: Optional[str] = None, seed: int = 0) -> str:
+def embedded_model_path(arch: str = "r50", cache_dir: str | None = None, seed: int = 0) -> str:
     """Local TF2 SavedModel directory of our DELG `arch` with fixed-seed weights, exported on first use.
 
     The export lives in <cache>/embedded/<arch>-seed<seed>-<version> (cache: $DELG_CACHE_DIR or

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Dict, Union
+from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -37,7 +37,7 @@ def _as_module(model_or_module, **module_kwargs: Any) -> DelgExtractionModule:
     return DelgExtractionModule(model_or_module, **module_kwargs)
 
 
-def _prepare_dir(path: Union[str, os.PathLike], overwrite: bool) -> str:
+def _prepare_dir(path: str | os.PathLike, overwrite: bool) -> str:
     path = os.fspath(path)
     if os.path.exists(path):
         if not overwrite and os.listdir(path):
@@ -115,7 +115,7 @@ def export_tf1(
     graph = tf.Graph()
     # The TF1 SavedModel APIs log deprecation warnings; writing this legacy format is the point here.
     with graph.as_default(), deprecation.silence():
-        placeholders: Dict[str, tf.Tensor] = {}
+        placeholders: dict[str, tf.Tensor] = {}
         for name in module.input_names:
             spec = DelgExtractionModule.input_spec(name)
             placeholders[name] = tf.compat.v1.placeholder(spec.dtype, spec.shape, name=name)

@@ -14,15 +14,13 @@ change the model's weights afterwards and build a new one. No Beam.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import tensorflow as tf
 
 from beam_job.delg.architecture import BN_EPSILON
 from beam_job.delg.keras_model import gem
 
 
-def _fold(conv, bn) -> Tuple[tf.Tensor, tf.Tensor]:
+def _fold(conv, bn) -> tuple[tf.Tensor, tf.Tensor]:
     """(kernel, bias) of conv followed by inference-mode BN, as one convolution."""
     inv = tf.math.rsqrt(tf.convert_to_tensor(bn.moving_variance) + BN_EPSILON) * tf.convert_to_tensor(bn.gamma)
     kernel = tf.convert_to_tensor(conv.kernel) * inv
@@ -31,7 +29,7 @@ def _fold(conv, bn) -> Tuple[tf.Tensor, tf.Tensor]:
     return kernel, bias
 
 
-def _plain(layer) -> Tuple[tf.Tensor, tf.Tensor]:
+def _plain(layer) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)
 
 
@@ -40,7 +38,7 @@ def _conv(x, weights, strides: int = 1, padding: str = "VALID"):
     return tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=strides, padding=padding), bias)
 
 
-def _variables(pair: Tuple[tf.Tensor, tf.Tensor]) -> Tuple[tf.Variable, tf.Variable]:
+def _variables(pair: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Variable, tf.Variable]:
     return tuple(tf.Variable(t, trainable=False) for t in pair)
 
 
@@ -52,7 +50,7 @@ class FoldedWeights(tf.Module):
         backbone = model.backbone
         self.arch = model.arch
         self.attention_input = str(model.attention_input)
-        w: Dict[str, Tuple[tf.Variable, tf.Variable]] = {"conv1": _variables(_fold(backbone.conv1, backbone.bn_conv1))}
+        w: dict[str, tuple[tf.Variable, tf.Variable]] = {"conv1": _variables(_fold(backbone.conv1, backbone.bn_conv1))}
         self.units = []
         for names in backbone.stage_units:
             stage = []

@@ -30,7 +30,7 @@ Our departures (outputs as the official graph's):
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -71,7 +71,7 @@ def receptive_boxes(height, width, scale=None):
 
 # One factory per variant: each returns a function named ExtractFeatures whose argument names are the variant's
 # official input names (tf.function takes the signature's input names from them).
-_SignatureFunction = Callable[..., Dict[str, tf.Tensor]]
+_SignatureFunction = Callable[..., dict[str, tf.Tensor]]
 
 
 def _local_and_global_scales_signature(extract: _SignatureFunction) -> _SignatureFunction:
@@ -132,7 +132,7 @@ class DelgExtractionModule(tf.Module):
         global_at_all_scales: bool = False,
         iou_threshold: float = 1.0,
         fold_batchnorm: bool = True,
-        name: Optional[str] = None,
+        name: str | None = None,
     ):
         super().__init__(name=name)
         if not (local or global_):
@@ -157,8 +157,8 @@ class DelgExtractionModule(tf.Module):
         if self.global_scales_input:
             names.append("input_global_scales_ind")
         # Tuples: tf.Module would wrap lists into tracked ListWrappers.
-        self.input_names: Tuple[str, ...] = tuple(names)
-        self.output_names: Tuple[str, ...] = (LOCAL_OUTPUTS if self.local else ()) + (
+        self.input_names: tuple[str, ...] = tuple(names)
+        self.output_names: tuple[str, ...] = (LOCAL_OUTPUTS if self.local else ()) + (
             (GLOBAL_OUTPUT,) if self.global_ else ()
         )
         # autograph=False: the graph uses explicit tf.while_loop / tf.cond; converting Keras' Python code with
@@ -183,7 +183,7 @@ class DelgExtractionModule(tf.Module):
         return _image_and_scales_signature(self._extract)
 
     # ------------------------------------------------------------------------------------------------------
-    def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> Dict[str, tf.Tensor]:
+    def _extract(self, image, scales, max_feature_num, abs_thres, global_ind) -> dict[str, tf.Tensor]:
         net = self.net
         local_dim = int(self.arch.local_dim)
         embedding_dim = int(self.arch.embedding_dim)
@@ -273,7 +273,7 @@ class DelgExtractionModule(tf.Module):
         if self.global_:
             (global_ta,) = loop(global_body, (array([None, embedding_dim]),))
 
-        outputs: Dict[str, tf.Tensor] = {}
+        outputs: dict[str, tf.Tensor] = {}
         if self.local:
             scores = scores_ta.concat()
             keep = tf.reshape(tf.where(scores >= abs_thres), [-1])

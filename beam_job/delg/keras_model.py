@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Dict, List, Optional, Tuple, Union
 
 import keras
 import numpy as np
@@ -32,11 +31,11 @@ logger = logging.getLogger(__name__)
 ATTENTION_INPUTS = ("block3", "autoencoder")
 
 # Official variable names of each layer kind, in the order Keras 3 stores them.
-_CONV_VARS: Tuple[str, ...] = ("kernel", "bias")
-_BN_VARS: Tuple[str, ...] = ("gamma", "beta", "moving_mean", "moving_variance")
+_CONV_VARS: tuple[str, ...] = ("kernel", "bias")
+_BN_VARS: tuple[str, ...] = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-def layer_variables(layer: keras.layers.Layer) -> Dict[str, keras.Variable]:
+def layer_variables(layer: keras.layers.Layer) -> dict[str, keras.Variable]:
     """The variables of a Conv2D / Dense / BatchNormalization layer keyed by their official names."""
     if isinstance(layer, keras.layers.BatchNormalization):
         names = _BN_VARS
@@ -65,7 +64,7 @@ class Bottleneck(keras.layers.Layer):
     plus identity or (conv_shortcut 1x1/stride -> bn_shortcut), then ReLU.
     """
 
-    def __init__(self, filters: Tuple[int, int, int], strides: int, use_shortcut: bool, name: str):
+    def __init__(self, filters: tuple[int, int, int], strides: int, use_shortcut: bool, name: str):
         super().__init__(name=name)
         f1, f2, f3 = (int(f) for f in filters)
         self.conv2a = _conv(f1, 1, "conv2a", strides=strides)
@@ -79,7 +78,7 @@ class Bottleneck(keras.layers.Layer):
             self.conv_shortcut = _conv(f3, 1, "conv_shortcut", strides=strides)
             self.bn_shortcut = _bn("bn_shortcut")
 
-    def leaf_names(self) -> Tuple[str, ...]:
+    def leaf_names(self) -> tuple[str, ...]:
         names = ("conv2a", "bn2a", "conv2b", "bn2b", "conv2c", "bn2c")
         return names + (("conv_shortcut", "bn_shortcut") if self.use_shortcut else ())
 
@@ -100,7 +99,7 @@ class Backbone(keras.layers.Layer):
         self.conv1 = _conv(arch.stem_filters, 7, "conv1", strides=2, padding="same")
         self.bn_conv1 = _bn("bn_conv1")
         self.max_pool = keras.layers.MaxPooling2D(pool_size=3, strides=2, padding="valid", name="max_pool")
-        self.stage_units: List[Tuple[str, ...]] = []
+        self.stage_units: list[tuple[str, ...]] = []
         for stage in range(4):
             width = int(arch.stage_filters[stage])
             filters = (width, width, width * int(arch.expansion))
@@ -220,9 +219,9 @@ class DelgKerasModel(keras.Model):
         return self.forward_global(block3), prob, desc
 
     # -- introspection -------------------------------------------------------------------------------------
-    def named_layers(self) -> List[Tuple[str, keras.layers.Layer]]:
+    def named_layers(self) -> list[tuple[str, keras.layers.Layer]]:
         """Every weighted leaf layer with its official path, e.g. ('backbone/l2a/conv2a', Conv2D)."""
-        out: List[Tuple[str, keras.layers.Layer]] = [
+        out: list[tuple[str, keras.layers.Layer]] = [
             ("backbone/conv1", self.backbone.conv1),
             ("backbone/bn_conv1", self.backbone.bn_conv1),
         ]
@@ -235,7 +234,7 @@ class DelgKerasModel(keras.Model):
         out += [(f"autoencoder/{leaf}", getattr(self.autoencoder, leaf)) for leaf in ("conv1", "conv2")]
         return out
 
-    def named_variables(self) -> Dict[str, keras.Variable]:
+    def named_variables(self) -> dict[str, keras.Variable]:
         """Official variable paths -> variables, e.g. 'backbone/l2a/bn2a/moving_mean'."""
         return {
             f"{path}/{var_name}": var
@@ -248,7 +247,7 @@ class DelgKerasModel(keras.Model):
         return int(sum(int(np.prod(v.shape)) for v in self.named_variables().values()))
 
 
-def _random_value(seed: int, path: str, shape: Tuple[int, ...], var_name: str, layer_path: str) -> np.ndarray:
+def _random_value(seed: int, path: str, shape: tuple[int, ...], var_name: str, layer_path: str) -> np.ndarray:
     """Deterministic weights for one variable from numpy's PCG64, keyed by (seed, variable path)."""
     rng = np.random.default_rng([int(seed), zlib.crc32(path.encode("utf-8"))])
     if var_name == "kernel":
@@ -283,8 +282,8 @@ def initialize_weights(model: DelgKerasModel, seed: int) -> None:
 
 
 def build_delg(
-    arch: Union[str, DelgArchitecture] = "r50",
-    seed: Optional[int] = 0,
+    arch: str | DelgArchitecture = "r50",
+    seed: int | None = 0,
     attention_input: str = "block3",
 ) -> DelgKerasModel:
     """Build our DELG with all variables created.

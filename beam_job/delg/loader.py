@@ -35,7 +35,8 @@ import shutil
 import tarfile
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def read_remote_bytes(uri: str) -> bytes:
         raise ModelLoadError(f"{uri} cannot be read ({reason})") from None
 
 
-def _remote_listing(pattern: str) -> List[Tuple[str, int, float]]:
+def _remote_listing(pattern: str) -> list[tuple[str, int, float]]:
     """(path, size, modified) of the remote files matching a glob; [] when none."""
     return _storage().listing(pattern)
 
@@ -201,7 +202,7 @@ def _resolve_gcs_dir(uri: str, cache_dir: str) -> str:
     return target
 
 
-def resolve_model_path(uri: str, *, cache_dir: Optional[str] = None) -> str:
+def resolve_model_path(uri: str, *, cache_dir: str | None = None) -> str:
     """The local SavedModel directory for a model URI (downloading / unpacking into the cache once)."""
     if not uri or not isinstance(uri, str):
         raise ModelLoadError(
@@ -261,7 +262,7 @@ class LoadedDelgModel:
     takes_global_scales_ind: bool
     identity: str
     precision: str
-    _call: Callable[..., Dict[str, np.ndarray]] = dataclasses.field(repr=False)
+    _call: Callable[..., dict[str, np.ndarray]] = dataclasses.field(repr=False)
     _keep: Any = dataclasses.field(default=None, repr=False)  # keeps the loaded TF object alive
 
     @property
@@ -275,7 +276,7 @@ class LoadedDelgModel:
         max_feature_num: int,
         abs_thres: float,
         global_scales_ind: Sequence[int],
-    ) -> Dict[str, np.ndarray]:
+    ) -> dict[str, np.ndarray]:
         """Run the model once on one image; raw outputs as numpy arrays.
 
         image: uint8 [H, W, 3] RGB (already resized by the caller). scales: pyramid scales.
@@ -345,7 +346,7 @@ def _sha12(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def _missing_local(names) -> List[str]:
+def _missing_local(names) -> list[str]:
     return [n for n in LOCAL_OUTPUTS if n not in names]
 
 
@@ -365,9 +366,9 @@ class DelgModelInfo:
     has_local: bool
     has_global: bool
     takes_global_scales_ind: bool
-    feeds: Tuple[str, ...]
-    fetches: Tuple[str, ...]
-    dtypes: Tuple[Tuple[str, int], ...]
+    feeds: tuple[str, ...]
+    fetches: tuple[str, ...]
+    dtypes: tuple[tuple[str, int], ...]
     identity: str
 
 
@@ -442,7 +443,7 @@ def _node_name(edge: str) -> str:
     return edge.lstrip("^").split(":", 1)[0]
 
 
-def _placeholder_deps(nodes: Dict[str, Any], name: str) -> set:
+def _placeholder_deps(nodes: dict[str, Any], name: str) -> set:
     """Names of the Placeholder nodes that node `name` depends on (data and control edges) in a GraphDef."""
     seen = set()
     stack = [name]
@@ -495,7 +496,7 @@ def _check_tf1(meta, where: str):
     return has_local, has_global, takes_gsi, dtypes, fetch_names
 
 
-def inspect_delg_model(uri: str, *, cache_dir: Optional[str] = None) -> Tuple[str, DelgModelInfo]:
+def inspect_delg_model(uri: str, *, cache_dir: str | None = None) -> tuple[str, DelgModelInfo]:
     """Resolve a model URI and check it from its saved_model.pb alone: (local path, DelgModelInfo).
 
     Runs every check load_delg_model runs on the model's inputs and outputs, without restoring weights or
@@ -544,7 +545,7 @@ def _model_call(info: DelgModelInfo, function, *, keyword: bool):
     return call
 
 
-def load_delg_model(uri: str, *, cache_dir: Optional[str] = None, precision: str = "fp32") -> LoadedDelgModel:
+def load_delg_model(uri: str, *, cache_dir: str | None = None, precision: str = "fp32") -> LoadedDelgModel:
     """Resolve, check, load a DELG SavedModel; raises ModelLoadError (one line) when it cannot be used.
 
     precision: "fp32" (default, the model as exported) or "bf16" (see beam_job.delg.precision); set for the

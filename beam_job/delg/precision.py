@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import threading
-from typing import Optional
 
 from beam_job.config import PRECISIONS
 
@@ -33,7 +32,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 _GRAPPLER_PASS = "auto_mixed_precision_onednn_bfloat16"
 
 _LOCK = threading.Lock()
-_process_precision: Optional[str] = None
+_process_precision: str | None = None
 
 
 def with_precision(identity: str, precision: str) -> str:
@@ -66,7 +65,7 @@ def cpu_model_name() -> str:
     return "unknown CPU"
 
 
-def _no_bf16_cpu() -> Optional[str]:
+def _no_bf16_cpu() -> str | None:
     """None when this machine's CPU has a native bfloat16 flag, else the one-line refusal naming what it lacks."""
     flags = cpu_flags()
     if flags & set(BF16_CPU_FLAGS):
@@ -80,7 +79,7 @@ def _no_bf16_cpu() -> Optional[str]:
     )
 
 
-def check_precision(precision: str, *, here: bool = True) -> Optional[str]:
+def check_precision(precision: str, *, here: bool = True) -> str | None:
     """None when `precision` can run in this process, else a one-line reason (what to change).
 
     here=False: only whether `precision` is a known one. For a launcher whose workers run on other machines (a
@@ -97,7 +96,7 @@ def check_precision(precision: str, *, here: bool = True) -> Optional[str]:
     return _no_bf16_cpu()
 
 
-def bf16_speed_note(precision: str) -> Optional[str]:
+def bf16_speed_note(precision: str) -> str | None:
     """A one-line caution when bf16 will run on avx512_bf16 kernels only (no AMX), else None.
 
     Without AMX, oneDNN's bf16 convolutions use `vdpbf16ps`, whose speed against fp32 depends on the core: on

@@ -31,7 +31,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from beam_job import layout
 
@@ -48,7 +48,7 @@ class Claim:
 
     path: str
     run_id: str
-    generation: Optional[int] = None
+    generation: int | None = None
     body: bytes = b""  # the claim file's content as written (its token tells this claim from any other)
 
 
@@ -63,7 +63,7 @@ def _claim_body(run_id: str) -> bytes:
     return json.dumps(body, sort_keys=True).encode("utf-8")
 
 
-def _describe(holder: Dict[str, Any]) -> str:
+def _describe(holder: dict[str, Any]) -> str:
     where = f"on {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
     since = holder.get("claimed_at", "?")
     text = f"run {holder.get('run_id', '?')} ({where}, since {since})"
@@ -84,13 +84,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _live_here(holder: Dict[str, Any]) -> bool:
+def _live_here(holder: dict[str, Any]) -> bool:
     """Whether the claim's run is a process still alive on this machine."""
     return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
             and process_alive(holder["pid"]))
 
 
-def _check_take_over(output: str, holder: Dict[str, Any], take_over: Optional[str]) -> None:
+def _check_take_over(output: str, holder: dict[str, Any], take_over: str | None) -> None:
     """Refuse (ClaimError) unless --take_over_claim names the holder and the holder is not alive on this host.
 
     A run on another machine cannot be seen from here: taking it over is the user's call, and the run taken
@@ -106,14 +106,14 @@ def _check_take_over(output: str, holder: Dict[str, Any], take_over: Optional[st
         )
 
 
-def _held_error(output: str, holder: Dict[str, Any]) -> ClaimError:
+def _held_error(output: str, holder: dict[str, Any]) -> ClaimError:
     return ClaimError(
         f"{output} is claimed by {_describe(holder)}: wait for that run to end, or, if it crashed, "
         f"pass --take_over_claim {holder.get('run_id', '?')}"
     )
 
 
-def _parse(data: bytes) -> Optional[Dict[str, Any]]:
+def _parse(data: bytes) -> dict[str, Any] | None:
     """The claim in `data`, or None when it is not one: a JSON object with a non-empty text run_id."""
     try:
         value = json.loads(data.decode("utf-8"))
@@ -141,7 +141,7 @@ def _unreadable_error(output: str, path: str, data: bytes) -> ClaimError:
     )
 
 
-def _holder(output: str, path: str, data: bytes) -> Dict[str, Any]:
+def _holder(output: str, path: str, data: bytes) -> dict[str, Any]:
     """The claim in `data`; ClaimError (one line, naming the file and the way out) when it cannot be read."""
     holder = _parse(data)
     if holder is None:
@@ -185,7 +185,7 @@ def _local_create(path: str, body: bytes) -> bool:
     return True
 
 
-def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) -> Claim:
+def _local_acquire(path: str, output: str, run_id: str, take_over: str | None) -> Claim:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     body = _claim_body(run_id)
     for _ in range(3):  # a claim that vanishes between the create and the read was just released: try again
@@ -212,7 +212,7 @@ def _local_acquire(path: str, output: str, run_id: str, take_over: Optional[str]
     return Claim(path=path, run_id=run_id, body=body)
 
 
-def _local_read_bytes(path: str) -> Optional[bytes]:
+def _local_read_bytes(path: str) -> bytes | None:
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -220,7 +220,7 @@ def _local_read_bytes(path: str) -> Optional[bytes]:
         return None
 
 
-def _local_read(path: str) -> Optional[Dict[str, Any]]:
+def _local_read(path: str) -> dict[str, Any] | None:
     """The claim's content; None when there is none; {} when the file cannot be read as a claim."""
     data = _local_read_bytes(path)
     return None if data is None else (_parse(data) or {})
@@ -236,7 +236,7 @@ def _local_release(claim: Claim) -> bool:
 
 # ----------------------------------------------------------------------------- gs://
 
-def _split_gs(path: str) -> Tuple[str, str]:
+def _split_gs(path: str) -> tuple[str, str]:
     bucket, _, name = path[len("gs://"):].partition("/")
     return bucket, name
 
@@ -253,7 +253,7 @@ def _blob(path: str):
     return Client().bucket(bucket).blob(name)
 
 
-def _gcs_read_bytes(path: str) -> Tuple[Optional[bytes], Optional[int]]:
+def _gcs_read_bytes(path: str) -> tuple[bytes | None, int | None]:
     from google.api_core import exceptions as gexc
 
     blob = _blob(path)
@@ -264,13 +264,13 @@ def _gcs_read_bytes(path: str) -> Tuple[Optional[bytes], Optional[int]]:
     return data, blob.generation
 
 
-def _gcs_read(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+def _gcs_read(path: str) -> tuple[dict[str, Any] | None, int | None]:
     """(the claim's content, its generation); (None, None) when there is none; {} when it is not a claim."""
     data, generation = _gcs_read_bytes(path)
     return (None if data is None else (_parse(data) or {})), generation
 
 
-def _gcs_acquire(path: str, output: str, run_id: str, take_over: Optional[str]) -> Claim:
+def _gcs_acquire(path: str, output: str, run_id: str, take_over: str | None) -> Claim:
     from google.api_core import exceptions as gexc
 
     body = _claim_body(run_id)
@@ -311,7 +311,7 @@ def _gcs_release(claim: Claim) -> bool:
 
 # ----------------------------------------------------------------------------- API
 
-def acquire(output: str, run_id: str, *, take_over: Optional[str] = None) -> Claim:
+def acquire(output: str, run_id: str, *, take_over: str | None = None) -> Claim:
     """Claim `output` for `run_id`; ClaimError (one line) when another run holds it.
 
     take_over: the run id of a stale claim to replace (it must still name that run).
@@ -365,7 +365,7 @@ class ClaimKeeper:
         self._thread = threading.Thread(target=self._watch, name="delg-claim-keeper", daemon=True)
         self.restored = 0
 
-    def __enter__(self) -> "ClaimKeeper":
+    def __enter__(self) -> ClaimKeeper:
         self._thread.start()
         return self
 
@@ -373,7 +373,7 @@ class ClaimKeeper:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _token(self) -> Optional[str]:
+    def _token(self) -> str | None:
         parsed = _parse(self._claim.body)
         return parsed.get("token") if parsed else None
 
@@ -404,7 +404,7 @@ class ClaimKeeper:
                 return
 
 
-def read(output: str) -> Optional[Dict[str, Any]]:
+def read(output: str) -> dict[str, Any] | None:
     """The current claim's content, or None when the output is not claimed."""
     path = layout.claim_path(output)
     if path.startswith("gs://"):

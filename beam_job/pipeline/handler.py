@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_job.pipeline import METRICS_NAMESPACE
 from beam_job.config import ExtractionConfig
+from beam_job.pipeline import METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class DelgModelHandler(ModelHandler):
         self,
         batch: Sequence[Any],
         model: DelgModelService,
-        inference_args: Optional[Dict[str, Any]] = None,
+        inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         infer_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_ms")
         identity = model.identity()
@@ -139,4 +140,4 @@ class DelgModelHandler(ModelHandler):
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         # The default pickles the whole batch just to measure it; the image bytes are what matters.
-        return sum(int(getattr(t.prepared, "image").nbytes) for t in batch)
+        return sum(int(t.prepared.image.nbytes) for t in batch)

@@ -40,7 +40,7 @@ import logging
 import os
 import re
 import stat
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -114,7 +114,7 @@ def derive_image_id(path: str) -> str:
     return hashlib.sha1(path_bytes(path)).hexdigest()[:16]
 
 
-def listed(path: str, image_id: str = "") -> Tuple[str, str]:
+def listed(path: str, image_id: str = "") -> tuple[str, str]:
     """The (image_id, stored-form path) element of a path as listed (glob, CSV or text manifest)."""
     return (image_id or derive_image_id(path)), path_to_text(path)
 
@@ -127,7 +127,7 @@ class ManifestError(ValueError):
     """A manifest that cannot be read as what it says it is; the message is one line naming file and line."""
 
 
-def _header_columns(first_line: str) -> Optional[List[str]]:
+def _header_columns(first_line: str) -> list[str] | None:
     """The CSV header's column names when the line is a header with a `path` column, else None."""
     try:
         cells = next(csv.reader([first_line]))
@@ -151,7 +151,7 @@ def _is_entry(line: str) -> bool:
     return bool(line.strip()) and not line.startswith("#")
 
 
-def _text_records(stream: Iterable[str], source: str) -> Iterator[Tuple[str, str]]:
+def _text_records(stream: Iterable[str], source: str) -> Iterator[tuple[str, str]]:
     """(image_id, stored-form path) from a text manifest stream (CSV with header, or one path a line)."""
     lines = iter(stream)
     first = None
@@ -191,7 +191,7 @@ def _csv_error(exc: csv.Error, source: str, start: int, end: int) -> ManifestErr
                          "a quote or a line break, and double every quote inside it")
 
 
-def _csv_records(lines: Iterator[str], source: str, header: List[str], offset: int) -> Iterator[Tuple[str, str]]:
+def _csv_records(lines: Iterator[str], source: str, header: list[str], offset: int) -> Iterator[tuple[str, str]]:
     """The records after the header line (`offset` lines were read before them), parsed strictly."""
     path_col = header.index("path")
     id_col = header.index("image_id") if "image_id" in header else None
@@ -220,7 +220,7 @@ def _csv_records(lines: Iterator[str], source: str, header: List[str], offset: i
         yield listed(path, path_to_text(image_id))
 
 
-def _parquet_records(fileobj, source: str) -> Iterator[Tuple[str, str]]:
+def _parquet_records(fileobj, source: str) -> Iterator[tuple[str, str]]:
     """(image_id, path) from a Parquet manifest; its `path` column is already in the stored form."""
     import pyarrow.parquet as pq
 
@@ -237,7 +237,7 @@ def _parquet_records(fileobj, source: str) -> Iterator[Tuple[str, str]]:
                 yield (image_id or derive_image_id(text_to_path(text))), text
 
 
-def read_manifest(path: str) -> Iterator[Tuple[str, str]]:
+def read_manifest(path: str) -> Iterator[tuple[str, str]]:
     """Yield (image_id, stored-form path) for every entry of one manifest file (local or gs://)."""
     with storage.open_read(path) as raw:
         if is_parquet_manifest(path):
@@ -265,7 +265,7 @@ def folder_pattern(pattern: str) -> str:
 _LITERAL_EXTENSION = re.compile(r"\*\.([A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*)\Z")
 
 
-def case_variant_pattern(pattern: str) -> Optional[str]:
+def case_variant_pattern(pattern: str) -> str | None:
     """The glob that also matches every letter case of the pattern's literal extension ('d/*.jpg' ->
     'd/*.[jJ][pP][gG]'), or None when the pattern does not end in '*.<extension>'."""
     found = _LITERAL_EXTENSION.search(pattern)
@@ -373,11 +373,11 @@ def _size_or_none(path: str) -> float:
     """The file's size, or infinity when it cannot be had (the first-record read then reports the problem)."""
     try:
         return storage.size(path)
-    except Exception:  # noqa: BLE001 - any listing trouble: fall back to the first-record check
+    except Exception:
         return float("inf")
 
 
-def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool = False) -> Optional[int]:
+def check_inputs(inputs: Sequence[str], manifests: Sequence[str], *, count: bool = False) -> int | None:
     """Validate inputs before launch; raise ValueError (one line) on the first problem.
 
     Every --input pattern (or folder) must match at least one file; every manifest must exist and parse

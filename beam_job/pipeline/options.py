@@ -15,8 +15,9 @@ import math
 import os
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -44,7 +45,7 @@ RUN_ID_RULE = (f"1 to {RUN_ID_MAX_LENGTH} letters, digits, '.', '_' or '-', star
                "(e.g. 20261123T211400Z-3f9a1c)")
 
 
-def run_id_problem(run_id: Any) -> Optional[str]:
+def run_id_problem(run_id: Any) -> str | None:
     """Why `run_id` cannot name a run (None when it can): see RUN_ID_RULE."""
     if not isinstance(run_id, str):
         return f"a run id must be text, got {type(run_id).__name__}"
@@ -79,7 +80,7 @@ def _number(text: str, expected: str) -> float:
     return value
 
 
-def _csv_floats(text: str) -> Tuple[float, ...]:
+def _csv_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(_number(v, "") for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError:
@@ -87,7 +88,7 @@ def _csv_floats(text: str) -> Tuple[float, ...]:
             f"expected comma-separated finite numbers, e.g. 0.707,1.0, got {text!r}") from None
 
 
-def _csv_ints(text: str) -> Tuple[int, ...]:
+def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -138,10 +139,10 @@ class Flag:
     target: str
     dest: str = ""
     default: Any = None
-    type: Optional[Callable[[str], Any]] = None
-    action: Optional[str] = None
-    choices: Optional[Tuple[str, ...]] = None
-    metavar: Optional[str] = None
+    type: Callable[[str], Any] | None = None
+    action: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
     invert: bool = False
 
     @property
@@ -149,18 +150,18 @@ class Flag:
         return self.dest or self.name
 
     @property
-    def shown_metavar(self) -> Optional[str]:
+    def shown_metavar(self) -> str | None:
         if self.action == "store_true":
             return None
         if self.metavar:
             return self.metavar
         if self.choices:
             return "{" + ",".join(self.choices) + "}" if len(self.choices) <= 3 else "NAME"
-        names: Dict[Any, str] = {int: "N", float: "X"}
+        names: dict[Any, str] = {int: "N", float: "X"}
         return names.get(self.type, "VALUE" if self.type is None else "X")
 
     def add_to(self, parser) -> None:
-        kwargs: Dict[str, Any] = {"help": self.help, "default": self.default, "dest": self.name}
+        kwargs: dict[str, Any] = {"help": self.help, "default": self.default, "dest": self.name}
         for key in ("type", "action", "choices"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
@@ -169,7 +170,7 @@ class Flag:
         parser.add_argument(f"--{self.name}", **kwargs)
 
 
-def _csv_text(parse: Callable[[str], Tuple[Any, ...]]) -> Callable[[str], str]:
+def _csv_text(parse: Callable[[str], tuple[Any, ...]]) -> Callable[[str], str]:
     """argparse type that validates a comma-separated list but keeps its text (see Flag)."""
 
     def check(text: str) -> str:
@@ -179,7 +180,7 @@ def _csv_text(parse: Callable[[str], Tuple[Any, ...]]) -> Callable[[str], str]:
     return check
 
 
-FLAGS: Tuple[Flag, ...] = (
+FLAGS: tuple[Flag, ...] = (
     Flag("input", "glob of image files, local or gs:// (repeatable; quote it), e.g. 'photos/*.jpg'; Beam's glob "
          "rules: dir/** matches every file below dir, dir/**/*.jpg only files inside subdirectories", IO, "job",
          dest="inputs", action="append", metavar="PATTERN"),
@@ -279,8 +280,8 @@ class JobConfig:
                        output and it, on the launcher and the workers alike, and the user may choose it.
     """
 
-    inputs: Tuple[str, ...]
-    manifests: Tuple[str, ...]
+    inputs: tuple[str, ...]
+    manifests: tuple[str, ...]
     output: str
     extraction: ExtractionConfig
     descriptor_dtype: str = flag_default("descriptor_dtype")
@@ -289,7 +290,7 @@ class JobConfig:
     skip_existing: bool = flag_default("skip_existing")
     overwrite: bool = flag_default("overwrite")
     allow_config_change: bool = flag_default("allow_config_change")
-    take_over_claim: Optional[str] = flag_default("take_over_claim")
+    take_over_claim: str | None = flag_default("take_over_claim")
     max_failure_ratio: float = flag_default("max_failure_ratio")
     share_model_across_processes: bool = flag_default("share_model_across_processes")
     max_file_bytes: int = flag_default("max_file_bytes")
@@ -322,7 +323,7 @@ class JobConfig:
                 "descriptor (pyarrow cannot read back null fixed-size lists, apache/arrow#35692)"
             )
 
-    def replace(self, **changes: Any) -> "JobConfig":
+    def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
 
     # This run's paths under the output (defined in beam_job/layout.py).
@@ -346,9 +347,9 @@ class JobConfig:
     def success_path(self) -> str:
         return layout.success_path(self.output)
 
-    def to_summary_dict(self) -> Dict[str, Any]:
+    def to_summary_dict(self) -> dict[str, Any]:
         """The job settings recorded in the run summary (JSON-serialisable): every job flag, plus the preset."""
-        out: Dict[str, Any] = {"preset": self.extraction.name}
+        out: dict[str, Any] = {"preset": self.extraction.name}
         for flag in FLAGS:
             if flag.target == "job":
                 value = getattr(self, flag.field)
@@ -358,7 +359,7 @@ class JobConfig:
 
 def add_flags(parser) -> None:
     """Add every delg-extract flag, in its group, to an argparse parser (Beam's or ours)."""
-    groups: Dict[str, Any] = {}
+    groups: dict[str, Any] = {}
     for flag in FLAGS:
         if flag.group not in groups:
             groups[flag.group] = parser.add_argument_group(flag.group)
@@ -391,7 +392,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     """The preset with the flag overrides applied; raises JobConfigError with the validation message."""
-    overrides: Dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     for flag in FLAGS:
         value = getattr(args, flag.name)
         if flag.target != "extraction" or flag.name == "preset" or value is None:
@@ -407,7 +408,7 @@ def extraction_config_from_args(args: argparse.Namespace) -> ExtractionConfig:
         raise JobConfigError(f"invalid extraction settings: {exc}") from None
 
 
-def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+def parse_job_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """(our parsed flags, the whole argv for PipelineOptions): Beam parses our flags too, through DelgOptions,
     so they are part of the job's pipeline options. Every flag, ours and Beam's, may be spelled with hyphens
     (`--max-feature-num 500`): `normalize_flag_spelling` rewrites it to its one spelling, `--max_feature_num`,
@@ -423,20 +424,20 @@ def parse_job_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     return args, argv
 
 
-def beam_option_names() -> Set[str]:
+def beam_option_names() -> set[str]:
     """The names (dests, e.g. direct_num_workers) of every option a registered Beam PipelineOptions class defines
     (ours included, through DelgOptions), as Beam itself parses them."""
     return set(PipelineOptions([]).get_all_options())
 
 
-def normalize_flag_spelling(argv: Sequence[str], names: Set[str]) -> List[str]:
+def normalize_flag_spelling(argv: Sequence[str], names: set[str]) -> list[str]:
     """argv with `--some-flag[=v]` rewritten to `--some_flag[=v]` where `some_flag` is in `names`.
 
     Beam's parser, like ours, knows each flag by its underscore name only and would drop the hyphenated
     spelling with a warning; users of fire- or click-based tools type hyphens by habit. Values are left as
     they are (only the word that follows '--', before any '='). Everything after a bare '--' is left alone.
     """
-    out: List[str] = []
+    out: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "--":
             return out + list(argv[i:])
@@ -482,7 +483,7 @@ def _glob_of(paths: Sequence[str]) -> str:
     return os.path.join(folder, pattern) if folder else pattern
 
 
-def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
+def unknown_beam_args(beam_args: Sequence[str]) -> list[str]:
     """The args no registered Beam PipelineOptions class accepts (Beam itself only warns and drops them).
 
     Flags: those Beam keeps only with `retain_unknown_options=True`. Stray words: a word that is neither a
@@ -538,9 +539,9 @@ class RunContext:
     model_identity: str
     started_at: str
     recorded_identity: str = ""
-    progress_dir: Optional[str] = None
+    progress_dir: str | None = None
 
-    def replace(self, **changes: Any) -> "RunContext":
+    def replace(self, **changes: Any) -> RunContext:
         return dataclasses.replace(self, **changes)
 
 
@@ -548,7 +549,7 @@ def job_config_from_args(args: argparse.Namespace, **extra: Any) -> JobConfig:
     """A JobConfig from parsed flags (extra: settings to set beside the flags, e.g. in tests)."""
     if not args.output:
         raise JobConfigError("--output is required: an output directory or gs:// prefix")
-    kwargs: Dict[str, Any] = {"extraction": extraction_config_from_args(args)}
+    kwargs: dict[str, Any] = {"extraction": extraction_config_from_args(args)}
     for flag in FLAGS:
         value = getattr(args, flag.name)
         if flag.target == "job" and flag.action == "append":

@@ -9,7 +9,7 @@ Step labels (as in the Dataflow UI):
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -55,7 +55,7 @@ class ExistingOutcomes(beam.PTransform):
         )
 
 
-def build_pipeline(p: beam.Pipeline, job: JobConfig, run: RunContext) -> Dict[str, beam.PCollection]:
+def build_pipeline(p: beam.Pipeline, job: JobConfig, run: RunContext) -> dict[str, beam.PCollection]:
     """Wire the whole job into `p`. Returns the main PCollections (for tests and extensions):
     "inputs" (image_id, path), "features" and "failures" (record, timings), "files" ({kind: committed
     shard paths}), "summary" (one summary dict, after all shards are committed).
@@ -99,7 +99,7 @@ def build_pipeline(p: beam.Pipeline, job: JobConfig, run: RunContext) -> Dict[st
             "files": {kind: w["files"] for kind, w in written.items()}, "summary": summary}
 
 
-def with_default_runner(beam_args: Sequence[str]) -> List[str]:
+def with_default_runner(beam_args: Sequence[str]) -> list[str]:
     """Beam args with --runner=FnApiRunner added when no runner is given (DirectRunner would try to
     download the Prism binary first, which stalls or fails offline)."""
     args = list(beam_args)
@@ -132,15 +132,15 @@ def _metric_value(result):
     return result.attempted, "attempted"
 
 
-def metrics_report(result) -> List[str]:
+def metrics_report(result) -> list[str]:
     """Human-readable lines of the job's counters and distributions (namespaces delg and RunInference); a value
     the runner reports as attempted only is marked "(attempted)"."""
-    lines: List[str] = []
+    lines: list[str] = []
     try:
         metrics = result.metrics().query()
     except Exception:  # some runners have no metrics API
         return ["(metrics unavailable on this runner)"]
-    counters: Dict[str, List] = {}
+    counters: dict[str, list] = {}
     for c in metrics.get("counters", []):
         if c.key.metric.namespace in (METRICS_NAMESPACE, "RunInference"):
             name = f"{c.key.metric.namespace}/{c.key.metric.name}"
@@ -150,7 +150,7 @@ def metrics_report(result) -> List[str]:
             cur[1].add(kind)
     for name in sorted(counters):
         lines.append(f"counter {name} = {counters[name][0]}{_kind_note(counters[name][1])}")
-    dists: Dict[str, List] = {}
+    dists: dict[str, list] = {}
     for d in metrics.get("distributions", []):
         value, kind = _metric_value(d)
         if d.key.metric.namespace in (METRICS_NAMESPACE, "RunInference") and value is not None:
@@ -182,7 +182,7 @@ def counter_value(result, name: str, namespace: str = METRICS_NAMESPACE) -> int:
 
 
 def run_pipeline(job: JobConfig, run: RunContext, beam_args: Sequence[str],
-                 test_pipeline: Optional[beam.Pipeline] = None):
+                 test_pipeline: beam.Pipeline | None = None):
     """Build and run the job; blocks until it finishes and returns the PipelineResult."""
     if test_pipeline is not None:
         p = test_pipeline

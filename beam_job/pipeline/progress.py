@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import IO, Dict, List, Optional
+from typing import IO
 
 _LOGGER = logging.getLogger(__name__)
 _MIN_WRITE_INTERVAL_S = 1.0
@@ -36,7 +36,7 @@ _BAR_REFRESH_S = 0.5  # the bar's poll interval (workers rewrite their counts at
 class ProgressReporter:
     """Per-DoFn-instance counts written to `progress_dir` (no-op when it is None)."""
 
-    def __init__(self, progress_dir: Optional[str]):
+    def __init__(self, progress_dir: str | None):
         self._dir = progress_dir
         self._counts: Counter = Counter()
         self._path = os.path.join(progress_dir, f"{os.getpid()}-{uuid.uuid4().hex}.json") if progress_dir else None
@@ -63,7 +63,7 @@ class ProgressReporter:
             _LOGGER.debug("progress write failed", exc_info=True)
 
 
-def read_progress(progress_dir: str) -> Dict[str, int]:
+def read_progress(progress_dir: str) -> dict[str, int]:
     """Sum of all workers' counts."""
     total: Counter = Counter()
     try:
@@ -81,7 +81,7 @@ def read_progress(progress_dir: str) -> Dict[str, int]:
     return dict(total)
 
 
-def images_per_s(processed: int, elapsed_s: Optional[float]) -> Optional[float]:
+def images_per_s(processed: int, elapsed_s: float | None) -> float | None:
     """The run's rate, defined once (see the module docstring): `processed` images (features + failures, not
     the skipped ones) over `elapsed_s` seconds since the run started; None before any time has passed."""
     if elapsed_s is None or elapsed_s <= 0:
@@ -89,7 +89,7 @@ def images_per_s(processed: int, elapsed_s: Optional[float]) -> Optional[float]:
     return processed / elapsed_s
 
 
-def seconds_since(started_at: str, now: Optional[datetime.datetime] = None) -> Optional[float]:
+def seconds_since(started_at: str, now: datetime.datetime | None = None) -> float | None:
     """Seconds from an ISO time with a zone (JobConfig.started_at) to `now`; None when `started_at` is empty or
     not an ISO time. `now` defaults to the current UTC time in the precision of `started_at` (whole seconds
     for the launcher's), as summary.json records `finished_at`: a run's last progress line then shows the
@@ -105,7 +105,7 @@ def seconds_since(started_at: str, now: Optional[datetime.datetime] = None) -> O
     return (now - start).total_seconds()
 
 
-def _progress_parts(counts: Dict[str, int], total: Optional[int], elapsed_s: Optional[float]) -> List[str]:
+def _progress_parts(counts: dict[str, int], total: int | None, elapsed_s: float | None) -> list[str]:
     """["N of T images", "a ok, b failed[, c skipped (existing)]", "R images/s"[, "ETA E s"]]."""
     done, failed, skipped = counts.get("done", 0), counts.get("failed", 0), counts.get("skipped", 0)
     processed = done + failed
@@ -120,7 +120,7 @@ def _progress_parts(counts: Dict[str, int], total: Optional[int], elapsed_s: Opt
     return parts
 
 
-def format_progress(counts: Dict[str, int], total: Optional[int], elapsed_s: Optional[float]) -> str:
+def format_progress(counts: dict[str, int], total: int | None, elapsed_s: float | None) -> str:
     """The progress log line: "progress: N of T images; a ok, b failed; R images/s; ETA E s"."""
     return "progress: " + "; ".join(_progress_parts(counts, total, elapsed_s))
 
@@ -142,8 +142,8 @@ class ProgressMonitor:
     it, the time the monitor started. stream: where the bar goes (default sys.stderr).
     """
 
-    def __init__(self, progress_dir: str, total: Optional[int], interval_s: float = 10.0,
-                 started_at: str = "", stream: Optional[IO] = None):
+    def __init__(self, progress_dir: str, total: int | None, interval_s: float = 10.0,
+                 started_at: str = "", stream: IO | None = None):
         self._dir = progress_dir
         self._total = total
         self._interval = interval_s
@@ -152,12 +152,12 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="delg-progress", daemon=True)
         self._start = time.monotonic()
-        self._last_counts: Optional[Dict[str, int]] = None
+        self._last_counts: dict[str, int] | None = None
         self._last_time = 0.0
         self._bar = None
         self._context = contextlib.ExitStack()
 
-    def __enter__(self) -> "ProgressMonitor":
+    def __enter__(self) -> ProgressMonitor:
         self._start = time.monotonic()
         stream = self._stream if self._stream is not None else sys.stderr
         if wants_bar(stream):
@@ -192,7 +192,7 @@ class ProgressMonitor:
             total=self._total, desc="extracting", file=stream, bar_format=bar_format, mininterval=0, leave=True,
             dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100))  # a terminal of unknown width: 100
 
-    def _elapsed(self) -> Optional[float]:
+    def _elapsed(self) -> float | None:
         since_start = seconds_since(self._started_at) if self._started_at else None
         return since_start if since_start is not None else time.monotonic() - self._start
 

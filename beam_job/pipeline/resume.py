@@ -24,12 +24,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from beam_job import layout, storage
 from beam_job.layout import FAILURES, FEATURES, KINDS, TEMP_DIR_PREFIX
 from beam_job.pipeline.options import JobConfig, JobConfigError
@@ -50,7 +52,7 @@ def has_shards(directory: str) -> bool:
     return bool(storage.match(layout.shard_glob(directory), limit=1))
 
 
-def list_shards(directory: str) -> List[str]:
+def list_shards(directory: str) -> list[str]:
     return storage.match(layout.shard_glob(directory))
 
 
@@ -65,11 +67,11 @@ _open = storage.open_read
 
 # ----------------------------------------------------------------------------- temp leftovers
 
-def temp_paths(output: str) -> List[str]:
+def temp_paths(output: str) -> list[str]:
     """Temp files of unfinished writes under the output: Beam's `beam-temp-*` directories beside the shards
     and the legacy `_tmp/` directory (beam_job/layout.py). Local directories are returned as directories, gs://
     as objects."""
-    found: List[str] = []
+    found: list[str] = []
     if output.startswith("gs://"):
         for pattern in layout.temp_dir_globs(output):
             found.extend(storage.match(pattern))
@@ -96,7 +98,7 @@ def remove_temp_files(output: str) -> int:
 
 # ----------------------------------------------------------------------------- identity
 
-def output_identity(job: JobConfig, model_identity: str) -> Dict[str, Any]:
+def output_identity(job: JobConfig, model_identity: str) -> dict[str, Any]:
     """What makes an output one output: the model's identity (RunContext.model_identity), the extraction
     settings and their fingerprint."""
     settings = {k: v for k, v in job.extraction.to_dict().items() if k not in _NOT_FINGERPRINTED}
@@ -118,7 +120,7 @@ def _model_differs(recorded: str, current: str) -> bool:
     return recorded.split("@sha256:")[0] != current.split("@sha256:")[0]
 
 
-def identity_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two output identities (empty when the same)."""
     diffs = []
     if _model_differs(str(recorded.get("model_identity", "")), str(current.get("model_identity", ""))):
@@ -130,7 +132,7 @@ def identity_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> L
     return diffs
 
 
-def _identity_problem(data: bytes) -> Optional[str]:
+def _identity_problem(data: bytes) -> str | None:
     """Why `data` is not an output identity (None when it is): a JSON object with a text model_identity and
     an object of settings, as `output_identity` writes it."""
     try:
@@ -148,7 +150,7 @@ def _identity_problem(data: bytes) -> Optional[str]:
     return ", ".join(wrong) or None
 
 
-def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
+def read_output_identity(output: str) -> dict[str, Any] | None:
     """The recorded identity: `_output.json`, else (outputs of earlier versions) the footer of a shard.
 
     An `_output.json` that is not an identity (not JSON, or JSON of another shape) raises JobConfigError (one
@@ -179,7 +181,7 @@ def read_output_identity(output: str) -> Optional[Dict[str, Any]]:
             "settings": settings}
 
 
-def write_output_identity(output: str, identity: Dict[str, Any]) -> None:
+def write_output_identity(output: str, identity: dict[str, Any]) -> None:
     storage.write_json(layout.identity_path(output), identity)
 
 
@@ -216,7 +218,7 @@ def damaged_shard_message(path: str, problem: str) -> str:
             f"inputs are then extracted again (or pass --overwrite to start {output} over)")
 
 
-def _schema_problem(schema: pa.Schema, kind: str) -> Optional[str]:
+def _schema_problem(schema: pa.Schema, kind: str) -> str | None:
     """Why a shard's Arrow schema is not the job's schema for `kind` (None when it is)."""
     features = [delg_v1.features_schema(dtype) for dtype in ("float32", "float16")]
     if kind == FEATURES and any(schema.equals(s, check_metadata=False) for s in features):
@@ -231,7 +233,7 @@ def _schema_problem(schema: pa.Schema, kind: str) -> Optional[str]:
     return f"is a Parquet file of another schema (columns: {columns or 'none'}), not one of the job's {kind} shards"
 
 
-def _shard_problem(path: str, kind: str) -> Optional[str]:
+def _shard_problem(path: str, kind: str) -> str | None:
     """Why one shard is not a readable shard of `kind`, from its footer alone (None when it is)."""
     try:
         with _open(path) as fh:
@@ -262,7 +264,7 @@ def check_output_shards(output: str) -> None:
         raise DamagedShardError(damaged_shard_message(path, problem) + more)
 
 
-def read_columns(path: str, columns: List[str]) -> Tuple[pa.Table, Dict[bytes, bytes]]:
+def read_columns(path: str, columns: list[str]) -> tuple[pa.Table, dict[bytes, bytes]]:
     """Some columns of one shard and its footer metadata. Pages are checked against their checksums (shards
     written since page checksums were turned on carry them); a shard that cannot be read raises
     DamagedShardError naming it."""
@@ -274,10 +276,10 @@ def read_columns(path: str, columns: List[str]) -> Tuple[pa.Table, Dict[bytes, b
         raise DamagedShardError(damaged_shard_message(path, f"cannot be read ({_first_line(exc)})")) from None
 
 
-Key = Tuple[str, str]  # (image_id, path): one listed input
+Key = tuple[str, str]  # (image_id, path): one listed input
 
 
-def read_outcome_keys(path: str, kind: str) -> List[Key]:
+def read_outcome_keys(path: str, kind: str) -> list[Key]:
     """The inputs of one shard whose outcome a resume keeps (leaves out): every (image_id, path) of a feature
     shard; of a failure shard, only the `DuplicateImageIdError` rows (an id's second path stays a duplicate;
     every other failure is tried again)."""
@@ -295,16 +297,16 @@ def read_outcome_keys(path: str, kind: str) -> List[Key]:
 class OutputState:
     """The whole output as readers should see it (see the module docstring)."""
 
-    feature_keys: Set[Key] = field(default_factory=set)
-    feature_ids: Set[str] = field(default_factory=set)
+    feature_keys: set[Key] = field(default_factory=set)
+    feature_ids: set[str] = field(default_factory=set)
     feature_rows: int = 0
     failure_rows: int = 0
     # key -> (run order, shard path, row index) of its latest failure row, only for unresolved inputs
-    current: Dict[Key, Tuple[Tuple[str, str], str, int]] = field(default_factory=dict)
-    failure_keys_by_shard: Dict[str, Set[Key]] = field(default_factory=dict)
+    current: dict[Key, tuple[tuple[str, str], str, int]] = field(default_factory=dict)
+    failure_keys_by_shard: dict[str, set[Key]] = field(default_factory=dict)
 
     @property
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         features = len(self.feature_ids)
         return {"images": features + len(self.current), "features": features, "failures": len(self.current),
                 "duplicate_feature_rows": self.feature_rows - features,
@@ -320,7 +322,7 @@ def output_state(output: str) -> OutputState:
         state.feature_rows += len(ids)
         state.feature_ids.update(ids)
         state.feature_keys.update(zip(ids, table.column("path").to_pylist()))
-    latest: Dict[Key, Tuple[Tuple[str, str], str, int]] = {}
+    latest: dict[Key, tuple[tuple[str, str], str, int]] = {}
     for path in list_shards(layout.failures_dir(output)):
         table, meta = read_columns(path, ["image_id", "path"])
         order = (meta.get(b"delg.run_started_at", b"").decode(), meta.get(b"delg.run_id", b"").decode())
@@ -335,27 +337,27 @@ def output_state(output: str) -> OutputState:
     return state
 
 
-def duplicated_feature_ids(output: str) -> Tuple[int, List[str]]:
+def duplicated_feature_ids(output: str) -> tuple[int, list[str]]:
     """(how many image ids have more than one feature row, the shards that hold those rows): what to name
     when `OutputState.counts` shows duplicate feature rows (a shard copied or added by hand). Reads the
     image_id column of every feature shard; called only then."""
     ids_by_shard = {path: read_columns(path, ["image_id"])[0].column(0).to_pylist()
                     for path in list_shards(layout.features_dir(output))}
-    seen: Set[str] = set()
-    twice: Set[str] = set()
+    seen: set[str] = set()
+    twice: set[str] = set()
     for ids in ids_by_shard.values():
         for image_id in ids:
             (twice if image_id in seen else seen).add(image_id)
     return len(twice), [path for path, ids in ids_by_shard.items() if twice.intersection(ids)]
 
 
-def current_failures(output: str) -> Optional[pa.Table]:
+def current_failures(output: str) -> pa.Table | None:
     """The output's current failures (one row per unresolved input, its latest failure), or None if none.
 
     Use it to read failures; `failures/*.parquet` as a whole also holds resolved and superseded rows.
     """
     state = output_state(output)
-    rows_by_shard: Dict[str, List[int]] = {}
+    rows_by_shard: dict[str, list[int]] = {}
     for _, path, row in state.current.values():
         rows_by_shard.setdefault(path, []).append(row)
     tables = []

@@ -7,7 +7,8 @@ hundreds of images costs a few memcpy's. Failure records are dicts of strings.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +17,8 @@ from beam_job.features import DelgFeatures
 from beam_job.layout import FEATURES
 from beam_job.schemas import delg_v1
 
-FeatureRecord = Dict[str, Any]
-FailureRecord = Dict[str, str]
+FeatureRecord = dict[str, Any]
+FailureRecord = dict[str, str]
 
 MAX_MESSAGE_CHARS = 2000
 
@@ -116,7 +117,7 @@ def _offsets(counts: Sequence[int]) -> pa.Array:
 
 
 def _nested(
-    records: Sequence[FeatureRecord], key: str, width: Optional[int], field_type: pa.DataType, np_dtype
+    records: Sequence[FeatureRecord], key: str, width: int | None, field_type: pa.DataType, np_dtype
 ) -> pa.Array:
     """list<fixed_size_list<T, width>> (width given) or list<T> from per-row numpy arrays."""
     counts = [int(r["num_features"]) for r in records]
@@ -166,9 +167,9 @@ def failures_table(records: Sequence[FailureRecord], schema: pa.Schema = delg_v1
     )
 
 
-def table_for(kind: str, records: Sequence[Dict[str, Any]], schema: pa.Schema) -> pa.Table:
+def table_for(kind: str, records: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return features_table(records, schema) if kind == FEATURES else failures_table(records, schema)
 
 
-def records_ids(records: Sequence[Dict[str, Any]]) -> List[str]:
+def records_ids(records: Sequence[dict[str, Any]]) -> list[str]:
     return [r["image_id"] for r in records]

@@ -14,7 +14,7 @@ Entries are picklable (Beam carries them between steps), not JSON: the summary s
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict
+from typing import Any
 
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 
@@ -24,11 +24,11 @@ QUANTILES = 101  # 0%, 1%, ..., 100%: percentile q is point round(100 * q)
 _QUANTILES_FN = ApproximateQuantilesCombineFn.create(num_quantiles=QUANTILES)
 
 
-def new_timing() -> Dict[str, Any]:
+def new_timing() -> dict[str, Any]:
     return {"count": 0, "total": 0.0, "max": 0.0, "quantiles": _QUANTILES_FN.create_accumulator()}
 
 
-def add_sample(entry: Dict[str, Any], ms: float) -> None:
+def add_sample(entry: dict[str, Any], ms: float) -> None:
     ms = float(ms)
     entry["count"] += 1
     entry["total"] += ms
@@ -36,21 +36,21 @@ def add_sample(entry: Dict[str, Any], ms: float) -> None:
     entry["quantiles"] = _QUANTILES_FN.add_input(entry["quantiles"], ms)
 
 
-def merge_into(entry: Dict[str, Any], other: Dict[str, Any]) -> None:
+def merge_into(entry: dict[str, Any], other: dict[str, Any]) -> None:
     entry["count"] += other["count"]
     entry["total"] += other["total"]
     entry["max"] = max(entry["max"], other["max"])
     entry["quantiles"] = _QUANTILES_FN.merge_accumulators([entry["quantiles"], other["quantiles"]])
 
 
-def percentile(entry: Dict[str, Any], q: float) -> float:
+def percentile(entry: dict[str, Any], q: float) -> float:
     """The q-quantile (0 <= q <= 1, in steps of 1%) of an entry's samples: the nearest-rank sample, exact up
     to 1908 samples, else within 1% in rank; 0.0 for an entry without samples."""
     points = _QUANTILES_FN.extract_output(entry["quantiles"])
     return float(points[round(q * (QUANTILES - 1))]) if points else 0.0
 
 
-def describe(entry: Dict[str, Any]) -> Dict[str, float]:
+def describe(entry: dict[str, Any]) -> dict[str, float]:
     """{count, total_ms, mean_ms, p50_ms, p95_ms, max_ms} of a timing entry (rounded for the summary)."""
     count = entry["count"]
     return {
@@ -67,16 +67,16 @@ class StageStats:
     """Per-stage timings and failure counts of a set of rows (one row group), as a dict via to_dict()."""
 
     def __init__(self) -> None:
-        self.timings: Dict[str, Dict[str, Any]] = {}
+        self.timings: dict[str, dict[str, Any]] = {}
         self.failures: Counter = Counter()  # "stage/error_type" -> count
-        self.examples: Dict[str, str] = {}  # "stage/error_type" -> first "path: message" seen
+        self.examples: dict[str, str] = {}  # "stage/error_type" -> first "path: message" seen
         self.keypoints = 0
         self.models: Counter = Counter()
 
     def add_time(self, stage: str, ms: float) -> None:
         add_sample(self.timings.setdefault(stage, new_timing()), ms)
 
-    def add(self, kind: str, record: Dict[str, Any], timings: Dict[str, float]) -> None:
+    def add(self, kind: str, record: dict[str, Any], timings: dict[str, float]) -> None:
         for stage, ms in timings.items():
             self.add_time(stage, ms)
         if kind == FEATURES:
@@ -87,7 +87,7 @@ class StageStats:
             self.failures[key] += 1
             self.examples.setdefault(key, f"{record['path']}: {record['message']}"[:300])
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "timings": self.timings,
             "failures": dict(self.failures),

@@ -15,7 +15,8 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import apache_beam as beam
 
@@ -48,10 +49,10 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _merge_stats(infos: List[Dict[str, Any]]) -> Dict[str, Any]:
-    timings: Dict[str, Dict[str, Any]] = {}
+def _merge_stats(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    timings: dict[str, dict[str, Any]] = {}
     failures: Counter = Counter()
-    examples: Dict[str, str] = {}
+    examples: dict[str, str] = {}
     models: Counter = Counter()
     keypoints = 0
     for info in infos:
@@ -70,13 +71,13 @@ def _ratio(part: float, whole: float) -> float:
     return round(part / whole, 6) if whole else 0.0
 
 
-def _names(paths: List[str], most: int = 3) -> str:
+def _names(paths: list[str], most: int = 3) -> str:
     shown = ", ".join(paths[:most])
     return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
 
 def run_status(run: Mapping[str, float], output: Mapping[str, float], max_failure_ratio: float,
-               duplicated: Optional[Tuple[int, List[str]]] = None) -> Tuple[str, str]:
+               duplicated: tuple[int, list[str]] | None = None) -> tuple[str, str]:
     """("succeeded" | "failed", one-line reason) for a run (docs/pipeline.md, "Exit status and _SUCCESS").
 
     The run fails when
@@ -113,7 +114,7 @@ def run_status(run: Mapping[str, float], output: Mapping[str, float], max_failur
 Skipped = Union[int, Mapping[str, int]]
 
 
-def _skipped_counts(skipped: Skipped) -> Tuple[int, int]:
+def _skipped_counts(skipped: Skipped) -> tuple[int, int]:
     """(inputs skipped, of which their kept outcome is a failure row): `skipped` is a count (all feature rows)
     or {kind: count} as the pipeline counts it (kind: the kind of the row the input already has)."""
     if isinstance(skipped, Mapping):
@@ -121,11 +122,11 @@ def _skipped_counts(skipped: Skipped) -> Tuple[int, int]:
     return int(skipped), 0
 
 
-def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], files: Dict[str, List[str]],
+def build_summary(job: JobConfig, run: RunContext, infos: list[dict[str, Any]], files: dict[str, list[str]],
                   listed: int,
-                  skipped: Skipped, duplicates: int, state: OutputState, retried: Tuple[int, int],
-                  cleanup: Dict[str, Any], finished_at: Optional[str] = None,
-                  duplicated: Optional[Tuple[int, List[str]]] = None) -> Dict[str, Any]:
+                  skipped: Skipped, duplicates: int, state: OutputState, retried: tuple[int, int],
+                  cleanup: dict[str, Any], finished_at: str | None = None,
+                  duplicated: tuple[int, list[str]] | None = None) -> dict[str, Any]:
     """The summary dict (JSON-serialisable) of a finished run.
 
     infos: committed stats dicts {"kind", "rows", "stats"}; files: this run's final shard paths per kind;
@@ -144,7 +145,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
         stage, error_type = key.split("/", 1)
         by_stage[stage] += count
         by_type[error_type] += count
-    run_counts: Dict[str, float] = {  # counts, and the failure ratio
+    run_counts: dict[str, float] = {  # counts, and the failure ratio
         "listed": listed,
         "duplicate_inputs": duplicates,
         "skipped_existing": skipped_total,
@@ -156,7 +157,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
         "retried": retried[0],
         "retried_still_failing": retried[1],
     }
-    output_counts: Dict[str, float] = dict(state.counts)
+    output_counts: dict[str, float] = dict(state.counts)
     output_counts["failure_ratio"] = _ratio(output_counts["failures"], output_counts["images"])
     status, reason = run_status(run_counts, output_counts, job.max_failure_ratio, duplicated)
     if status == "failed" and merged["failures"] and not output_counts["duplicate_feature_rows"]:
@@ -176,7 +177,7 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
     identity = {"this_run": output_identity(job, run.model_identity)}
     if run.recorded_identity:
         identity["recorded_before"] = json.loads(run.recorded_identity)
-    summary: Dict[str, Any] = {
+    summary: dict[str, Any] = {
         "schema_version": delg_v1.SCHEMA_VERSION,
         "job_version": __version__,
         "run_id": job.run_id,
@@ -209,31 +210,31 @@ def build_summary(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], 
     return summary
 
 
-def _retried(state: OutputState, run_failure_files: List[str], run_feature_keys: Set[Tuple[str, str]]):
+def _retried(state: OutputState, run_failure_files: list[str], run_feature_keys: set[tuple[str, str]]):
     """(inputs of this run that had a failure row from an earlier run, of which failed again)."""
     mine = set(run_failure_files)
-    earlier: Set[Tuple[str, str]] = set()
-    now_failing: Set[Tuple[str, str]] = set()
+    earlier: set[tuple[str, str]] = set()
+    now_failing: set[tuple[str, str]] = set()
     for path, keys in state.failure_keys_by_shard.items():
         (now_failing if path in mine else earlier).update(keys)
     return len((run_feature_keys | now_failing) & earlier), len(now_failing & earlier)
 
 
-def run_files(job: JobConfig, kind: str) -> List[str]:
+def run_files(job: JobConfig, kind: str) -> list[str]:
     """This run's committed shards of a kind. Listed by name rather than taken from the sink's output: a
     retried commit step only returns the files it renamed itself, not those its failed attempt renamed."""
     return storage.match(layout.run_shards_glob(job.output, kind, job.run_id))
 
 
-def finalize_run(job: JobConfig, run: RunContext, infos: List[Dict[str, Any]], listed: int, skipped: Skipped,
-                 duplicates: int) -> Dict[str, Any]:
+def finalize_run(job: JobConfig, run: RunContext, infos: list[dict[str, Any]], listed: int, skipped: Skipped,
+                 duplicates: int) -> dict[str, Any]:
     """Everything after the commit, idempotent: temp cleanup, output state, summary.json, _SUCCESS."""
     failpoint("finalize")
     feature_files, failure_files = run_files(job, FEATURES), run_files(job, FAILURES)
     t0 = time.perf_counter()
     removed = remove_temp_files(job.output)  # leftovers of killed runs too: this run holds the claim
     state = output_state(job.output)
-    run_feature_keys: Set[Tuple[str, str]] = set()
+    run_feature_keys: set[tuple[str, str]] = set()
     for path in feature_files:
         table, _ = read_columns(path, ["image_id", "path"])
         run_feature_keys.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))

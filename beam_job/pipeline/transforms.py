@@ -8,7 +8,6 @@ Elements between steps are (image_id, ImageTask); failure and feature outputs ar
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -16,8 +15,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_job import storage
 from beam_job.layout import FAILURES, FEATURES
-from beam_job.pipeline import METRICS_NAMESPACE
-from beam_job.pipeline import progress
+from beam_job.pipeline import METRICS_NAMESPACE, progress
 from beam_job.pipeline.handler import DelgModelHandler, InferenceError
 from beam_job.pipeline.inputs import check_regular_file, text_to_path
 from beam_job.pipeline.options import JobConfig, RunContext
@@ -37,17 +35,17 @@ class ImageTask:
     timings:  milliseconds per stage so far ("read", "decode", "inference", "postprocess").
     """
 
-    __slots__ = ("image_id", "path", "data", "prepared", "timings")
+    __slots__ = ("data", "image_id", "path", "prepared", "timings")
 
-    def __init__(self, image_id: str, path: str, data: Optional[bytes] = None, prepared=None,
-                 timings: Optional[Dict[str, float]] = None):
+    def __init__(self, image_id: str, path: str, data: bytes | None = None, prepared=None,
+                 timings: dict[str, float] | None = None):
         self.image_id = image_id
         self.path = path
         self.data = data
         self.prepared = prepared
-        self.timings: Dict[str, float] = dict(timings or {})
+        self.timings: dict[str, float] = dict(timings or {})
 
-    def with_stage(self, stage: str, ms: float, **changes) -> "ImageTask":
+    def with_stage(self, stage: str, ms: float, **changes) -> ImageTask:
         """A new task with `stage` timed at `ms` and some of data / prepared replaced."""
         fields = {"data": self.data, "prepared": self.prepared, **changes}
         return ImageTask(self.image_id, self.path, fields["data"], fields["prepared"], {**self.timings, stage: ms})
@@ -73,7 +71,7 @@ def _valid_text(text: str) -> str:
 
 
 def _failure_row(job: JobConfig, run: RunContext, image_id: str, path: str, stage: str, error_type: str, message: str,
-                 timings: Dict[str, float]):
+                 timings: dict[str, float]):
     Metrics.counter(METRICS_NAMESPACE, f"failures_{stage}").inc()
     record = failure_record(image_id, path, stage, error_type, _valid_text(message),
                             model=run.model_identity, preset=job.extraction.name)
@@ -81,7 +79,7 @@ def _failure_row(job: JobConfig, run: RunContext, image_id: str, path: str, stag
 
 
 def _failure(job: JobConfig, run: RunContext, image_id: str, path: str, stage: str, exc: BaseException,
-             timings: Dict[str, float]):
+             timings: dict[str, float]):
     return _failure_row(job, run, image_id, path, stage, type(exc).__name__, str(exc) or repr(exc), timings)
 
 
@@ -180,7 +178,7 @@ class ReadBytesFn(beam.DoFn):
                 data = fh.read(limit + 1)
             if len(data) > limit:
                 raise FileTooLargeError(f"file is larger than --max_file_bytes={limit}")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+        except Exception as exc:
             timings = {"read": (time.perf_counter() - t0) * 1000.0}
             yield _failure(self._job, self._run, image_id, path, "read", exc, timings)
             return
@@ -214,7 +212,7 @@ class DecodeAndResizeFn(beam.DoFn):
                                  max_pixels=cfg.max_image_pixels)
             stage = "preprocess"
             prepared = prepare_image(image, cfg)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+        except Exception as exc:
             stage = getattr(exc, "stage", stage) if stage == "decode" else stage
             timings = {**task.timings, "decode": (time.perf_counter() - t0) * 1000.0}
             yield _failure(self._job, self._run, image_id, task.path, stage, exc, timings)
@@ -251,7 +249,7 @@ class ToRowsFn(beam.DoFn):
         try:
             record = feature_record(image_id, task.path, features, model=identity, preset=self._job.extraction.name,
                                     descriptor_dtype=self._job.descriptor_dtype)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a failure row
+        except Exception as exc:
             yield _failure(self._job, self._run, image_id, task.path, "postprocess", exc, timings)
             return
         timings["postprocess"] = (time.perf_counter() - t0) * 1000.0
@@ -266,7 +264,7 @@ class ExtractFeatures(beam.PTransform):
     Steps (labels as shown in the Dataflow UI): ReadBytes, DecodeAndResize, RunInference, ToRows.
     """
 
-    def __init__(self, job: JobConfig, run: RunContext, model_handler: Optional[DelgModelHandler] = None):
+    def __init__(self, job: JobConfig, run: RunContext, model_handler: DelgModelHandler | None = None):
         """model_handler: the unkeyed handler to use (default: DelgModelHandler for job.extraction)."""
         super().__init__()
         self._job = job

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
 
 
-def worker_environment(worker_id: str, provision_endpoint: str, semi_persist_dir: Optional[str]) -> Dict[str, str]:
+def worker_environment(worker_id: str, provision_endpoint: str, semi_persist_dir: str | None) -> dict[str, str]:
     """The variables `apache_beam.runners.worker.sdk_worker_main` reads, from the runner's provision service."""
     import grpc
-    from google.protobuf import json_format, text_format
-
     from apache_beam.portability.api import beam_provision_api_pb2, beam_provision_api_pb2_grpc
+    from google.protobuf import json_format, text_format
 
     with grpc.insecure_channel(provision_endpoint) as channel:
         stub = beam_provision_api_pb2_grpc.ProvisionServiceStub(channel)
@@ -48,7 +46,7 @@ def worker_environment(worker_id: str, provision_endpoint: str, semi_persist_dir
     return env
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="worker_boot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--id", required=True, help="the worker id the runner assigned")
     parser.add_argument("--provision_endpoint", required=True, help="host:port of the runner's provision service")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -34,8 +34,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_job import layout, storage
 from beam_job.layout import FAILURES, FEATURES, SHARD_SUFFIX
-from beam_job.pipeline import METRICS_NAMESPACE
-from beam_job.pipeline import progress
+from beam_job.pipeline import METRICS_NAMESPACE, progress
 from beam_job.pipeline.failpoints import failpoint
 from beam_job.pipeline.options import FAILURE_ROWS_PER_SHARD, JobConfig, RunContext
 from beam_job.pipeline.rows import table_for
@@ -187,8 +186,8 @@ class ToTablesFn(beam.DoFn):
 
     def start_bundle(self):
         self._flushes = getattr(self, "_flushes", 0)
-        self._records: List[Dict[str, Any]] = []
-        self._timings: List[Dict[str, float]] = []
+        self._records: list[dict[str, Any]] = []
+        self._timings: list[dict[str, float]] = []
 
     def process(self, element):
         record, timings = element

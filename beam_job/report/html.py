@@ -11,7 +11,7 @@ import base64
 import html
 import io
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -137,7 +137,7 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-def colormap(t: np.ndarray) -> List[str]:
+def colormap(t: np.ndarray) -> list[str]:
     """#rrggbb colours of values t in [0, 1] (viridis-like, clipped)."""
     t = np.clip(np.asarray(t, np.float64).ravel(), 0.0, 1.0) * (len(_COLORMAP) - 1)
     lo = np.floor(t).astype(int)
@@ -164,7 +164,7 @@ def colorbar_svg(low: float, high: float, label: str, width: int = 240) -> str:
 # --------------------------------------------------------------------------------------------- plots
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         return [lo]
     raw = (hi - lo) / max(n - 1, 1)
@@ -189,7 +189,7 @@ def _text(x: float, y: float, text: str, size: int = 10, anchor: str = "middle")
 class _Frame:
     """Maps data coordinates to the SVG plot area and draws the axes."""
 
-    def __init__(self, x_range: Tuple[float, float], y_range: Tuple[float, float]):
+    def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float]):
         self.x0, self.x1 = x_range
         self.y0, self.y1 = y_range
         if self.x1 <= self.x0:
@@ -206,7 +206,7 @@ class _Frame:
         return self.bottom - (np.asarray(y, np.float64) - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
 
     def axes(self, xlabel: str, ylabel: str, x_ticks: bool = True, x_integer: bool = False,
-             y_integer: bool = False, x_tick_values: Optional[Sequence[float]] = None) -> str:
+             y_integer: bool = False, x_tick_values: Sequence[float] | None = None) -> str:
         """The axes with ticks; x_tick_values: these x ticks instead of evenly spaced ones over the range."""
         parts = [_line(self.left, self.bottom, self.right, self.bottom),
                  _line(self.left, self.top, self.left, self.bottom)]
@@ -251,7 +251,7 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
         return _empty(title, name)
     lo, hi = float(values.min()), float(values.max())
     unit_bins = integer and int(hi - lo) + 1 <= bins
-    ticks: Optional[List[float]] = None
+    ticks: list[float] | None = None
     if unit_bins:
         edges = np.arange(lo, hi + 2, dtype=np.float64) - 0.5
         ticks = [t for t in _nice_ticks(lo, hi) if t == int(t) and lo <= t <= hi]
@@ -279,7 +279,7 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
     return _svg(title, axes + "".join(bars), name)
 
 
-def bars_svg(labels: Sequence[str], series: Dict[str, Sequence[float]], title: str, xlabel: str, name: str) -> str:
+def bars_svg(labels: Sequence[str], series: dict[str, Sequence[float]], title: str, xlabel: str, name: str) -> str:
     """Horizontal grouped bars: one group per label, one bar per series (at most two series shown in colour)."""
     if not labels:
         return _empty(title, name)
@@ -325,6 +325,6 @@ def scatter_svg(xs, ys, title: str, xlabel: str, ylabel: str, name: str) -> str:
     return _svg(title, frame.axes(xlabel, ylabel) + dots, name)
 
 
-def figure(svg: str, caption: Optional[str] = None) -> str:
+def figure(svg: str, caption: str | None = None) -> str:
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
     return f"<figure>{svg}{cap}</figure>"

@@ -28,8 +28,8 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class ResultItem:
     detail: str = ""  # easy / hard for revisitop positives
     thumb: str = ""  # relative path under out_dir
     match: str = ""
-    match_inliers: Optional[int] = None
+    match_inliers: int | None = None
     problem: str = ""
 
     @property
@@ -88,10 +88,10 @@ class ResultItem:
 class QueryPage:
     query_id: str
     slug: str
-    items: List[ResultItem]
+    items: list[ResultItem]
     thumb: str = ""
     source: str = ""
-    ap: Dict[str, float] = field(default_factory=dict)
+    ap: dict[str, float] = field(default_factory=dict)
     problem: str = ""
 
 
@@ -125,14 +125,14 @@ class GroundTruth:
     """Labels per (query, image), per-query AP per protocol, and the mAP table text of the evaluate module."""
 
     kind: str  # "revisitop" or "gldv2"
-    protocols: Tuple[str, ...]
+    protocols: tuple[str, ...]
     metrics_text: str
-    metrics_rows: List[Tuple[str, ...]]
-    metrics_headers: Tuple[str, ...]
-    ap: Dict[str, Dict[str, float]]  # query_id -> protocol -> AP (NaN: not scored)
+    metrics_rows: list[tuple[str, ...]]
+    metrics_headers: tuple[str, ...]
+    ap: dict[str, dict[str, float]]  # query_id -> protocol -> AP (NaN: not scored)
     labeller: object
 
-    def label(self, query_id: str, image_id: str) -> Tuple[str, str]:
+    def label(self, query_id: str, image_id: str) -> tuple[str, str]:
         return self.labeller(query_id, image_id)  # type: ignore[operator]
 
 
@@ -143,7 +143,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
         gnd = ev.load_revisitop_gnd(path)
         rankings = ev.rankings_from_results(gnd["qimlist"], ranked, gnd["imlist"])
         metrics = ev.evaluate_revisitop(rankings, gnd["gnd"], kappas)
-        ap: Dict[str, Dict[str, float]] = {q: {} for q in gnd["qimlist"]}
+        ap: dict[str, dict[str, float]] = {q: {} for q in gnd["qimlist"]}
         for protocol in ev.PROTOCOLS:
             _, aps, _, _ = ev.compute_map(rankings, ev.protocol_ground_truth(gnd["gnd"], protocol), kappas)
             for q, value in zip(gnd["qimlist"], aps):
@@ -152,7 +152,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
         sets = {q: {k: set(np.asarray(g[k]).tolist()) for k in ("easy", "hard", "junk")}
                 for q, g in zip(gnd["qimlist"], gnd["gnd"])}
 
-        def label(query_id: str, image_id: str) -> Tuple[str, str]:
+        def label(query_id: str, image_id: str) -> tuple[str, str]:
             s = sets.get(query_id)
             if s is None:
                 return "", ""
@@ -175,7 +175,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
         usage = {q: u for u in ("Public", "Private", "Ignored") for q in solution[u]}
         ap_at_100 = {q: {"AP@100": ev.gldv2_map_at_k({q: ranked.get(q, [])}, {q: rel})} for q, rel in relevant.items()}
 
-        def label(query_id: str, image_id: str) -> Tuple[str, str]:
+        def label(query_id: str, image_id: str) -> tuple[str, str]:
             if usage.get(query_id) == "Ignored":
                 return "ignored", ""
             if query_id not in relevant:
@@ -191,7 +191,7 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
 # --------------------------------------------------------------------------------------------- images
 
 
-def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
+def _query_images(engine, specs: dict[str, dict[str, str]], query_id: str):
     """(Query, image as the query's locations see it, thumbnail key) for a query id; ValueError when unknown."""
     from beam_job.imaging import decode_image
     from beam_job.retrieval.query import read_query_image
@@ -215,7 +215,7 @@ def _query_images(engine, specs: Dict[str, Dict[str, str]], query_id: str):
     return q, image[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)], f"crop:{path}:{bbox}"
 
 
-def _thumb_file(out: _Out, cache: Dict[str, str], key: str, image: np.ndarray) -> str:
+def _thumb_file(out: _Out, cache: dict[str, str], key: str, image: np.ndarray) -> str:
     if key not in cache:
         name = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
         cache[key] = out.put(f"img/{name}.jpg", jpeg_bytes(thumbnail(image, THUMB_SIDE)))
@@ -237,7 +237,7 @@ def _ap_text(value: float) -> str:
     return "\u2014" if value != value else f"{100 * value:.2f}"
 
 
-def _ap_cells(gt: Optional[GroundTruth], q: QueryPage) -> List[str]:
+def _ap_cells(gt: GroundTruth | None, q: QueryPage) -> list[str]:
     """Sortable AP cells (percent shown, the fraction in data-value; NaN: query not scored)."""
     if gt is None:
         return []
@@ -249,7 +249,7 @@ def _ap_cells(gt: Optional[GroundTruth], q: QueryPage) -> List[str]:
     return cells
 
 
-def _metrics_html(gt: Optional[GroundTruth]) -> str:
+def _metrics_html(gt: GroundTruth | None) -> str:
     if gt is None:
         return ""
     return ("<h2>Evaluation</h2>"
@@ -270,7 +270,7 @@ def _named(path: str, image_id: str) -> str:
     return f"<span class=\"name\" title=\"{esc(path)}\">{esc(display_name(path, image_id))}</span>"
 
 
-def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[str, str], k: int,
+def _index_page(pages: list[QueryPage], gt: GroundTruth | None, info: dict[str, str], k: int,
                 min_inliers: int, untrained: bool = False) -> str:
     head = ["", "query", "top result", "verified in top k"] + ([_ap_name(p) for p in gt.protocols] if gt else [])
     ths = "".join(f"<th data-sort=\"1\">{esc(h)} \u21c5</th>" if h.startswith(("AP", "verified"))
@@ -297,7 +297,7 @@ def _index_page(pages: List[QueryPage], gt: Optional[GroundTruth], info: Dict[st
     return page("Retrieval results", body, SORT_SCRIPT)
 
 
-def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int, untrained: bool = False) -> str:
+def _query_page(q: QueryPage, gt: GroundTruth | None, min_inliers: int, untrained: bool = False) -> str:
     tiles = []
     for it in q.items:
         verified = it.inliers >= min_inliers
@@ -343,13 +343,13 @@ def _query_page(q: QueryPage, gt: Optional[GroundTruth], min_inliers: int, untra
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _specs_from_results(table_) -> Dict[str, Dict[str, str]]:
+def _specs_from_results(table_) -> dict[str, dict[str, str]]:
     """Each query's image as the results record it (query_path, query_bbox): {query_id: queries-file-like spec}."""
     if "query_path" not in table_.column_names:
         return {}
     bboxes = (table_.column("query_bbox").to_pylist() if "query_bbox" in table_.column_names
               else [""] * table_.num_rows)
-    specs: Dict[str, Dict[str, str]] = {}
+    specs: dict[str, dict[str, str]] = {}
     for qid, path, bbox in zip(table_.column("query_id").to_pylist(), table_.column("query_path").to_pylist(), bboxes):
         if path and qid not in specs:
             specs[qid] = {"query_id": qid, "path": path, "bbox": bbox or ""}
@@ -361,9 +361,9 @@ def write_retrieval_report(
     index_dir: str,
     out_dir: str,
     *,
-    queries_file: Optional[str] = None,
-    ground_truth: Optional[str] = None,
-    max_queries: Optional[int] = None,
+    queries_file: str | None = None,
+    ground_truth: str | None = None,
+    max_queries: int | None = None,
     k: int = 10,
     order: str = "final_rank",
     min_inliers: int = DEFAULT_MIN_INLIERS,
@@ -378,7 +378,7 @@ def write_retrieval_report(
         raise ValueError(f"--k must be positive, got {k}")
     table_ = read_results(results)
     gt = load_ground_truth(ground_truth, table_, order) if ground_truth else None
-    ranked: Dict[str, List[Tuple[int, int, str, float, int, str]]] = {}
+    ranked: dict[str, list[tuple[int, int, str, float, int, str]]] = {}
     names = ("query_id", order, "rank", "image_id", "global_score", "inliers")
     cols = [table_.column(c).to_pylist() for c in names]
     cols.append(table_.column("path").to_pylist() if "path" in table_.column_names else [""] * table_.num_rows)
@@ -391,8 +391,8 @@ def write_retrieval_report(
     engine = QueryEngine(index_dir, rerank_config)
     untrained = engine.index.untrained
     out = _Out(out_dir)
-    thumbs: Dict[str, str] = {}
-    pages: List[QueryPage] = []
+    thumbs: dict[str, str] = {}
+    pages: list[QueryPage] = []
     for qi, qid in enumerate(query_ids):
         rows = sorted(ranked[qid])[:k]
         qp = QueryPage(qid, _slug(qid), [ResultItem(i + 1, iid, score, inl, r, path=path)
@@ -408,7 +408,7 @@ def write_retrieval_report(
             qp.thumb = _thumb_file(out, thumbs, thumb_key, query_image)
         except Exception as exc:  # unknown or unreadable query image: the results are still shown
             qp.problem = f"query image not available: {exc}"[:300]
-        positions: List[Optional[int]] = []
+        positions: list[int | None] = []
         for it in qp.items:
             try:
                 positions.append(engine.index.position_of(it.image_id))
@@ -483,7 +483,7 @@ REPORT_COMMAND = retrieval_cli.Command(
     _report_arguments, _run_report)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """`delg-retrieval` (the console script): beam_job.retrieval.cli's commands plus `report`."""
     return retrieval_cli.main(argv, extra=(REPORT_COMMAND,))
 
@@ -492,4 +492,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["write_retrieval_report", "load_ground_truth", "DEFAULT_MIN_INLIERS", "REPORT_COMMAND", "main"]
+__all__ = ["DEFAULT_MIN_INLIERS", "REPORT_COMMAND", "load_ground_truth", "main", "write_retrieval_report"]

@@ -19,19 +19,32 @@ import argparse
 import hashlib
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from beam_job import layout, storage
 from beam_job.imaging import decode_image
 from beam_job.pipeline.options import JobConfigError, check_run_id
 from beam_job.pipeline.resume import list_shards, output_state
 from beam_job.report.html import (
-    bars_svg, colorbar_svg, colormap, data_uri, esc, figure, fmt, histogram_svg, jpeg_bytes, page, scatter_svg,
-    table, thumbnail,
+    bars_svg,
+    colorbar_svg,
+    colormap,
+    data_uri,
+    esc,
+    figure,
+    fmt,
+    histogram_svg,
+    jpeg_bytes,
+    page,
+    scatter_svg,
+    table,
+    thumbnail,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,10 +67,10 @@ class ColumnReader:
     """Reads named columns (optionally some row groups) of Parquet files; records every request."""
 
     def __init__(self) -> None:
-        self.requests: List[Tuple[str, Tuple[str, ...], Optional[Tuple[int, ...]]]] = []
-        self._sizes: Dict[str, List[int]] = {}
+        self.requests: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = []
+        self._sizes: dict[str, list[int]] = {}
 
-    def read(self, path: str, columns: Sequence[str], row_groups: Optional[Sequence[int]] = None) -> pa.Table:
+    def read(self, path: str, columns: Sequence[str], row_groups: Sequence[int] | None = None) -> pa.Table:
         self.requests.append((path, tuple(columns), tuple(row_groups) if row_groups is not None else None))
         with storage.open_read(path) as fh:
             pf = pq.ParquetFile(fh)
@@ -68,7 +81,7 @@ class ColumnReader:
                 return pf.read(columns=names, use_threads=False)
             return pf.read_row_groups(list(row_groups), columns=names, use_threads=False)
 
-    def row_group_sizes(self, path: str) -> List[int]:
+    def row_group_sizes(self, path: str) -> list[int]:
         if path not in self._sizes:
             with storage.open_read(path) as fh:
                 md = pq.ParquetFile(fh).metadata
@@ -89,7 +102,7 @@ class ColumnReader:
         take = [before[g] + int(r - starts[g]) for r, g in zip(rows, groups)]
         return table.take(pa.array(take, pa.int64()))
 
-    def descriptor_requests(self) -> List[Tuple[str, Tuple[str, ...]]]:
+    def descriptor_requests(self) -> list[tuple[str, tuple[str, ...]]]:
         return [(p, c) for p, c, _ in self.requests if set(c) & set(DESCRIPTOR_COLUMNS)]
 
 
@@ -101,7 +114,7 @@ def sample_key(image_id: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
-def list_runs(output: str) -> List[Dict[str, Any]]:
+def list_runs(output: str) -> list[dict[str, Any]]:
     """Summaries of every run under <output>/runs/, oldest first (by finished/started time, then run id)."""
     try:
         paths = storage.match(layout.summaries_glob(output))
@@ -121,7 +134,7 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _of_run(paths: Sequence[str], run_id: str) -> List[str]:
+def _of_run(paths: Sequence[str], run_id: str) -> list[str]:
     """Shards written by a run: part-<run_id>-SSSSS-of-NNNNN.parquet (beam_job/layout.py)."""
     return [p for p in paths if layout.is_run_shard(_basename(p), run_id)]
 
@@ -132,13 +145,13 @@ class SampleImage:
 
     image_id: str
     path: str
-    original_hw: Tuple[int, int]
+    original_hw: tuple[int, int]
     locations: np.ndarray  # (N, 2) stored (y, x)
     scales: np.ndarray
     attention: np.ndarray
-    thumb_jpeg: Optional[bytes] = None
-    thumb_size: Tuple[int, int] = (0, 0)  # (width, height)
-    decoded_hw: Optional[Tuple[int, int]] = None
+    thumb_jpeg: bytes | None = None
+    thumb_size: tuple[int, int] = (0, 0)  # (width, height)
+    decoded_hw: tuple[int, int] | None = None
     problem: str = ""
 
 
@@ -147,22 +160,22 @@ class RunData:
     """Everything the page shows, gathered once."""
 
     output: str
-    summary: Dict[str, Any]
-    runs: List[Dict[str, Any]]
-    output_counts: Dict[str, int]
+    summary: dict[str, Any]
+    runs: list[dict[str, Any]]
+    output_counts: dict[str, int]
     output_counts_source: str
-    run_failures: Dict[str, List[Dict[str, str]]]  # "stage/error_type" -> example rows of this run
+    run_failures: dict[str, list[dict[str, str]]]  # "stage/error_type" -> example rows of this run
     output_failures: Counter  # "stage/error_type" -> current failures in the whole output
     num_features: np.ndarray
     sizes_hw: np.ndarray  # (n, 2) original (height, width), hash order
     attention_sample: np.ndarray
     attention_rows: int
-    samples: List[SampleImage]
+    samples: list[SampleImage]
     plot_scope: str
-    run_reports: Dict[str, bool] = field(default_factory=dict)
+    run_reports: dict[str, bool] = field(default_factory=dict)
 
 
-def _read_image(path: str, config: Dict[str, Any]) -> np.ndarray:
+def _read_image(path: str, config: dict[str, Any]) -> np.ndarray:
     with storage.open_read(path) as fh:
         data = fh.read()
     exif = bool(config.get("apply_exif_orientation", True))
@@ -171,7 +184,7 @@ def _read_image(path: str, config: Dict[str, Any]) -> np.ndarray:
     return decode_image(data, apply_exif_orientation=exif)
 
 
-def _load_sample_image(sample: SampleImage, config: Dict[str, Any]) -> None:
+def _load_sample_image(sample: SampleImage, config: dict[str, Any]) -> None:
     try:
         image = _read_image(sample.path, config)
     except Exception as exc:  # a moved or unreadable source: the points are still drawn on a blank frame
@@ -190,7 +203,7 @@ def _load_sample_image(sample: SampleImage, config: Dict[str, Any]) -> None:
     sample.thumb_jpeg = jpeg_bytes(thumb)
 
 
-def _pick_summary(output: str, runs: List[Dict[str, Any]], run_id: Optional[str]) -> Dict[str, Any]:
+def _pick_summary(output: str, runs: list[dict[str, Any]], run_id: str | None) -> dict[str, Any]:
     """The summary of run `run_id` (the latest run when None); JobConfigError (one line) when there is none."""
     if not runs:
         raise JobConfigError(f"{output} has no runs/<run_id>/summary.json: give the --output of a finished run")
@@ -203,12 +216,12 @@ def _pick_summary(output: str, runs: List[Dict[str, Any]], run_id: Optional[str]
     return found[0]
 
 
-def _failure_groups(reader: ColumnReader, failure_shards: List[str], run_failure_paths: Set[str],
-                    current: Set[Tuple[str, int]]) -> Tuple[Dict[str, List[Dict[str, str]]], Counter]:
+def _failure_groups(reader: ColumnReader, failure_shards: list[str], run_failure_paths: set[str],
+                    current: set[tuple[str, int]]) -> tuple[dict[str, list[dict[str, str]]], Counter]:
     """(examples of this run's failures by "stage/error_type", counts of the output's current failures by it);
     string columns only."""
     output_failures: Counter = Counter()
-    run_failures: Dict[str, List[Dict[str, str]]] = defaultdict(list)
+    run_failures: dict[str, list[dict[str, str]]] = defaultdict(list)
     for path in failure_shards:
         for row, r in enumerate(reader.read(path, FAILURE_COLUMNS).to_pylist()):
             key = f"{r['stage']}/{r['error_type']}"
@@ -219,7 +232,7 @@ def _failure_groups(reader: ColumnReader, failure_shards: List[str], run_failure
     return run_failures, output_failures
 
 
-def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnReader] = None) -> RunData:
+def gather(output: str, run_id: str | None = None, reader: ColumnReader | None = None) -> RunData:
     """Read what the report needs; raises JobConfigError (one line) when the output has no such run."""
     output = output.rstrip("/") if output not in ("/", "") else output
     reader = reader or ColumnReader()
@@ -236,7 +249,7 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
         plot_shards, plot_scope = feature_shards, "the whole output (this run wrote no feature rows)"
 
     # Per-row scalar columns of the plotted shards.
-    refs: List[Tuple[str, str, int]] = []  # (sample key, shard, row)
+    refs: list[tuple[str, str, int]] = []  # (sample key, shard, row)
     num_features, heights, widths = [], [], []
     for path in plot_shards:
         t = reader.read(path, PER_ROW_COLUMNS)
@@ -271,7 +284,7 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
         col = reader.read_rows(path, rows, ["attention"]).column("attention").combine_chunks()
         att_parts.append(col.flatten().to_numpy(zero_copy_only=False))
     attention = np.concatenate(att_parts) if att_parts else np.zeros(0, np.float32)
-    samples: Dict[str, SampleImage] = {}
+    samples: dict[str, SampleImage] = {}
     picture_refs = [refs[j] for j in order[:SAMPLE_IMAGES]]
     for path, rows in _by_shard(picture_refs).items():
         t = reader.read_rows(path, rows, KEYPOINT_COLUMNS)
@@ -304,8 +317,8 @@ def gather(output: str, run_id: Optional[str] = None, reader: Optional[ColumnRea
                    samples=ordered, plot_scope=plot_scope, run_reports=run_reports)
 
 
-def _by_shard(refs: Sequence[Tuple[str, str, int]]) -> Dict[str, List[int]]:
-    out: Dict[str, List[int]] = defaultdict(list)
+def _by_shard(refs: Sequence[tuple[str, str, int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = defaultdict(list)
     for _, path, row in refs:
         out[path].append(row)
     return out
@@ -314,7 +327,7 @@ def _by_shard(refs: Sequence[Tuple[str, str, int]]) -> Dict[str, List[int]]:
 # --------------------------------------------------------------------------------------------- page
 
 
-def is_untrained(summary: Dict[str, Any]) -> bool:
+def is_untrained(summary: dict[str, Any]) -> bool:
     config = summary.get("config") or {}
     uri = str((summary.get("model") or {}).get("uri") or config.get("model") or "")
     return bool(config.get("untrained")) or uri.startswith("embedded:") or any(
@@ -524,7 +537,7 @@ def _write_text(path: str, text: str) -> None:
     storage.write_bytes(path, text.encode("utf-8"), "text/html")
 
 
-def write_run_report(output: str, run_id: Optional[str] = None, reader: Optional[ColumnReader] = None) -> str:
+def write_run_report(output: str, run_id: str | None = None, reader: ColumnReader | None = None) -> str:
     """Build and write <output>/runs/<run_id>/report.html (the latest run when run_id is None); returns its path."""
     d = gather(output, run_id, reader)
     # The page goes beside the summary, named by the run id the summary holds: never a path outside runs/.
@@ -535,7 +548,7 @@ def write_run_report(output: str, run_id: Optional[str] = None, reader: Optional
     return path
 
 
-def write_run_report_after_run(output: str, run_id: str) -> Optional[str]:
+def write_run_report_after_run(output: str, run_id: str) -> str | None:
     """The end-of-run hook: write the report, but never fail a finished job because of it (logs a warning)."""
     try:
         return write_run_report(output, run_id)

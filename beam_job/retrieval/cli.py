@@ -25,7 +25,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from beam_job import __version__
 
@@ -198,8 +199,7 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_query(args) -> int:
-    from .query import (build_queries, check_results_path, read_query_file, results_table, summary_json,
-                        write_results)
+    from .query import build_queries, check_results_path, read_query_file, results_table, summary_json, write_results
 
     if args.output:
         check_results_path(args.output)  # before any work
@@ -236,8 +236,14 @@ def _junk_per_protocol(gnd_path: str, query_ids: Sequence[str]):
 
 
 def _cmd_eval_revisitop(args) -> int:
-    from .evaluate import (evaluate_revisitop, format_revisitop, load_revisitop_gnd, protocol_rankings,
-                           ranked_ids_from_table, rankings_from_results)
+    from .evaluate import (
+        evaluate_revisitop,
+        format_revisitop,
+        load_revisitop_gnd,
+        protocol_rankings,
+        ranked_ids_from_table,
+        rankings_from_results,
+    )
     from .query import read_results
 
     gnd = load_revisitop_gnd(args.gnd)
@@ -332,7 +338,7 @@ COMMANDS = {
 }
 
 
-def main(argv: Optional[Sequence[str]] = None, extra: Sequence[Command] = ()) -> int:
+def main(argv: Sequence[str] | None = None, extra: Sequence[Command] = ()) -> int:
     """Run `delg-retrieval` with this module's commands plus `extra` (the console script passes the report's)."""
     args = build_parser(extra).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -351,4 +357,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__: List[str] = ["main", "build_parser", "Command", "add_rerank_args", "rerank_config"]
+__all__: list[str] = ["Command", "add_rerank_args", "build_parser", "main", "rerank_config"]

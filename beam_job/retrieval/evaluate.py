@@ -23,7 +23,7 @@ import csv
 import io
 import logging
 import pickle
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ DEFAULT_KAPPAS = (1, 5, 10)
 # --------------------------------------------------------------------------------------------- revisitop
 
 
-def load_revisitop_gnd(path: str) -> Dict:
+def load_revisitop_gnd(path: str) -> dict:
     """Ground truth from gnd_<dataset>.pkl (0-based indices) or the older .mat (1-based, converted).
 
     Returns {"imlist": [str], "qimlist": [str], "gnd": [{"easy", "hard", "junk": int64 arrays (0-based),
@@ -59,8 +59,8 @@ def load_revisitop_gnd(path: str) -> Dict:
     return {"imlist": _mat_names(cfg["imlist"]), "qimlist": _mat_names(cfg["qimlist"]), "gnd": gnd}
 
 
-def _gnd_entry(g: Mapping, offset: int) -> Dict:
-    out: Dict[str, Optional[np.ndarray]] = {}
+def _gnd_entry(g: Mapping, offset: int) -> dict:
+    out: dict[str, np.ndarray | None] = {}
     for key in ("easy", "hard", "junk"):
         arr = np.ravel(np.asarray(g[key] if key in g else [], dtype=np.float64))
         out[key] = arr.astype(np.int64) - offset
@@ -69,11 +69,11 @@ def _gnd_entry(g: Mapping, offset: int) -> Dict:
     return out
 
 
-def _mat_names(cell: np.ndarray) -> List[str]:
+def _mat_names(cell: np.ndarray) -> list[str]:
     return [str(np.asarray(x).ravel()[0]) for x in np.ravel(cell)]
 
 
-def protocol_ground_truth(gnd: Sequence[Mapping], protocol: str) -> List[Dict[str, np.ndarray]]:
+def protocol_ground_truth(gnd: Sequence[Mapping], protocol: str) -> list[dict[str, np.ndarray]]:
     """Per-query {"ok", "junk"} index arrays for one setting (easy / medium / hard)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -104,7 +104,7 @@ def average_precision(positive_ranks: np.ndarray, num_positives: int) -> float:
 def _dedupe(ranking: np.ndarray) -> np.ndarray:
     ranking = np.asarray(ranking, np.int64).ravel()
     keep = np.ones(len(ranking), bool)
-    seen: Set[int] = set()
+    seen: set[int] = set()
     for i, v in enumerate(ranking.tolist()):
         if v >= 0 and v in seen:
             keep[i] = False
@@ -114,7 +114,7 @@ def _dedupe(ranking: np.ndarray) -> np.ndarray:
 
 def compute_map(
     rankings: Sequence[np.ndarray], gt: Sequence[Mapping[str, np.ndarray]], kappas: Sequence[int] = DEFAULT_KAPPAS
-) -> Tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """revisitop compute_map on per-query rankings.
 
     rankings[i]: 0-based imlist indices for query i, best first (any length; -1 = outside imlist).
@@ -150,7 +150,7 @@ def compute_map(
 
 def evaluate_revisitop(
     rankings, gnd: Sequence[Mapping], kappas: Sequence[int] = DEFAULT_KAPPAS
-) -> Dict[str, Dict]:
+) -> dict[str, dict]:
     """mAP and mP@k for easy / medium / hard. Returns {protocol: {"mAP", "mP@k": {k: v}, "num_queries"}}.
 
     rankings: one ranking per query (the same for every protocol), or {protocol: rankings} when the order
@@ -158,7 +158,7 @@ def evaluate_revisitop(
 
     A setting in which no query has a positive (e.g. a ground truth without hard images) gets mAP None,
     empty mP@k and num_queries 0; the other settings are still scored."""
-    out: Dict[str, Dict] = {}
+    out: dict[str, dict] = {}
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(gnd, protocol)
         ranks = rankings[protocol] if isinstance(rankings, Mapping) else rankings
@@ -179,7 +179,7 @@ def evaluate_revisitop(
 
 def rankings_from_results(
     query_ids: Sequence[str], result_ids: Mapping[str, Sequence[str]], imlist: Sequence[str]
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Per-query index rankings from image-id rankings. Ids outside imlist become -1; missing queries empty."""
     lookup = {name: i for i, name in enumerate(imlist)}
     missing = [q for q in query_ids if q not in result_ids]
@@ -189,7 +189,7 @@ def rankings_from_results(
     return [np.asarray([lookup.get(i, -1) for i in result_ids.get(q, [])], np.int64) for q in query_ids]
 
 
-def _warn_incomplete_rankings(per_query: Dict[str, List[Tuple]], imlist: Sequence[str], k: str = "") -> None:
+def _warn_incomplete_rankings(per_query: dict[str, list[tuple]], imlist: Sequence[str], k: str = "") -> None:
     """Warn when rankings miss database images; `k`: the results' recorded --k ("" when unknown: CSV, old files).
 
     A query need not rank itself (`query` leaves an indexed query out). After `--k all` every ranking holds
@@ -211,7 +211,7 @@ def _warn_incomplete_rankings(per_query: Dict[str, List[Tuple]], imlist: Sequenc
                        "lost; use `query --k all`", len(short), len(imlist), short[:3])
 
 
-def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Dict[str, List[np.ndarray]]:
+def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> dict[str, list[np.ndarray]]:
     """Per-protocol rankings from a results table, re-ranked as the reference does for each protocol.
 
     For each query and protocol: the results in global order (`rank`) without the protocol's junk; the
@@ -231,7 +231,7 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
     columns = ["query_id", "rank", "image_id", "global_score", "inliers"]
     columns += ["verified"] if "verified" in names else []
     rows = table.select(columns).to_pydict()
-    per_query: Dict[str, List[Tuple]] = {}
+    per_query: dict[str, list[tuple]] = {}
     for values in zip(*(rows[c] for c in columns)):
         per_query.setdefault(values[0], []).append(values[1:])
     missing = [q for q in qimlist if q not in per_query]
@@ -240,7 +240,7 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
                        len(missing), len(qimlist), missing[:3])
     recorded = (table.schema.metadata or {}).get(RESULTS_K_KEY, b"").decode()
     _warn_incomplete_rankings(per_query, imlist, recorded)
-    out: Dict[str, List[np.ndarray]] = {}
+    out: dict[str, list[np.ndarray]] = {}
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(revisitop["gnd"], protocol)
         rankings = []
@@ -263,12 +263,12 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> Di
     return out
 
 
-def ranked_ids_from_table(table, order_column: str = "final_rank") -> Dict[str, List[str]]:
+def ranked_ids_from_table(table, order_column: str = "final_rank") -> dict[str, list[str]]:
     """{query_id: [image_id, ...]} ordered by `order_column` ("final_rank" or the global "rank")."""
     qids = table.column("query_id").to_pylist()
     iids = table.column("image_id").to_pylist()
     ranks = table.column(order_column).to_pylist()
-    grouped: Dict[str, List[Tuple[int, str]]] = {}
+    grouped: dict[str, list[tuple[int, str]]] = {}
     for q, i, r in zip(qids, iids, ranks):
         grouped.setdefault(q, []).append((r, i))
     return {q: [i for _, i in sorted(v)] for q, v in grouped.items()}
@@ -293,11 +293,11 @@ def format_revisitop(metrics: Mapping[str, Mapping]) -> str:
 # --------------------------------------------------------------------------------------------- GLDv2
 
 
-def _split_ids(text: str) -> List[str]:
+def _split_ids(text: str) -> list[str]:
     return [t for t in (text or "").split() if t]
 
 
-def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
+def read_gldv2_solution(path: str) -> dict[str, dict[str, set[str]]]:
     """Kaggle retrieval solution CSV (`id,images[,Usage]`, images space-separated).
 
     Returns {"Public": {...}, "Private": {...}, "Ignored": {...}} of query id -> set of relevant index ids.
@@ -307,7 +307,7 @@ def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
     rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
     if not rows or "id" not in rows[0] or "images" not in rows[0]:
         raise ValueError(f"{path}: a GLDv2 solution needs the columns id,images[,Usage]")
-    out: Dict[str, Dict[str, Set[str]]] = {"Public": {}, "Private": {}, "Ignored": {}}
+    out: dict[str, dict[str, set[str]]] = {"Public": {}, "Private": {}, "Ignored": {}}
     for row in rows:
         ids = set(_split_ids(row["images"])) - {"None"}
         usage = (row.get("Usage") or "Public").strip() or "Public"
@@ -317,14 +317,14 @@ def read_gldv2_solution(path: str) -> Dict[str, Dict[str, Set[str]]]:
     return out
 
 
-def read_gldv2_predictions(path: str) -> Dict[str, List[str]]:
+def read_gldv2_predictions(path: str) -> dict[str, list[str]]:
     """Submission CSV `id,images` (images space-separated, best first) -> {query id: [index ids]}.
 
     A query id given on two rows is an error (the reference refuses it too), never silently overwritten."""
     rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode("utf-8"))))
     if rows and ("id" not in rows[0] or "images" not in rows[0]):
         raise ValueError(f"{path}: a GLDv2 submission needs the columns id,images")
-    out: Dict[str, List[str]] = {}
+    out: dict[str, list[str]] = {}
     for line, row in enumerate(rows, start=2):
         qid = row["id"].strip()
         if qid in out:
@@ -334,7 +334,7 @@ def read_gldv2_predictions(path: str) -> Dict[str, List[str]]:
 
 
 def gldv2_map_at_k(
-    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Set[str]], max_predictions: int = 100
+    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, set[str]], max_predictions: int = 100
 ) -> float:
     """mAP@max_predictions over the queries of `solution` (each with >= 1 relevant image)."""
     if not solution:
@@ -354,16 +354,16 @@ def gldv2_map_at_k(
 
 
 def evaluate_gldv2(
-    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Mapping[str, Set[str]]],
+    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Mapping[str, set[str]]],
     max_predictions: int = 100,
-) -> Dict[str, Optional[float]]:
+) -> dict[str, float | None]:
     """mAP@100 for the Public, Private and combined query sets. Predictions for Ignored queries are dropped;
     predictions for ids absent from the solution raise ValueError (as the reference does)."""
     known = set().union(*(set(v) for v in solution.values()))
     unknown = sorted(set(predictions) - known)
     if unknown:
         raise ValueError(f"{len(unknown)} predicted query ids are not in the solution, e.g. {unknown[:3]}")
-    out: Dict[str, Optional[float]] = {}
+    out: dict[str, float | None] = {}
     for usage in ("Public", "Private"):
         out[usage] = gldv2_map_at_k(predictions, solution[usage], max_predictions) if solution[usage] else None
     combined = {**solution["Public"], **solution["Private"]}

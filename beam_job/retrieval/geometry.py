@@ -9,7 +9,6 @@ the way in and the matrix is converted back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -25,7 +24,7 @@ class GeometryResult:
 
     inliers: int
     mask: np.ndarray
-    matrix: Optional[np.ndarray]
+    matrix: np.ndarray | None
 
 
 def _no_model(k: int) -> GeometryResult:

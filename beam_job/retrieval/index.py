@@ -27,8 +27,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -67,15 +67,15 @@ class IndexConfig:
     """Index choice and parameters. None fields are derived from the collection size at build time."""
 
     kind: str = "auto"
-    nlist: Optional[int] = None  # IVF lists; default 2**round(log2(sqrt(n))), at least 16
-    pq_m: Optional[int] = None  # PQ sub-quantizers (4-bit each); default dim // 8
-    refine: Optional[bool] = None  # ivfpq: keep exact vectors (RFlat); default n < AUTO_REFINE_MAX
+    nlist: int | None = None  # IVF lists; default 2**round(log2(sqrt(n))), at least 16
+    pq_m: int | None = None  # PQ sub-quantizers (4-bit each); default dim // 8
+    refine: bool | None = None  # ivfpq: keep exact vectors (RFlat); default n < AUTO_REFINE_MAX
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 128
-    nprobe: Optional[int] = None  # default min(nlist, max(16, nlist // 16))
+    nprobe: int | None = None  # default min(nlist, max(16, nlist // 16))
     k_factor_rf: int = 10  # refinement: exact re-scoring of k * k_factor_rf PQ candidates
-    train_size: Optional[int] = None  # IVF training sample; default min(n, max(64 * nlist, 20000), train_max)
+    train_size: int | None = None  # IVF training sample; default min(n, max(64 * nlist, 20000), train_max)
     train_max: int = 100_000
     seed: int = 0
     allow_mixed_models: bool = False
@@ -98,10 +98,10 @@ def default_nlist(num_vectors: int) -> int:
     return int(max(1, min(max(nlist, 16), num_vectors // 39)))
 
 
-def resolve_config(cfg: IndexConfig, num_vectors: int, dim: int) -> Dict:
+def resolve_config(cfg: IndexConfig, num_vectors: int, dim: int) -> dict:
     """Concrete parameters: kind, factory string, nlist, pq_m, refine, nprobe, train_size."""
     kind = choose_kind(num_vectors, cfg.kind)
-    out: Dict = {"kind": kind, "dim": dim}
+    out: dict = {"kind": kind, "dim": dim}
     if kind == "flat":
         out["factory"] = "Flat"
     elif kind == "hnsw":
@@ -122,7 +122,7 @@ def resolve_config(cfg: IndexConfig, num_vectors: int, dim: int) -> Dict:
     return out
 
 
-def apply_search_params(index, params: Dict, k_factor_rf: int, ef_search: int) -> None:
+def apply_search_params(index, params: dict, k_factor_rf: int, ef_search: int) -> None:
     """Set nprobe / efSearch / k_factor_rf on a freshly built or loaded index."""
     import faiss
 
@@ -179,8 +179,8 @@ class BuildReport:
     num_indexed: int
     num_null_skipped: int
     num_shards: int
-    params: Dict
-    seconds: Dict[str, float] = field(default_factory=dict)
+    params: dict
+    seconds: dict[str, float] = field(default_factory=dict)
     num_duplicate_ids: int = 0  # indexed rows whose image_id was already indexed (another shard or row)
     untrained_model: bool = False  # the shards say their model has random weights
 
@@ -198,7 +198,7 @@ def _check_consistent(infos: Sequence[ShardInfo], allow_mixed: bool) -> None:
         )
 
 
-def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] = None) -> BuildReport:
+def build_index(shards_uri: str, index_dir: str, config: IndexConfig | None = None) -> BuildReport:
     """Build a FAISS index from the shards under `shards_uri` (local or gs://) into `index_dir` (local or gs://).
 
     Reads only image_id + global_descriptor, one row group at a time, adding each zero-copy (n, D) view
@@ -221,7 +221,7 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
     if untrained:
         logger.warning(UNTRAINED_WARNING)
     logger.info("building %s index (%s) over %d rows in %d shards", params["kind"], params["factory"], total, len(uris))
-    seconds: Dict[str, float] = {"list": time.perf_counter() - t0}
+    seconds: dict[str, float] = {"list": time.perf_counter() - t0}
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     if params["kind"] == "hnsw":
@@ -242,14 +242,14 @@ def build_index(shards_uri: str, index_dir: str, config: Optional[IndexConfig] =
         ivf.cp.seed = cfg.seed
         index.train(sample)
         seconds["train"] = time.perf_counter() - t
-        params["train_size"] = int(len(sample))
+        params["train_size"] = len(sample)
         del sample
 
     tmp_dir, out_dir = _local_output_dir(index_dir)
     idmap_path = os.path.join(out_dir, IDMAP_FILE)
     num_null = 0
     position = 0
-    id_hashes: List[np.ndarray] = []  # 8 bytes per row: duplicate ids are looked for after the loop
+    id_hashes: list[np.ndarray] = []  # 8 bytes per row: duplicate ids are looked for after the loop
     t = time.perf_counter()
     with pq.ParquetWriter(idmap_path, IDMAP_SCHEMA) as writer:
         for batch in shards_mod.iter_global_batches(uris, infos):
@@ -335,7 +335,7 @@ def _warn_duplicate_ids(idmap_path: str, hashes: np.ndarray) -> int:
     return extra
 
 
-def _local_output_dir(index_dir: str) -> Tuple[Optional[str], str]:
+def _local_output_dir(index_dir: str) -> tuple[str | None, str]:
     if index_dir.startswith("gs://"):
         tmp = tempfile.mkdtemp(prefix="delg-index-")
         return tmp, tmp
@@ -359,21 +359,21 @@ class RetrievalIndex:
     it; rows: (n,) int64 row inside that shard.
     """
 
-    def __init__(self, index, image_ids: np.ndarray, shard_uris: List[str], shard_of: np.ndarray, rows: np.ndarray,
-                 config: Dict, paths: Optional[np.ndarray] = None):
+    def __init__(self, index, image_ids: np.ndarray, shard_uris: list[str], shard_of: np.ndarray, rows: np.ndarray,
+                 config: dict, paths: np.ndarray | None = None):
         self.index = index
         self.paths = paths if paths is not None else np.full(len(image_ids), "", dtype=object)
-        self._by_path: Optional[Dict[str, int]] = None
+        self._by_path: dict[str, int] | None = None
         self.image_ids = image_ids
         self.shard_uris = shard_uris
         self.shard_of = shard_of
         self.rows = rows
         self.config = config
-        self._positions: Optional[Dict[str, int]] = None
-        self._counts: Optional[Dict[str, int]] = None
+        self._positions: dict[str, int] | None = None
+        self._counts: dict[str, int] | None = None
 
     @classmethod
-    def load(cls, index_dir: str, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> "RetrievalIndex":
+    def load(cls, index_dir: str, nprobe: int | None = None, ef_search: int | None = None) -> RetrievalIndex:
         """Load index_dir (local or gs://); nprobe / ef_search override the saved search parameters."""
         import faiss
 
@@ -461,11 +461,11 @@ class RetrievalIndex:
                 self._counts[iid] = self._counts.get(iid, 0) + 1
         return self._counts.get(image_id, 0)
 
-    def ref(self, position: int) -> Tuple[str, int]:
+    def ref(self, position: int) -> tuple[str, int]:
         """(shard URI, row) of an index position."""
         return self.shard_uris[int(self.shard_of[position])], int(self.rows[position])
 
-    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product. queries (q, D) float32 -> (scores (q, k) float32, positions (q, k) int64).
 
         Missing results (k > n, or IVF lists too sparse) have position -1 and score -inf.
@@ -480,7 +480,7 @@ class RetrievalIndex:
         scores = np.where(positions < 0, -np.inf, scores).astype(np.float32)
         return scores, positions.astype(np.int64)
 
-    def reconstruct(self, position: int) -> Optional[np.ndarray]:
+    def reconstruct(self, position: int) -> np.ndarray | None:
         """The stored vector at a position when the index keeps exact vectors (flat, hnsw, refined ivfpq)."""
         try:
             return self.index.reconstruct(int(position))

@@ -8,8 +8,6 @@ distances) and applies no distance threshold.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
 DELG_DISTANCE_THRESHOLD = 1.0
@@ -24,8 +22,8 @@ def match_descriptors(
     index: np.ndarray,
     *,
     distance_threshold: float = DELG_DISTANCE_THRESHOLD,
-    ratio: Optional[float] = None,
-) -> Tuple[np.ndarray, np.ndarray]:
+    ratio: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Putative matches from query descriptors (n, d) to index descriptors (m, d).
 
     Threshold mode (ratio=None): each query row's nearest index row (one matrix product), kept when the

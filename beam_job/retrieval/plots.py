@@ -7,8 +7,9 @@ them to canvas (x, y) through MatchLayout, which tests use to find where things 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -49,7 +50,7 @@ class MatchLayout:
     scale_a: float
     scale_b: float
     offset_b: int
-    size: Tuple[int, int]  # canvas (width, height)
+    size: tuple[int, int]  # canvas (width, height)
 
     def canvas_xy_a(self, yx: np.ndarray) -> np.ndarray:
         """(n, 2) (y, x) in image A -> (n, 2) canvas (x, y)."""
@@ -69,16 +70,16 @@ def draw_matches(
     locations_b: np.ndarray,
     matches: np.ndarray,
     inlier_mask: np.ndarray,
-    out_path: Optional[str] = None,
+    out_path: str | None = None,
     *,
-    height: Optional[int] = None,
+    height: int | None = None,
     max_height: int = 720,
     gap: int = 10,
     draw_keypoints: bool = True,
     draw_outliers: bool = False,
     line_width: int = 2,
-    title: Optional[str] = None,
-) -> Tuple[Image.Image, MatchLayout]:
+    title: str | None = None,
+) -> tuple[Image.Image, MatchLayout]:
     """Side-by-side picture: A left, B right, both scaled to one height; keypoints as yellow circles, inlier
     correspondences as green lines (and rejected ones in red when draw_outliers).
 
@@ -127,23 +128,23 @@ def draw_matches(
 class SheetLayout:
     """Tile geometry of a contact sheet: tile i's image box (left, top, right, bottom) on the canvas."""
 
-    tile_boxes: Tuple[Tuple[int, int, int, int], ...]
-    size: Tuple[int, int]
+    tile_boxes: tuple[tuple[int, int, int, int], ...]
+    size: tuple[int, int]
 
 
 def contact_sheet(
     query_image: ImageLike,
-    results: Sequence[Tuple[ImageLike, str]],
-    out_path: Optional[str] = None,
+    results: Sequence[tuple[ImageLike, str]],
+    out_path: str | None = None,
     *,
     query_caption: str = "query",
-    verified: Optional[Sequence[bool]] = None,
+    verified: Sequence[bool] | None = None,
     thumb: int = 192,
     columns: int = 5,
     border: int = 4,
     caption_height: int = 34,
     margin: int = 8,
-) -> Tuple[Image.Image, SheetLayout]:
+) -> tuple[Image.Image, SheetLayout]:
     """A grid: the query first (blue frame), then each result with its caption (e.g. "#1 id / g=0.83 inl=45").
 
     results: (image, caption) in final order; captions may hold one newline. verified[i]: green frame when

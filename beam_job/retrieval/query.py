@@ -20,8 +20,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -72,10 +73,10 @@ class Query:
 
     query_id: str
     global_descriptor: np.ndarray
-    local: Optional[LocalFeatures]
-    exclude_id: Optional[str] = None
+    local: LocalFeatures | None
+    exclude_id: str | None = None
     source: str = ""
-    bbox: Optional[Tuple[float, ...]] = None
+    bbox: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,29 +85,29 @@ class ResultList:
 
     query_id: str
     positions: np.ndarray
-    image_ids: List[str]
+    image_ids: list[str]
     global_scores: np.ndarray
     inliers: np.ndarray
     global_ranks: np.ndarray  # 1-based global rank of each entry
-    verified: Optional[np.ndarray] = None  # (r,) bool: went through geometric verification
-    paths: Optional[List[str]] = None  # the result images' paths (index id map; "" where unknown)
+    verified: np.ndarray | None = None  # (r,) bool: went through geometric verification
+    paths: list[str] | None = None  # the result images' paths (index id map; "" where unknown)
     query_path: str = ""  # Query.source
-    query_bbox: Optional[Tuple[float, ...]] = None  # Query.bbox
+    query_bbox: tuple[float, ...] | None = None  # Query.bbox
 
 
 class QueryEngine:
     """Index + shard reader + (lazy) DELG extractor. Not thread-safe."""
 
-    def __init__(self, index_dir: str, rerank_config: RerankConfig = RerankConfig(), nprobe: Optional[int] = None,
-                 ef_search: Optional[int] = None):
+    def __init__(self, index_dir: str, rerank_config: RerankConfig = RerankConfig(), nprobe: int | None = None,
+                 ef_search: int | None = None):
         self.index = RetrievalIndex.load(index_dir, nprobe=nprobe, ef_search=ef_search)
         self.reader = LocalFeatureReader()
         self.rerank_config = rerank_config
-        self._extractor: Optional[DelgExtractor] = None  # loaded by extractor() on first use
+        self._extractor: DelgExtractor | None = None  # loaded by extractor() on first use
 
     # ------------------------------------------------------------------ building queries
 
-    def query_from_id(self, image_id: str, query_id: Optional[str] = None, exclude_self: bool = True) -> Query:
+    def query_from_id(self, image_id: str, query_id: str | None = None, exclude_self: bool = True) -> Query:
         """A query from an indexed image: its stored global descriptor and local features."""
         try:
             position = self.index.position_of(image_id)
@@ -117,7 +118,7 @@ class QueryEngine:
         return Query(query_id or image_id, record.global_descriptor, record.local,
                      exclude_id=image_id if exclude_self else None, source=record.path)
 
-    def indexed_id(self, name: str) -> Optional[str]:
+    def indexed_id(self, name: str) -> str | None:
         """The image id an indexed image goes by, named by its id or by its path as the shards record it
         (ids the job derives from --input globs are hashes: the path is what users know). None if not indexed."""
         try:
@@ -130,7 +131,7 @@ class QueryEngine:
         except KeyError:
             return None
 
-    def query_from_name(self, name: str, query_id: Optional[str] = None, exclude_self: bool = True) -> Query:
+    def query_from_name(self, name: str, query_id: str | None = None, exclude_self: bool = True) -> Query:
         """A query from an indexed image (by id or path: stored features, no model needed), else from the image
         file at `name`, extracted with the shards' model."""
         image_id = self.indexed_id(name)
@@ -162,8 +163,8 @@ class QueryEngine:
                                self._extractor.identity, recorded)
         return self._extractor
 
-    def query_from_image(self, uri: str, query_id: Optional[str] = None,
-                         bbox_xyxy: Optional[Sequence[float]] = None) -> Query:
+    def query_from_image(self, uri: str, query_id: str | None = None,
+                         bbox_xyxy: Sequence[float] | None = None) -> Query:
         """Extract a query image (local path or gs://); locations stay in the (cropped) image's pixel frame.
 
         bbox_xyxy: optional crop [x1, y1, x2, y2] in stored pixels (the Revisited Oxford/Paris query boxes).
@@ -196,7 +197,7 @@ class QueryEngine:
     # ------------------------------------------------------------------ searching
 
     def search(self, queries: Sequence[Query], k=100, num_to_rerank: int = 100,
-               skip_for_rerank: Optional[Sequence[Sequence[Set[str]]]] = None) -> List[ResultList]:
+               skip_for_rerank: Sequence[Sequence[set[str]]] | None = None) -> list[ResultList]:
         """Global top-k for every query (k = ALL: the whole index), then local-feature re-ranking.
 
         Without skip_for_rerank the first num_to_rerank results are verified. skip_for_rerank[i] is a list of
@@ -256,7 +257,7 @@ def _absolute(uri: str) -> str:
     return uri if storage.is_remote(uri) else os.path.abspath(uri)
 
 
-def bbox_text(bbox: Optional[Sequence[float]]) -> str:
+def bbox_text(bbox: Sequence[float] | None) -> str:
     """A query box as the queries file and the results spell it: "x1 y1 x2 y2" ("" for none)."""
     return "" if bbox is None else " ".join(f"{float(v):g}" for v in bbox)
 
@@ -276,10 +277,10 @@ def load_image(uri: str) -> np.ndarray:
     return decode_image(read_bytes(uri))
 
 
-def results_table(results: Iterable[ResultList], k=None, untrained_model: Optional[bool] = None) -> pa.Table:
+def results_table(results: Iterable[ResultList], k=None, untrained_model: bool | None = None) -> pa.Table:
     """All result lists as one table with RESULTS_SCHEMA, in (query, final_rank) order; the --k they were
     searched with and the untrained flag, when given, go into the schema metadata (Parquet keeps it)."""
-    cols: Dict[str, list] = {name: [] for name in RESULTS_SCHEMA.names}
+    cols: dict[str, list] = {name: [] for name in RESULTS_SCHEMA.names}
     for r in results:
         n = len(r.image_ids)
         cols["query_id"].extend([r.query_id] * n)
@@ -327,7 +328,7 @@ def read_results(path: str) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
-def read_query_file(path: str) -> List[Dict[str, str]]:
+def read_query_file(path: str) -> list[dict[str, str]]:
     """Queries from a file: a CSV with a header naming `image_id` (ids in the shards) or `path` (images to
     extract), optional `query_id` and `bbox` ("x1 y1 x2 y2"); or plain text, one id or image path per line.
 
@@ -353,7 +354,7 @@ def read_query_file(path: str) -> List[Dict[str, str]]:
     return [{"query_id": ln.strip(), "value": ln.strip()} for ln in lines]
 
 
-def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_self: bool = True) -> List[Query]:
+def build_queries(engine: QueryEngine, specs: Sequence[dict[str, str]], exclude_self: bool = True) -> list[Query]:
     """Turn read_query_file() dicts into Query objects.
 
     `image_id`: an indexed image, named by its id or its path. `path` (and plain lines): an indexed image when
@@ -378,7 +379,7 @@ def build_queries(engine: QueryEngine, specs: Sequence[Dict[str, str]], exclude_
     return queries
 
 
-def _check_query_files(engine: QueryEngine, specs: Sequence[Dict[str, str]]) -> None:
+def _check_query_files(engine: QueryEngine, specs: Sequence[dict[str, str]]) -> None:
     """Refuse, before any extraction (and so before the model loads), query images to extract that do not exist."""
     for spec in specs:
         if spec.get("image_id"):
@@ -410,6 +411,21 @@ def summary_json(results: Sequence[ResultList], top: int = 5, untrained_model: b
     )
 
 
-__all__: Tuple[str, ...] = ("Query", "QueryEngine", "ResultList", "results_table", "write_results", "read_results",
-                            "read_query_file", "build_queries", "check_results_path", "load_image",
-                            "read_query_image", "bbox_text", "display_name", "RESULTS_SCHEMA", "RESULT_FORMATS", "ALL")
+__all__: tuple[str, ...] = (
+    "ALL",
+    "RESULTS_SCHEMA",
+    "RESULT_FORMATS",
+    "Query",
+    "QueryEngine",
+    "ResultList",
+    "bbox_text",
+    "build_queries",
+    "check_results_path",
+    "display_name",
+    "load_image",
+    "read_query_file",
+    "read_query_image",
+    "read_results",
+    "results_table",
+    "write_results",
+)

@@ -12,8 +12,8 @@ Shards are read one row group at a time (memory: one row group), in shard order,
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def _flat(column):
     return offsets - offsets[0], values
 
 
-def read_images(uri: str, image_ids: Optional[Sequence[str]] = None) -> Iterator[StoredImage]:
+def read_images(uri: str, image_ids: Sequence[str] | None = None) -> Iterator[StoredImage]:
     """Yield every image of the shards under `uri` (see shards.list_shards), or only those in image_ids."""
     wanted = set(image_ids) if image_ids is not None else None
     for shard in shards_mod.list_shards(uri):
@@ -87,4 +87,4 @@ def read_images(uri: str, image_ids: Optional[Sequence[str]] = None) -> Iterator
                 yield StoredImage(cols["image_id"][j], cols["path"][j], cols["model"][j], cols["preset"][j], features)
 
 
-__all__ = ["StoredImage", "read_images", "COLUMNS"]
+__all__ = ["COLUMNS", "StoredImage", "read_images"]

@@ -4,8 +4,8 @@ reference's final order (inliers, then global score, both descending).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ class RerankConfig:
     """Matching + RANSAC parameters (defaults: DELG's perform_retrieval.py with geometric verification)."""
 
     distance_threshold: float = DELG_DISTANCE_THRESHOLD
-    ratio: Optional[float] = None  # e.g. 0.8 for Lowe's ratio test instead of the plain threshold
+    ratio: float | None = None  # e.g. 0.8 for Lowe's ratio test instead of the plain threshold
     method: str = "opencv"  # or "reference" (skimage, DELG's exact procedure)
     residual_threshold: float = DEFAULT_RESIDUAL_THRESHOLD
     max_trials: int = DEFAULT_MAX_TRIALS
@@ -38,11 +38,11 @@ class PairVerification:
     matches: np.ndarray
     inlier_mask: np.ndarray
     inliers: int
-    matrix: Optional[np.ndarray]
+    matrix: np.ndarray | None
 
     @property
     def num_putative(self) -> int:
-        return int(len(self.matches))
+        return len(self.matches)
 
 
 def verify_pair(
@@ -74,10 +74,10 @@ def final_order(inliers: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
 
 def rerank(
     query: LocalFeatures,
-    candidates: Sequence[Optional[LocalFeatures]],
+    candidates: Sequence[LocalFeatures | None],
     global_scores: np.ndarray,
     config: RerankConfig = RerankConfig(),
-    num_to_rerank: Optional[int] = None,
+    num_to_rerank: int | None = None,
 ) -> tuple:
     """Verify the first `num_to_rerank` candidates (all when None; others get 0 inliers).
 
@@ -99,4 +99,4 @@ def to_local(locations: np.ndarray, descriptors: np.ndarray) -> LocalFeatures:
     return LocalFeatures(np.asarray(locations, np.float32).reshape(-1, 2), np.asarray(descriptors, np.float32))
 
 
-__all__: List[str] = ["RerankConfig", "PairVerification", "verify_pair", "final_order", "rerank", "to_local"]
+__all__: list[str] = ["PairVerification", "RerankConfig", "final_order", "rerank", "to_local", "verify_pair"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,7 @@ def write_bytes(uri: str, data: bytes) -> str:
     return uri
 
 
-def list_shards(uri: str) -> List[str]:
+def list_shards(uri: str) -> list[str]:
     """Sorted feature-shard URIs under `uri`.
 
     `uri` may be a job output directory (its `features/` subfolder is used), a folder of `*.parquet`
@@ -81,7 +81,7 @@ class ShardInfo:
 
     uri: str
     num_rows: int
-    row_group_rows: Tuple[int, ...]
+    row_group_rows: tuple[int, ...]
     metadata: Mapping[str, str]
     global_dim: int
 
@@ -94,7 +94,7 @@ class ShardInfo:
         return self.metadata.get("delg.preset", "")
 
     @property
-    def config(self) -> Optional[dict]:
+    def config(self) -> dict | None:
         raw = self.metadata.get("delg.config")
         return json.loads(raw) if raw else None
 
@@ -140,7 +140,7 @@ def _is_null_fixed_list_error(err: Exception) -> bool:
     return "Expected all lists to be of size" in str(err)
 
 
-def read_row_group(uri: str, pf: pq.ParquetFile, rg: int, columns: Sequence[str]) -> Tuple[pa.Table, pq.ParquetFile]:
+def read_row_group(uri: str, pf: pq.ParquetFile, rg: int, columns: Sequence[str]) -> tuple[pa.Table, pq.ParquetFile]:
     """Read one row group; on pyarrow's null-fixed_size_list bug, reopen without the Arrow schema and retry.
 
     Returns (table, the ParquetFile to keep using)."""
@@ -154,7 +154,7 @@ def read_row_group(uri: str, pf: pq.ParquetFile, rg: int, columns: Sequence[str]
         return pf.read_row_group(rg, columns=list(columns), use_threads=False), pf
 
 
-def shard_info(uri: str, parquet_file: Optional[pq.ParquetFile] = None) -> ShardInfo:
+def shard_info(uri: str, parquet_file: pq.ParquetFile | None = None) -> ShardInfo:
     """Read only the footer of a shard. Raises ValueError when it lacks the delg_v1 columns."""
     pf = parquet_file or open_parquet(uri)
     schema = pf.schema_arrow
@@ -185,11 +185,11 @@ class GlobalBatch:
 
     shard_index: int
     row_group: int
-    image_ids: List[str]
+    image_ids: list[str]
     rows: np.ndarray
     matrix: np.ndarray
     num_null: int
-    paths: List[str]  # the shards' `path` column (the image URI), "" where the shard has none
+    paths: list[str]  # the shards' `path` column (the image URI), "" where the shard has none
 
 
 def fixed_list_to_numpy(array: pa.Array, dim: int) -> np.ndarray:
@@ -222,7 +222,7 @@ def valid_vector_mask(col: pa.Array, dim: int) -> np.ndarray:
     return valid
 
 
-def iter_global_batches(shards: Sequence[str], infos: Optional[Sequence[ShardInfo]] = None) -> Iterator[GlobalBatch]:
+def iter_global_batches(shards: Sequence[str], infos: Sequence[ShardInfo] | None = None) -> Iterator[GlobalBatch]:
     """Yield the global descriptors shard by shard, row group by row group (only two columns are read)."""
     for si, uri in enumerate(shards):
         pf = open_parquet(uri)
@@ -276,12 +276,12 @@ class ImageRecord:
 
     image_id: str
     path: str
-    original_hw: Tuple[int, int]
+    original_hw: tuple[int, int]
     global_descriptor: np.ndarray
     local: LocalFeatures
 
 
-def _nested_to_numpy(array: pa.Array, width: int) -> Tuple[np.ndarray, np.ndarray]:
+def _nested_to_numpy(array: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
     """list<fixed_size_list<T, width>> -> (offsets (n+1,), values (total, width) float32)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
@@ -304,11 +304,11 @@ class LocalFeatureReader:
 
     def __init__(self, max_workers: int = 4) -> None:
         self.max_workers = max_workers
-        self._files: Dict[str, pq.ParquetFile] = {}
-        self._rg_starts: Dict[str, np.ndarray] = {}
-        self._local_dims: Dict[str, int] = {}
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._rg_starts: dict[str, np.ndarray] = {}
+        self._local_dims: dict[str, int] = {}
 
-    def _open(self, uri: str) -> Tuple[pq.ParquetFile, np.ndarray]:
+    def _open(self, uri: str) -> tuple[pq.ParquetFile, np.ndarray]:
         if uri not in self._files:
             pf = open_parquet(uri)
             md = pf.metadata
@@ -324,11 +324,11 @@ class LocalFeatureReader:
         inner = pf.schema_arrow.field("descriptors").type.value_type
         return inner.list_size if pa.types.is_fixed_size_list(inner) else delg_v1.LOCAL_DIM
 
-    def read(self, refs: Sequence[Tuple[str, int]]) -> List[ImageRecord]:
+    def read(self, refs: Sequence[tuple[str, int]]) -> list[ImageRecord]:
         """Records for (shard_uri, row) pairs, in the order given. Shards are read in parallel threads
         (pyarrow decodes without the GIL); row groups of one shard are read one after the other."""
-        out: List[Optional[ImageRecord]] = [None] * len(refs)
-        per_shard: Dict[str, Dict[int, List[Tuple[int, int]]]] = {}
+        out: list[ImageRecord | None] = [None] * len(refs)
+        per_shard: dict[str, dict[int, list[tuple[int, int]]]] = {}
         for pos, (uri, row) in enumerate(refs):
             _, starts = self._open(uri)
             if not 0 <= row < starts[-1]:
@@ -336,7 +336,7 @@ class LocalFeatureReader:
             rg = int(np.searchsorted(starts, row, side="right") - 1)
             per_shard.setdefault(uri, {}).setdefault(rg, []).append((pos, int(row - starts[rg])))
 
-        def shard_task(uri: str) -> List[Tuple[int, ImageRecord]]:
+        def shard_task(uri: str) -> list[tuple[int, ImageRecord]]:
             return [rec for rg, items in per_shard[uri].items() for rec in self._read_group(uri, rg, items)]
 
         if len(per_shard) > 1 and self.max_workers > 1:
@@ -349,7 +349,7 @@ class LocalFeatureReader:
                 out[pos] = record
         return out  # type: ignore[return-value]
 
-    def _read_group(self, uri: str, rg: int, items: List[Tuple[int, int]]) -> List[Tuple[int, ImageRecord]]:
+    def _read_group(self, uri: str, rg: int, items: list[tuple[int, int]]) -> list[tuple[int, ImageRecord]]:
         pf = self._files[uri]
         names = [c for c in self.COLUMNS if c in pf.schema_arrow.names]
         table, self._files[uri] = read_row_group(uri, pf, rg, names)

@@ -7,8 +7,8 @@ Nothing here is a model: the vectors are random, but the shards use the real sch
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +62,7 @@ def affine_pair(
     rng: np.random.Generator,
     num_features: int = 1000,
     inlier_fraction: float = 0.5,
-    matrix: Optional[np.ndarray] = None,
+    matrix: np.ndarray | None = None,
     size_hw=(768, 1024),
     loc_noise: float = 1.0,
     desc_noise: float = 0.15,
@@ -98,7 +98,7 @@ def _flat_lists(arrays: Sequence[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
 
 
-def rows_to_table(rows: Sequence[Dict], descriptor_dtype: str = "float32", metadata: Optional[Dict] = None) -> pa.Table:
+def rows_to_table(rows: Sequence[dict], descriptor_dtype: str = "float32", metadata: dict | None = None) -> pa.Table:
     """A delg_v1 table from dicts with keys image_id, global_descriptor ((D,) or None), locations (N,2),
     descriptors (N,128); optional path, original_height/width, model, preset."""
     schema = delg_v1.features_schema(descriptor_dtype)
@@ -142,13 +142,13 @@ def rows_to_table(rows: Sequence[Dict], descriptor_dtype: str = "float32", metad
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
-def default_metadata(model: str = "synthetic", preset: str = "tiny", config: Optional[Dict] = None, **kw) -> Dict:
+def default_metadata(model: str = "synthetic", preset: str = "tiny", config: dict | None = None, **kw) -> dict:
     return delg_v1.file_metadata(
         model=model, preset=preset, config_json=json.dumps(config or {"name": preset}), untrained=True, **kw
     )
 
 
-def write_shard(uri: str, table: pa.Table, row_group_size: Optional[int] = None) -> str:
+def write_shard(uri: str, table: pa.Table, row_group_size: int | None = None) -> str:
     """Write one Parquet shard to a local path or gs:// URI."""
     with storage.create(uri) as out:
         # the job's writer options (beam_job/pipeline/writer.py)
@@ -160,12 +160,12 @@ def write_global_shards(
     folder: str,
     vectors: np.ndarray,
     num_shards: int,
-    rng: Optional[np.random.Generator] = None,
+    rng: np.random.Generator | None = None,
     local_features: int = 0,
-    row_group_size: Optional[int] = None,
-    metadata: Optional[Dict] = None,
+    row_group_size: int | None = None,
+    metadata: dict | None = None,
     id_prefix: str = "img",
-) -> List[str]:
+) -> list[str]:
     """Split (n, D) vectors into `num_shards` shards `part-XXXXX.parquet` under folder; ids `{prefix}{i:07d}`.
 
     Each row gets `local_features` random local features (0: none). Returns the shard URIs.
