@@ -100,8 +100,8 @@ def is_run_temp(path: str, run_id: str) -> bool:
 
 def temp_dir_globs(output: str) -> tuple[str, ...]:
     """Patterns matching every temp file under the output (object stores: temp folders are name prefixes)."""
-    return tuple(join(kind_dir(output, kind), TEMP_DIR_PREFIX + "**") for kind in KINDS) + (
-        join(legacy_tmp_dir(output), "**"),)
+    kinds = tuple(join(kind_dir(output, kind), TEMP_DIR_PREFIX + "**") for kind in KINDS)
+    return (*kinds, join(legacy_tmp_dir(output), "**"))
 
 
 def legacy_tmp_dir(output: str) -> str:

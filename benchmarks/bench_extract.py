@@ -157,7 +157,7 @@ def _worker(index: int, paths: list[str], opts: dict[str, Any], out_q, barrier) 
             marks.append(time.perf_counter())
             rss.set_stage("idle")
             if times is not None:
-                for stage, start, end in zip(STAGES, marks, marks[1:]):
+                for stage, start, end in zip(STAGES, marks, marks[1:], strict=True):
                     times[stage].append((end - start) * 1000.0)
             return features.num_features
 
@@ -310,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     results.append(queue.get(timeout=5))
                     break
-                except Exception:  # queue.Empty: check that no worker died
+                except Exception as exc:  # queue.Empty: check that no worker died
                     dead = [p for p in procs if p.exitcode not in (None, 0)]
                     if dead:
                         barrier.abort()
-                        raise SystemExit(f"worker process {dead[0].pid} failed with exit code {dead[0].exitcode}")
+                        raise SystemExit(f"worker process {dead[0].pid} failed with exit code "
+                                         f"{dead[0].exitcode}") from exc
         for proc in procs:
             proc.join()
         wall_s = time.perf_counter() - t0

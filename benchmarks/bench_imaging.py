@@ -134,10 +134,10 @@ def main(argv=None) -> int:
               f"{prepared.processed_hw[1]}x{prepared.processed_hw[0]} after the resize rule")
 
         cases = {
-            "reference": lambda i: np.array(Image.open(io.BytesIO(jpegs[i])).convert("RGB")),
-            "decode": lambda i: decode_image(jpegs[i]),
-            "resize": lambda i: prepare_image(decoded[i], config),
-            "total": lambda i: prepare_image(decode_image(jpegs[i]), config),
+            "reference": lambda i, jpegs=jpegs: np.array(Image.open(io.BytesIO(jpegs[i])).convert("RGB")),
+            "decode": lambda i, jpegs=jpegs: decode_image(jpegs[i]),
+            "resize": lambda i, decoded=decoded: prepare_image(decoded[i], config),
+            "total": lambda i, jpegs=jpegs: prepare_image(decode_image(jpegs[i]), config),
         }
         results[key] = {}
         print(f"  {'stage':<10} {'runs':>5} {'ms mean':>9} {'ms p50':>8} {'ms p90':>8} {'images/s':>9} {'MP/s':>7}")

@@ -154,9 +154,10 @@ def run(args) -> dict:
         truth = exact_topk(args.n, args.chunk, centres, queries[: args.recall_queries], args.k)
         result["ground_truth_s"] = time.perf_counter() - t
         found_r = found[: args.recall_queries]
-        result[f"recall@{args.k}"] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found_r, truth)]))
+        overlaps = [len(set(a) & set(b)) / args.k for a, b in zip(found_r, truth, strict=True)]
+        result[f"recall@{args.k}"] = float(np.mean(overlaps))
         # 1-recall@k: the exact nearest neighbour is somewhere in the returned top k
-        result[f"1-recall@{args.k}"] = float(np.mean([t[0] in set(f) for t, f in zip(truth, found_r)]))
+        result[f"1-recall@{args.k}"] = float(np.mean([t[0] in set(f) for t, f in zip(truth, found_r, strict=True)]))
     return result
 
 

@@ -138,7 +138,7 @@ def main() -> None:
     keypoint_rows = sum(ROW_GROUP * len(g) for _, cols, g in reader.requests if "locations" in cols and g)
     print(f"report: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
     print(f"{'':34s}{'seconds':>10s}{'MiB':>10s}")
-    print(f"{'report build (median of %d)' % args.repeat:34s}{statistics.median(times):10.2f}{asked / 2**20:10.1f}")
+    print(f"{f'report build (median of {args.repeat})':34s}{statistics.median(times):10.2f}{asked / 2**20:10.1f}")
     print(f"{'read every column once (pyarrow)':34s}{full:10.2f}{size / 2**20:10.1f}")
     print(f"ratio (full read / report): time {full / statistics.median(times):.1f}x, bytes {size / max(asked, 1):.0f}x")
     print(f"columns the report asked for: {', '.join(columns)} (MiB above include image_id + path of every shard, "

@@ -182,7 +182,7 @@ def _by_cell(loc, scale, *arrays):
     """{(y, x, scale): values}: a cell is a location at one pyramid level. Levels map onto the same original
     coordinates at about a fifth of the cells, so the location alone would pair cells of different levels."""
     return {(float(p[0]), float(p[1]), float(level)): tuple(a[i] for a in arrays)
-            for i, (p, level) in enumerate(zip(loc, scale))}
+            for i, (p, level) in enumerate(zip(loc, scale, strict=True))}
 
 
 def compare(test_npz: str, ref_npz: str, n: int) -> dict[str, Any]:
@@ -358,7 +358,7 @@ def _report(runs: dict[str, list[dict[str, Any]]], spec: dict[str, Any], n_model
             report[f"{test}/{ref}"] = {"time_ratio": ratio, **quality}
             print(f"{title}: {ratio:.3f}x the time (target <= {target}); per-round ratios "
                   + ", ".join(f"{statistics.median(a['times']) / statistics.median(b['times']):.3f}"
-                              for a, b in zip(runs[test], runs[ref])))
+                              for a, b in zip(runs[test], runs[ref], strict=True)))
             print(f"  global: cosine min {quality['global_cos_min']:.6f}, max |diff| {quality['global_maxdiff']:.2e}; "
                   f"top keypoints: same set {quality['top_same_keypoints']}, overlap min "
                   f"{quality['top_overlap_min']:.3f}, descriptors max |diff| {quality['top_desc_maxdiff']:.2e}, "

@@ -53,7 +53,7 @@ def module_files(root: str) -> dict[str, str]:
             for filename in sorted(filenames):
                 if filename.endswith(".py"):
                     stem = filename[:-3]
-                    files[".".join(parts if stem == "__init__" else parts + [stem])] = os.path.join(dirpath, filename)
+                    files[".".join(parts if stem == "__init__" else [*parts, stem])] = os.path.join(dirpath, filename)
     return files
 
 

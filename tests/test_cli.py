@@ -103,7 +103,7 @@ def test_local_runner_launcher_still_refuses_bf16_on_a_cpu_without_it(tmp_path, 
     out = tmp_path / "out"
     argv = ["--input", str(image_dir / "*.jpg"), "--output", str(out), "--preset", "tiny", "--no_progress",
             *([f"--runner={runner}"] if runner else [])]
-    line = fails_with(capsys, argv + ["--precision", "bf16"], "needs a CPU with native bfloat16",
+    line = fails_with(capsys, [*argv, "--precision", "bf16"], "needs a CPU with native bfloat16",
                        "lacks the CPU flags avx512_bf16 and amx_bf16", "--precision fp32")
     assert line.startswith("delg-extract: error: model embedded:tiny cannot be used: ")
     assert not (out / "features").exists()

@@ -192,7 +192,7 @@ def test_a_flipped_bit_in_a_data_page_passes_the_footer_check_and_is_named_when_
 
 def _manifest(tmp_path):
     """4 decodable images and a missing file, as a plain-text manifest."""
-    lines = sorted(make_good_images(str(tmp_path / "img"), n_rgb=3))[:4] + [str(tmp_path / "img" / "absent.jpg")]
+    lines = [*sorted(make_good_images(str(tmp_path / "img"), n_rgb=3))[:4], str(tmp_path / "img" / "absent.jpg")]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     return str(tmp_path / "list.txt")
 

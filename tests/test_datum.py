@@ -123,7 +123,7 @@ def test_files_and_npy(tmp_path):
     np.testing.assert_array_equal(datum.load_array(str(tmp_path / "m.datum")), array)
     np.testing.assert_array_equal(datum.load_array(str(tmp_path / "m.npy")), array.astype(np.float64))
     (tmp_path / "junk.datum").write_bytes(b"\x0a\x05\x0a")
-    with pytest.raises(datum.DatumError, match="junk.datum"):
+    with pytest.raises(datum.DatumError, match=r"junk\.datum"):
         datum.read_datum(str(tmp_path / "junk.datum"))
 
 
@@ -139,7 +139,7 @@ def _pca_files(tmp_path, dim=8, k=8, whitening_len=8):
 
 
 def test_load_pca_checks_shapes(tmp_path):
-    mean, matrix, variances = _pca_files(tmp_path)
+    _mean, matrix, variances = _pca_files(tmp_path)
     cfg = PcaConfig(str(tmp_path / "mean.datum"), str(tmp_path / "matrix.datum"), 4, True, str(tmp_path / "var.datum"))
     params = datum.load_pca(cfg)
     assert params.dim == 4 and params.input_dim == 8 and params.use_whitening

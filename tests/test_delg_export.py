@@ -86,10 +86,11 @@ def test_tf1_export_full_model_through_prune(image, expected, tmp_path_factory):
     fn = loaded.prune(
         ["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0",
          "input_global_scales_ind:0"],
-        LOCAL_FETCHES + ["global_descriptors:0"],
+        [*LOCAL_FETCHES, "global_descriptors:0"],
     )
     out = fn(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(7), tf.constant(IND))
-    _assert_equal(dict(zip(["boxes", "features", "scales", "scores", "global_descriptors"], out)), expected,
+    names = ["boxes", "features", "scales", "scores", "global_descriptors"]
+    _assert_equal(dict(zip(names, out, strict=True)), expected,
                   expected.keys())
     # The global row alone only needs the image, scales and global indices.
     glob = loaded.prune(["input_image:0", "input_scales:0", "input_global_scales_ind:0"], ["global_descriptors:0"])
@@ -99,7 +100,7 @@ def test_tf1_export_full_model_through_prune(image, expected, tmp_path_factory):
     local = loaded.prune(["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0"],
                          LOCAL_FETCHES)
     out = local(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(7))
-    _assert_equal(dict(zip(["boxes", "features", "scales", "scores"], out)), expected, LOCAL_FETCHES_KEYS)
+    _assert_equal(dict(zip(["boxes", "features", "scales", "scores"], out, strict=True)), expected, LOCAL_FETCHES_KEYS)
     assert "serving_default" in loaded.signatures
 
 
@@ -108,7 +109,7 @@ def test_tf1_local_only_and_global_only_variants(image, expected, tmp_path_facto
     fn = local.prune(["input_image:0", "input_scales:0", "input_abs_thres:0", "input_max_feature_num:0"],
                      LOCAL_FETCHES)
     out = fn(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(7))
-    _assert_equal(dict(zip(["boxes", "features", "scales", "scores"], out)), expected,
+    _assert_equal(dict(zip(["boxes", "features", "scales", "scores"], out, strict=True)), expected,
                   ["boxes", "features", "scales", "scores"])
     with pytest.raises((KeyError, ValueError)):
         local.prune(["input_image:0", "input_scales:0"], ["global_descriptors:0"])

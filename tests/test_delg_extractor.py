@@ -228,7 +228,7 @@ def test_kaggle_model_through_the_extractor(tf1_model, tmp_path_factory):
 
 def test_capability_and_config_errors(tmp_path_factory, tf2_model):
     local_only = cached_model(tiny_tf1(tmp_path_factory, "local"))
-    with pytest.raises(ValueError, match="no global_descriptors output.*use_global_features=False"):
+    with pytest.raises(ValueError, match=r"no global_descriptors output.*use_global_features=False"):
         DelgExtractor(TINY, local_only)
     features = DelgExtractor(TINY.replace(use_global_features=False), local_only).extract(_photo(40, 40))
     assert not features.has_global and features.num_features > 0

@@ -80,7 +80,7 @@ def test_tf1_export_driven_like_the_official_extractor(tmp_path_factory):
     official = [t.numpy() for t in pruned(tf.constant(image), tf.constant(SCALES), tf.constant(0.0), tf.constant(50),
                                           tf.constant(GSI))]
     ours = _run(cached_model(path))
-    for name, value in zip(["boxes", "features", "scales", "scores", "global_descriptors"], official):
+    for name, value in zip(["boxes", "features", "scales", "scores", "global_descriptors"], official, strict=True):
         np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(ours["boxes"], official[0])
 

@@ -213,7 +213,7 @@ class Stage:
     name: str
     base: str
     root: Path
-    workdir: PurePosixPath = PurePosixPath("/")
+    workdir: PurePosixPath = field(default_factory=lambda: PurePosixPath("/"))
     env: dict = field(default_factory=dict)
     args: dict = field(default_factory=dict)
 
@@ -422,7 +422,7 @@ def pip_commands(command):
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     simple, commands = [], []
-    for token in list(lexer) + [";"]:
+    for token in [*list(lexer), ";"]:
         if token and set(token) <= set("();<>|&"):
             commands.append(simple)
             simple = []
@@ -486,7 +486,7 @@ def _run(result, stage, arguments, scratch, where):
         raise ReplayError(f"{where}: the project does not build from the files copied so far:\n{tail}")
     (wheel,) = wheel_dir.glob("*.whl")
     project_name = _normalized(wheel.name.split("-", 1)[0])
-    for subcommand, options, positional in commands:
+    for subcommand, _options, positional in commands:
         if subcommand == "uninstall":
             names = {_normalized(n) for n in positional}
             if project_name not in names:
@@ -586,7 +586,7 @@ RUN python -m pip install --no-deps .
 def test_replay_fails_where_the_build_failed(tmp_path):
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(_BROKEN_FIRST_LAYER)
-    with pytest.raises(ReplayError, match="requirements-dev.txt"):
+    with pytest.raises(ReplayError, match=r"requirements-dev\.txt"):
         replay(dockerfile, ROOT, tmp_path / "scratch")
 
 

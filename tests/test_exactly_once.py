@@ -99,9 +99,9 @@ def assert_every_input_once(store, output, inputs):
     assert len(ids) == len(set(ids)), "an image has two feature rows"
     current = current_failures(output)
     failed = [] if current is None else list(zip(current.column("image_id").to_pylist(),
-                                                 current.column("path").to_pylist()))
+                                                 current.column("path").to_pylist(), strict=True))
     assert len(failed) == len(set(failed)), "an input has two current failures"
-    done = set(zip(ids, features.column("path").to_pylist()))
+    done = set(zip(ids, features.column("path").to_pylist(), strict=True))
     assert not done & set(failed)
     assert done | set(failed) == set(inputs)
     assert not [n for n in store.names(output) if "beam-temp-" in n or n.startswith("_tmp/")], "temp files left"
@@ -223,7 +223,7 @@ def test_run_killed_at_any_point_resumes_to_every_input_once(store, tmp_path, po
         assert len(committed) == len(lines) - 1  # one row per shard
 
     # The crashed run still holds the output: a plain resume is refused, naming it; taking over works.
-    with pytest.raises(cli.JobConfigError, match="claimed by run crashed .*--take_over_claim crashed"):
+    with pytest.raises(cli.JobConfigError, match=r"claimed by run crashed .*--take_over_claim crashed"):
         cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing"])
     resumed = cli.run(["--manifest", manifest, "--output", output, *TINY, "--skip_existing",
                        "--take_over_claim", "crashed"])

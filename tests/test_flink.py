@@ -254,7 +254,7 @@ def test_taskmanagers_on_hosts_of_their_own_with_the_output_on_gcs(tmp_path):
                     by_name[key] = row
         assert {n for o, n in by_name if o == "remote"} == {n for o, n in by_name if o == "local"} == {
             *(f"photo {i}.png" for i in range(10)), "broken.jpg"}
-        for out, name in by_name:
+        for _out, name in by_name:
             remote_row, local_row = by_name["remote", name], by_name["local", name]
             if "global_descriptor" in local_row:  # a feature row: the same bits as the local run's
                 assert _feature_bits([remote_row]).popitem()[1] == _feature_bits([local_row]).popitem()[1], name

@@ -113,7 +113,7 @@ def _upload_tree(bucket, local_dir, prefix):
 def _run_job(argv):
     from beam_job.cli import run
 
-    outcome = run(argv + ["--preset", "tiny", "--no_progress"])
+    outcome = run([*argv, "--preset", "tiny", "--no_progress"])
     assert outcome is not None and outcome.summary, "the job wrote no run summary"
     return outcome
 
@@ -157,9 +157,9 @@ def test_gs_input_output_and_model_give_the_same_rows_as_local(local_inputs, gcs
     (tmp_path / "list.txt").write_text(f"{images / png}\n")
     gcs_bucket.blob("lists/list.txt").upload_from_string(f"gs://{bucket}/images/{png}\n")
     local = _run_job(["--input", str(images / "*.jpg"), "--manifest", str(tmp_path / "list.txt"),
-                      "--output", str(tmp_path / "out"), "--model", model_dir] + RUNNER_ARGS)
+                      "--output", str(tmp_path / "out"), "--model", model_dir, *RUNNER_ARGS])
     remote = _run_job(["--input", f"gs://{bucket}/images/*.jpg", "--manifest", f"gs://{bucket}/lists/list.txt",
-                       "--output", f"gs://{bucket}/delg/run1", "--model", f"gs://{bucket}/models/tiny"] + RUNNER_ARGS)
+                       "--output", f"gs://{bucket}/delg/run1", "--model", f"gs://{bucket}/models/tiny", *RUNNER_ARGS])
 
     for outcome in (local, remote):
         counts = outcome.summary["counts"]

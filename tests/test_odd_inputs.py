@@ -27,7 +27,7 @@ def corpus(tmp_path_factory):
 
     # Manifest run: half the entries in a plain-text manifest (raw bytes, CRLF and LF line ends), the other
     # half in a CSV written by the csv module (quoting where needed), plus a missing file and a directory.
-    listed = sorted(expect) + [path[b"folder.jpg"], path[b"missing.jpg"]]
+    listed = [*sorted(expect), path[b"folder.jpg"], path[b"missing.jpg"]]
     text_part, csv_part = listed[::2], listed[1::2]
     with open(root / "list.txt", "wb") as fh:
         for i, p in enumerate(text_part):

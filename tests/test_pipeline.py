@@ -133,7 +133,7 @@ def test_shards_match_the_schema_exactly_and_are_small(mixed_run):
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
         assert [(a.name, a.type, a.nullable) for a in schema] == [(b.name, b.type, b.nullable) for b in expected]
-        assert all(a.equals(b) for a, b in zip(schema, expected))
+        assert all(a.equals(b) for a, b in zip(schema, expected, strict=True))
         assert pf.metadata.num_rows <= 4
         assert all(pf.metadata.row_group(i).num_rows <= 2 for i in range(pf.metadata.num_row_groups))
         meta = schema.metadata

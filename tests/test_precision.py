@@ -137,11 +137,11 @@ def test_job_refuses_bf16_before_any_work_in_one_line(tmp_path, monkeypatch, cap
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: {"avx2"})
     out = tmp_path / "out"
     argv = ["--input", str(image.parent / "*.png"), "--output", str(out), "--preset", "tiny", "--no_progress"]
-    assert cli.main(argv + ["--precision", "bf16"]) == 2
+    assert cli.main([*argv, "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a CPU with native bfloat16" in err[0] and "--precision fp32" in err[0]
     assert not (out / "features").exists()
-    assert cli.main(argv + ["--precision", "fp16"]) == 2
+    assert cli.main([*argv, "--precision", "fp16"]) == 2
     assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
 
 

@@ -107,7 +107,7 @@ def two_runs(tmp_path_factory):
     m1.write_text("\n".join(lines) + "\n")
     flipped = root / "flipped.png"
     Image.open(os.path.join(DEMO, "chelsea.jpg")).transpose(Image.FLIP_LEFT_RIGHT).save(flipped)
-    m2.write_text("\n".join(lines + [f"flipped,{flipped}"]) + "\n")
+    m2.write_text("\n".join([*lines, f"flipped,{flipped}"]) + "\n")
     out = str(root / "out")
     first = cli.run(["--manifest", str(m1), "--output", out, *TINY, "--row_group_size", "2"])
     first_report = read_report(out, first.job.run_id)  # as written at the end of run 1
@@ -355,12 +355,12 @@ def test_retrieval_pages_show_results_labels_and_match_pictures(retrieval):
     assert set(per_query) == {"astronaut", "coffee", "cat_by_path"}
     imlist = retrieval["gnd_data"]["imlist"]
     for qi, qid in enumerate(retrieval["gnd_data"]["qimlist"]):
-        name, text = per_query[qid]
+        _name, text = per_query[qid]
         expected = sorted((r for r in table if r["query_id"] == qid), key=lambda r: r["final_rank"])
         tiles = [a for a in tags(text, "div") if "data-rank" in a]
         assert [t["data-image-id"] for t in tiles] == [r["image_id"] for r in expected]
         g = retrieval["gnd_data"]["gnd"][qi]
-        for t, r in zip(tiles, expected):
+        for t, r in zip(tiles, expected, strict=True):
             assert t["data-path"] == r["path"] and os.path.basename(r["path"]) in text  # named, not only the id
             assert int(t["data-inliers"]) == r["inliers"]
             assert abs(float(t["data-global-score"]) - r["global_score"]) < 1e-5
@@ -391,7 +391,7 @@ def test_retrieval_page_map_equals_eval_revisitop_and_gldv2(retrieval, capsys, t
     _, aps, _, _ = ev.compute_map(rankings, ev.protocol_ground_truth(gnd["gnd"], "medium"))
     rows = re.findall(r'<tr data-query="([^"]+)">(.*?)</tr>', index, re.S)
     shown = {q: re.search(r'data-ap="medium">([^<]*)<', body).group(1) for q, body in rows}
-    assert shown == {q: f"{100 * a:.2f}" for q, a in zip(gnd["qimlist"], aps)}
+    assert shown == {q: f"{100 * a:.2f}" for q, a in zip(gnd["qimlist"], aps, strict=True)}
     # GLDv2: mAP@100 per split and AP@100 per query as evaluate_gldv2 / gldv2_map_at_k give them
     pages = str(tmp_path / "gld")
     assert retrieval_main(["report", retrieval["results"], "--index", retrieval["index"], "--out", pages,
@@ -491,12 +491,12 @@ def test_retrieval_pages_in_chromium_phone_and_desktop(browser, retrieval, tmp_p
             assert facts["scrollWidth"] <= facts["innerWidth"] + 1, name
     # the match pictures load in the browser too
     text = query_pages(pages)["astronaut"][1]
-    href = [a["href"] for a in tags(text, "a") if a.get("data-match")][0]
+    href = next(a["href"] for a in tags(text, "a") if a.get("data-match"))
     browser.get("file://" + os.path.normpath(os.path.join(pages, "queries", href)))
     assert browser.execute_script("return document.images[0].naturalWidth") > 0
     # sorting by AP (medium): one click ascending, a second descending, unscored queries last
     browser.get("file://" + os.path.join(pages, "index.html"))
-    header = [th for th in browser.find_elements(By.CSS_SELECTOR, "#queries th") if "AP medium" in th.text][0]
+    header = next(th for th in browser.find_elements(By.CSS_SELECTOR, "#queries th") if "AP medium" in th.text)
     column = "td[data-ap='medium']"
     for _ in range(2):
         header.click()

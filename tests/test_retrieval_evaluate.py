@@ -39,7 +39,7 @@ def test_revisitop_protocols_by_hand():
 
 def test_truncated_ranking_divides_by_all_positives_not_those_found():
     gt = [{"ok": np.array([0, 1, 2, 3]), "junk": np.array([], np.int64)}]
-    mean_ap, aps, _, prs = ev.compute_map([np.array([0, 5, 1])], gt)
+    mean_ap, _aps, _, prs = ev.compute_map([np.array([0, 5, 1])], gt)
     # positives found at ranks 0 and 2: 1/4 * [1 + (1/2 + 2/3)/2] = 19/48; DELF's variant would give 19/24
     assert mean_ap == pytest.approx(19 / 48)
     assert prs[0].tolist() == pytest.approx([1.0, 2 / 3, 2 / 3])
@@ -85,7 +85,7 @@ def test_ground_truth_files_pkl_and_mat(tmp_path):
         np.testing.assert_allclose(loaded["gnd"][0]["bbx"], [1, 2, 30, 40])
         m = ev.evaluate_revisitop(RANKINGS, loaded["gnd"])
         assert m["medium"]["mAP"] == pytest.approx(77 / 144)
-    with pytest.raises(ValueError, match=".pkl or .mat"):
+    with pytest.raises(ValueError, match=r"\.pkl or \.mat"):
         ev.load_revisitop_gnd(str(tmp_path / "gnd.json"))
 
 
@@ -163,9 +163,9 @@ def test_cli_revisitop_queries_and_evaluation(tmp_path, capsys):
     # a results file holding RANKINGS under the query names evaluates to the hand-computed values
     rows = {"query_id": [], "rank": [], "image_id": [], "global_score": [], "inliers": [], "final_rank": [],
             "verified": []}
-    for qname, ranking in zip(["qa", "qb"], RANKINGS):
+    for qname, ranking in zip(["qa", "qb"], RANKINGS, strict=True):
         for r, idx in enumerate(ranking):
-            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1, True]):
+            for key, val in zip(rows, [qname, r + 1, imlist[idx], 1.0 - r / 10, 0, r + 1, True], strict=True):
                 rows[key].append(val)
     results = str(tmp_path / "results.parquet")
     query.write_results(_results_table(rows), results)

@@ -106,7 +106,7 @@ def test_approximate_indexes_have_high_recall(tmp_path):
         report = ix.build_index(str(tmp_path / "f"), str(tmp_path / kind), cfg)
         index = ix.RetrievalIndex.load(str(tmp_path / kind))
         _, pos = index.search(queries, 10)
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pos, bf)])
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pos, bf, strict=True)])
         assert recall >= 0.9, (kind, recall)
         if kind == "ivfpq":
             assert report.params["factory"] == "IVF16,PQ64x4fs,RFlat" and report.params["train_size"] == 1000

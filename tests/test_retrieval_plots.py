@@ -73,8 +73,8 @@ def test_contact_sheet_shows_query_then_results_with_frames_and_captions(tmp_pat
     assert layout.size == (2 * (100 + 8 + 8) + 8, 2 * (100 + 8 + 34 + 8) + 8)
     assert len(layout.tile_boxes) == 4
     frames = [plots.QUERY_BORDER, plots.VERIFIED_BORDER, plots.UNVERIFIED_BORDER, plots.VERIFIED_BORDER]
-    contents = [GRAY] + colours
-    for (left, top, right, bottom), frame, colour in zip(layout.tile_boxes, frames, contents):
+    contents = [GRAY, *colours]
+    for (left, top, right, bottom), frame, colour in zip(layout.tile_boxes, frames, contents, strict=True):
         assert _pixel(disk, ((left + right) / 2, (top + bottom) / 2)) == colour  # the thumbnail itself
         cx = (left + right) / 2
         frame_top = top - (100 - (bottom - top)) // 2 - 2  # inside the 4-px frame above the thumb box

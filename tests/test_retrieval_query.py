@@ -116,7 +116,7 @@ def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
     assert all(table.column("verified").to_pylist())
     # every result carries its image's path (the shards' path column) and the query's, next to the ids
     assert table.column("path").to_pylist() == [f"/images/{i}.jpg" for i in table.column("image_id").to_pylist()]
-    assert set(zip(table.column("query_id").to_pylist(), table.column("query_path").to_pylist())) == {
+    assert set(zip(table.column("query_id").to_pylist(), table.column("query_path").to_pylist(), strict=True)) == {
         ("q", "/images/q.jpg"), ("qa", "/images/match_a.jpg")}
     for name in ("r.parquet", "r.csv"):
         path = str(tmp_path / name)
@@ -126,7 +126,7 @@ def test_results_files_parquet_and_csv_round_trip(collection, tmp_path):
             assert back.column(column).to_pylist() == table.column(column).to_pylist(), column
         np.testing.assert_allclose(back.column("global_score").to_numpy(), table.column("global_score").to_numpy(),
                                    rtol=1e-6)
-    with pytest.raises(ValueError, match=".parquet or .csv"):
+    with pytest.raises(ValueError, match=r"\.parquet or \.csv"):
         qm.write_results(table, str(tmp_path / "r.json"))
 
 
@@ -216,7 +216,7 @@ def test_real_job_shards_feed_an_index_that_answers_queries(job_index):
     res = engine.search([engine.query_from_id(ids[0], exclude_self=False)], k=4, num_to_rerank=4)[0]
     assert res.image_ids[0] == ids[0] and res.global_scores[0] == pytest.approx(1.0, abs=1e-5)
     assert len(res.image_ids) == 4
-    keys = list(zip(res.inliers.tolist(), res.global_scores.tolist()))
+    keys = list(zip(res.inliers.tolist(), res.global_scores.tolist(), strict=True))
     assert keys == sorted(keys, reverse=True)  # final order: inliers, then global score
     # the exact index gives the brute-force NumPy ranking of the vectors read straight from the job's shards
     import glob
@@ -294,7 +294,7 @@ def test_whole_database_ranking_and_reranking_that_skips_each_protocols_junk(col
     capsys.readouterr()
     table = qm.read_results(out)
     assert table.num_rows == len(names)  # the whole database but the query itself
-    flags = zip(table.column("image_id").to_pylist(), table.column("verified").to_pylist())
+    flags = zip(table.column("image_id").to_pylist(), table.column("verified").to_pylist(), strict=True)
     verified = sorted(i for i, v in flags if v)
     assert verified == ["decoy_1", "decoy_2", "match_a", "match_b"]  # union over protocols; decoy_0 (junk) skipped
     assert cli.main(["eval-revisitop", out, gnd_path, "--rerank", "3"]) == 0
@@ -415,7 +415,7 @@ def test_query_results_carry_the_paths_of_the_query_and_of_every_result(job_inde
     [summary] = json.loads(stdout)
     assert summary["query_path"] == paths["coffee"]
     engine = qm.QueryEngine(index_dir)
-    by_id = {str(i): str(p) for i, p in zip(engine.index.image_ids, engine.index.paths)}
+    by_id = {str(i): str(p) for i, p in zip(engine.index.image_ids, engine.index.paths, strict=True)}
     assert [r["path"] for r in summary["results"]] == [by_id[r["image_id"]] for r in summary["results"]]
     assert {os.path.basename(r["path"]) for r in summary["results"]} <= {"astro_a.png", "astro_b.png", "camera.png"}
     rows = list(csv.DictReader(open(out)))
@@ -458,8 +458,8 @@ def test_hyphenated_flags_mean_the_same_as_underscored_ones(job_index, capsys):
     coffee = job_index["paths"]["coffee"]
     base = ["query", index_dir, "--id", coffee, "--k", "1", "--rerank", "0"]
     _, plain, _ = _run(base, capsys)
-    _, hyphen, _ = _run(base + ["--keep-self"], capsys)
-    _, underscore, _ = _run(base + ["--keep_self"], capsys)
+    _, hyphen, _ = _run([*base, "--keep-self"], capsys)
+    _, underscore, _ = _run([*base, "--keep_self"], capsys)
     coffee_id = qm.QueryEngine(index_dir).indexed_id(coffee)
     assert json.loads(plain)[0]["results"][0]["image_id"] != coffee_id  # the query itself left out...
     assert json.loads(hyphen) == json.loads(underscore)  # ...and kept with either spelling
@@ -486,7 +486,7 @@ def test_bad_output_format_and_missing_query_image_are_refused_before_any_work(j
     # a missing image: one line, no raw errno, and no model loaded
     for argv in (["query", index_dir, "--image", "missing.jpg"],
                  ["contact-sheet", index_dir, "missing.jpg", "--out", str(tmp_path / "s.png")]):
-        status, _, err = _run(["-v"] + argv, capsys)
+        status, _, err = _run(["-v", *argv], capsys)
         assert status == 2 and "query image 'missing.jpg' not found" in err and "Errno" not in err
         assert err.strip().splitlines()[-1].startswith("delg-retrieval")
     assert not [r for r in caplog.records if "loading DELG model" in r.getMessage()]

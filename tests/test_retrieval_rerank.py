@@ -22,7 +22,7 @@ def test_threshold_matching_equals_the_reference_kdtree():
     query = index[:300] + noise
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     qi, ii = matching.match_descriptors(query, index, distance_threshold=1.0)
-    dist, nn = cKDTree(index).query(query, distance_upper_bound=1.0, workers=1)
+    _dist, nn = cKDTree(index).query(query, distance_upper_bound=1.0, workers=1)
     ref_q = np.flatnonzero(nn < len(index))
     assert 50 < len(ref_q) < 300  # the threshold really cuts
     np.testing.assert_array_equal(qi, ref_q)
@@ -102,7 +102,7 @@ def test_final_order_is_inliers_then_global_score():
     scores = np.array([0.9, 0.5, 0.8, 0.6, 0.1])
     assert rerank.final_order(inliers, scores).tolist() == [3, 1, 4, 0, 2]
     # rerank(): only the first num_to_rerank candidates are verified
-    p, query, candidate = _pair(seed=5, n=200)
+    _p, query, candidate = _pair(seed=5, n=200)
     cands = [None, candidate, candidate]
     inl, order = rerank.rerank(query, cands, np.array([0.9, 0.8, 0.7]), num_to_rerank=2)
     assert inl[0] == 0 and inl[1] > 80 and inl[2] == 0

@@ -88,7 +88,7 @@ def test_runner_options_beam_knows_pass_the_unknown_flag_check():
     ):
         parse_job_args(base + extra)
     with pytest.raises(JobConfigError, match="unknown flag '--flink_mastr"):
-        parse_job_args(base + ["--runner=FlinkRunner", "--flink_mastr=x"])
+        parse_job_args([*base, "--runner=FlinkRunner", "--flink_mastr=x"])
 
 
 def test_options_of_a_runner_module_not_imported_yet_are_known(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def test_features_schema_snapshot():
 
 def test_float16_option_changes_only_descriptors():
     f32, f16 = schemas.features_schema("float32"), schemas.features_schema("float16")
-    diff = [a.name for a, b in zip(f32, f16) if a.type != b.type]
+    diff = [a.name for a, b in zip(f32, f16, strict=True) if a.type != b.type]
     assert diff == ["descriptors"]
     assert f16.field("descriptors").type.value_type.value_type == pa.float16()
     with pytest.raises(ValueError):

@@ -43,9 +43,9 @@ def test_write_read_list_rename_delete_round_trip(root, tmp_path):
 
 def test_a_listing_that_fails_is_an_error_not_an_empty_output(gcs_bucket):
     missing = "gs://no-such-bucket-for-delg/out"
-    with pytest.raises(Exception, match="NotFound|not found|404"):
+    with pytest.raises(OSError, match=r"NotFound|not found|404"):  # Beam's BeamIOError
         storage.match(f"{missing}/features/*.parquet")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match=r"NotFound|not found|404"):
         has_shards(f"{missing}/features")  # before: False, so a resume would have redone everything
     assert has_shards(f"gs://{gcs_bucket.name}/empty/features") is False
 

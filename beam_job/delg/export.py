@@ -65,7 +65,7 @@ def _frozen_graph(module: DelgExtractionModule):
     frozen = convert_variables_to_constants_v2(concrete)
     graph_def = frozen.graph.as_graph_def()
     inputs = {}
-    for name, tensor in zip(module.input_names, frozen.inputs):
+    for name, tensor in zip(module.input_names, frozen.inputs, strict=True):
         if not tensor.name.startswith(name):
             raise RuntimeError(f"frozen input {tensor.name} does not match {name}")
         inputs[name] = tensor.name
@@ -73,7 +73,7 @@ def _frozen_graph(module: DelgExtractionModule):
     names = sorted(concrete.structured_outputs)
     if len(names) != len(frozen.outputs):
         raise RuntimeError(f"frozen function has {len(frozen.outputs)} outputs, expected {names}")
-    outputs = {name: tensor.name for name, tensor in zip(names, frozen.outputs)}
+    outputs = {name: tensor.name for name, tensor in zip(names, frozen.outputs, strict=True)}
     # tf.function makes its return values wait (control edges) on every stateful op, i.e. on both scale loops.
     # Frozen, nothing is stateful any more; drop those edges so that each output depends only on the inputs
     # its data needs and `.prune` can fetch the local or the global outputs alone.
@@ -124,7 +124,7 @@ def export_tf1(
         imported = tf.compat.v1.import_graph_def(
             graph_def, input_map=input_map, return_elements=[frozen_outputs[n] for n in output_order], name="delg"
         )
-        outputs = {name: tf.identity(tensor, name=name) for name, tensor in zip(output_order, imported)}
+        outputs = {name: tf.identity(tensor, name=name) for name, tensor in zip(output_order, imported, strict=True)}
         signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
             inputs=placeholders, outputs=outputs
         )

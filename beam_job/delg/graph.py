@@ -191,15 +191,7 @@ class DelgExtractionModule(tf.Module):
         normalized = tf.expand_dims(normalized, 0)
         hw = tf.cast(tf.shape(image)[0:2], tf.float32)
         num_scales = tf.shape(scales)[0]
-
-        if not self.global_:
-            wanted = tf.zeros([num_scales], tf.bool)
-        elif global_ind is None:
-            wanted = tf.ones([num_scales], tf.bool)
-        else:
-            wanted = tf.reduce_any(
-                tf.equal(tf.range(num_scales)[:, None], tf.reshape(global_ind, [1, -1])), axis=1
-            )
+        wanted = self._wanted_scales(num_scales, global_ind)
 
         def level_size(k):
             return tf.cast(tf.round(hw * scales[k]), tf.int32)
@@ -224,7 +216,7 @@ class DelgExtractionModule(tf.Module):
                                   infer_shape=False)
 
         def loop(body, arrays):
-            return tf.while_loop(lambda k, *_: k < num_scales, body, (tf.constant(0),) + tuple(arrays),
+            return tf.while_loop(lambda k, *_: k < num_scales, body, (tf.constant(0), *tuple(arrays)),
                                  parallel_iterations=1)[1:]
 
         # Loop 1, local: trunk + attention + descriptors at every scale. Every cell is collected and thresholded
@@ -273,30 +265,50 @@ class DelgExtractionModule(tf.Module):
         if self.global_:
             (global_ta,) = loop(global_body, (array([None, embedding_dim]),))
 
-        outputs: dict[str, tf.Tensor] = {}
-        if self.local:
-            scores = scores_ta.concat()
-            keep = tf.reshape(tf.where(scores >= abs_thres), [-1])
-            boxes = tf.gather(boxes_ta.concat(), keep)
-            feats = tf.gather(feats_ta.concat(), keep)
-            cell_scales = tf.gather(scales_ta.concat(), keep)
-            scores = tf.gather(scores, keep)
-            max_out = tf.minimum(max_feature_num, tf.shape(scores)[0])
-            selected = tf.image.non_max_suppression(boxes, scores, max_out, iou_threshold=self.iou_threshold)
-            outputs["boxes"] = tf.identity(tf.reshape(tf.gather(boxes, selected), [-1, 4]), name="boxes")
-            outputs["features"] = tf.identity(
-                tf.reshape(tf.gather(feats, selected), [-1, local_dim]), name="features"
-            )
-            outputs["scales"] = tf.identity(tf.reshape(tf.gather(cell_scales, selected), [-1]), name="scales")
-            outputs["scores"] = tf.identity(tf.reshape(tf.gather(scores, selected), [-1, 1]), name="scores")
+        outputs: dict[str, tf.Tensor] = (
+            self._local_outputs(boxes_ta, feats_ta, scales_ta, scores_ta, max_feature_num, abs_thres)
+            if self.local else {})
         if self.global_:
-            rows = global_ta.concat()
-            if self.global_at_all_scales:
-                rows = tf.gather(rows, tf.reshape(tf.where(wanted), [-1]))
-            # The official export's static shape is [None, None]; relax ours to match.
-            rows = tf.compat.v1.placeholder_with_default(rows, shape=[None, None])
-            outputs[GLOBAL_OUTPUT] = tf.identity(rows, name=GLOBAL_OUTPUT)
+            outputs[GLOBAL_OUTPUT] = self._global_output(global_ta, wanted)
         return outputs
+
+    def _wanted_scales(self, num_scales, global_ind) -> tf.Tensor:
+        """Which pyramid levels feed the global descriptor (a bool per level)."""
+        if not self.global_:
+            return tf.zeros([num_scales], tf.bool)
+        if global_ind is None:
+            return tf.ones([num_scales], tf.bool)
+        return tf.reduce_any(tf.equal(tf.range(num_scales)[:, None], tf.reshape(global_ind, [1, -1])), axis=1)
+
+    def _local_outputs(self, boxes_ta, feats_ta, scales_ta, scores_ta, max_feature_num, abs_thres
+                       ) -> dict[str, tf.Tensor]:
+        """Threshold every cell of every level, then non-maximum suppression: the local outputs, named."""
+        local_dim = int(self.arch.local_dim)
+        outputs: dict[str, tf.Tensor] = {}
+        scores = scores_ta.concat()
+        keep = tf.reshape(tf.where(scores >= abs_thres), [-1])
+        boxes = tf.gather(boxes_ta.concat(), keep)
+        feats = tf.gather(feats_ta.concat(), keep)
+        cell_scales = tf.gather(scales_ta.concat(), keep)
+        scores = tf.gather(scores, keep)
+        max_out = tf.minimum(max_feature_num, tf.shape(scores)[0])
+        selected = tf.image.non_max_suppression(boxes, scores, max_out, iou_threshold=self.iou_threshold)
+        outputs["boxes"] = tf.identity(tf.reshape(tf.gather(boxes, selected), [-1, 4]), name="boxes")
+        outputs["features"] = tf.identity(
+            tf.reshape(tf.gather(feats, selected), [-1, local_dim]), name="features"
+        )
+        outputs["scales"] = tf.identity(tf.reshape(tf.gather(cell_scales, selected), [-1]), name="scales")
+        outputs["scores"] = tf.identity(tf.reshape(tf.gather(scores, selected), [-1, 1]), name="scores")
+        return outputs
+
+    def _global_output(self, global_ta, wanted) -> tf.Tensor:
+        """The rows of the wanted levels' global descriptors, named as the official output."""
+        rows = global_ta.concat()
+        if self.global_at_all_scales:
+            rows = tf.gather(rows, tf.reshape(tf.where(wanted), [-1]))
+        # The official export's static shape is [None, None]; relax ours to match.
+        rows = tf.compat.v1.placeholder_with_default(rows, shape=[None, None])
+        return tf.identity(rows, name=GLOBAL_OUTPUT)
 
     def __call__(self, image, scales, max_feature_num=1000, abs_thres=0.0, global_scales_ind=None):
         """Eager convenience: numpy/tensor inputs -> dict of numpy arrays (only the inputs this variant takes)."""

@@ -295,7 +295,7 @@ def build_delg(
     model = DelgKerasModel(architecture, attention_input=attention_input)
     # Create every variable: trunk, local heads (incl. autoencoder.conv2) and the global head.
     dummy = tf.zeros([1, 64, 64, 3], tf.float32)
-    prob, _, block3 = model.forward_local(dummy)
+    _prob, _, block3 = model.forward_local(dummy)
     model.forward_global(block3)
     model.built = True  # every sub-layer is built; keeps Keras from warning when the model is __call__ed
     if seed is not None:

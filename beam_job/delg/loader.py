@@ -56,7 +56,7 @@ IN_GLOBAL_IND = "input_global_scales_ind"
 LOCAL_OUTPUTS = ("boxes", "features", "scales", "scores")
 GLOBAL_OUTPUT = "global_descriptors"
 OFFICIAL_INPUTS = (IN_IMAGE, IN_SCALES, IN_MAX_FEATURES, IN_THRESHOLD, IN_GLOBAL_IND)
-OFFICIAL_OUTPUTS = LOCAL_OUTPUTS + (GLOBAL_OUTPUT,)
+OFFICIAL_OUTPUTS = (*LOCAL_OUTPUTS, GLOBAL_OUTPUT)
 
 _HINT = "pass the unpacked model directory or the official .tar.gz (see docs/delg-core.md)"
 
@@ -534,10 +534,10 @@ def _model_call(info: DelgModelInfo, function, *, keyword: bool):
                  IN_GLOBAL_IND: gsi}
         tensors = [tf.constant(feeds[name], dtype=dtypes[name]) for name in info.feeds]
         if keyword:
-            result = function(**dict(zip(info.feeds, tensors)))
+            result = function(**dict(zip(info.feeds, tensors, strict=True)))
             out = {name: result[name].numpy() for name in info.fetches}
         else:
-            out = {name: tensor.numpy() for name, tensor in zip(info.fetches, function(*tensors))}
+            out = {name: tensor.numpy() for name, tensor in zip(info.fetches, function(*tensors), strict=True)}
         if fix_rows:
             out[GLOBAL_OUTPUT] = _select_global_rows(out[GLOBAL_OUTPUT], gsi)
         return out

@@ -232,7 +232,7 @@ def _parquet_records(fileobj, source: str) -> Iterator[tuple[str, str]]:
     for batch in pf.iter_batches(columns=columns, batch_size=65536):
         paths = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(paths)
-        for image_id, text in zip(ids, paths):
+        for image_id, text in zip(ids, paths, strict=True):
             if text:
                 yield (image_id or derive_image_id(text_to_path(text))), text
 

@@ -92,7 +92,7 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1, got {text!r}") from None
 
 
 def _finite(text: str) -> float:

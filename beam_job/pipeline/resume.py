@@ -257,7 +257,7 @@ def check_output_shards(output: str) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
         problems = list(pool.map(lambda shard: _shard_problem(*shard), shards))
-    bad = [(path, problem) for (path, _), problem in zip(shards, problems) if problem]
+    bad = [(path, problem) for (path, _), problem in zip(shards, problems, strict=True) if problem]
     if bad:
         path, problem = bad[0]
         more = f" ({len(bad) - 1} more shard(s) are damaged too: run again to see the next)" if len(bad) > 1 else ""
@@ -285,11 +285,11 @@ def read_outcome_keys(path: str, kind: str) -> list[Key]:
     every other failure is tried again)."""
     if kind == FEATURES:
         table, _ = read_columns(path, ["image_id", "path"])
-        return list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+        return list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
     table, _ = read_columns(path, ["image_id", "path", "error_type"])
     return [(image_id, where) for image_id, where, error in zip(table.column("image_id").to_pylist(),
                                                                 table.column("path").to_pylist(),
-                                                                table.column("error_type").to_pylist())
+                                                                table.column("error_type").to_pylist(), strict=True)
             if error == DUPLICATE_ID_ERROR]
 
 
@@ -321,12 +321,12 @@ def output_state(output: str) -> OutputState:
         ids = table.column("image_id").to_pylist()
         state.feature_rows += len(ids)
         state.feature_ids.update(ids)
-        state.feature_keys.update(zip(ids, table.column("path").to_pylist()))
+        state.feature_keys.update(zip(ids, table.column("path").to_pylist(), strict=True))
     latest: dict[Key, tuple[tuple[str, str], str, int]] = {}
     for path in list_shards(layout.failures_dir(output)):
         table, meta = read_columns(path, ["image_id", "path"])
         order = (meta.get(b"delg.run_started_at", b"").decode(), meta.get(b"delg.run_id", b"").decode())
-        keys = list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+        keys = list(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
         state.failure_rows += len(keys)
         state.failure_keys_by_shard[path] = set(keys)
         for row, key in enumerate(keys):

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import apache_beam as beam
 
@@ -111,7 +111,7 @@ def run_status(run: Mapping[str, float], output: Mapping[str, float], max_failur
     return "succeeded", ""
 
 
-Skipped = Union[int, Mapping[str, int]]
+Skipped = int | Mapping[str, int]
 
 
 def _skipped_counts(skipped: Skipped) -> tuple[int, int]:
@@ -237,7 +237,8 @@ def finalize_run(job: JobConfig, run: RunContext, infos: list[dict[str, Any]], l
     run_feature_keys: set[tuple[str, str]] = set()
     for path in feature_files:
         table, _ = read_columns(path, ["image_id", "path"])
-        run_feature_keys.update(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+        ids, paths = table.column("image_id").to_pylist(), table.column("path").to_pylist()
+        run_feature_keys.update(zip(ids, paths, strict=True))
     retried = _retried(state, failure_files, run_feature_keys)
     duplicated = duplicated_feature_ids(job.output) if state.counts["duplicate_feature_rows"] else None
     cleanup = {"temp_leftovers_removed": removed, "finalize_ms": round((time.perf_counter() - t0) * 1000.0, 3)}

@@ -217,7 +217,7 @@ class ToTablesFn(beam.DoFn):
         table = table_for(self._kind, records, self._schema)
         ms = (time.perf_counter() - t0) * 1000.0
         stats = StageStats()
-        for record, times in zip(records, timings):
+        for record, times in zip(records, timings, strict=True):
             stats.add(self._kind, record, times)
         stats.add_time("write", ms)  # one sample per row group: building its Arrow table
         self._build_ms.update(int(round(ms)))

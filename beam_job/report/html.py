@@ -144,7 +144,7 @@ def colormap(t: np.ndarray) -> list[str]:
     hi = np.minimum(lo + 1, len(_COLORMAP) - 1)
     frac = (t - lo)[:, None]
     rgb = np.rint(_COLORMAP[lo] * (1 - frac) + _COLORMAP[hi] * frac).astype(int)
-    return ["#%02x%02x%02x" % tuple(c) for c in rgb]
+    return ["#{:02x}{:02x}{:02x}".format(*tuple(c)) for c in rgb]
 
 
 def colorbar_svg(low: float, high: float, label: str, width: int = 240) -> str:
@@ -267,7 +267,7 @@ def histogram_svg(values, title: str, xlabel: str, name: str, bins: int = 30, in
     pad = width if len(counts) == 1 else (1.0 if unit_bins and len(counts) < 5 else 0.0)  # room around few bars
     frame = _Frame((float(edges[0]) - pad, float(edges[-1]) + pad), (0.0, float(counts.max())))
     bars = []
-    for c, a, b in zip(counts, edges[:-1], edges[1:]):
+    for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
         x0, x1 = float(frame.px(a)), float(frame.px(b))
         y = float(frame.py(c))
         label = fmt((a + b) / 2) if unit_bins else f"{fmt(a)} \u2013 {fmt(b)}"
@@ -321,7 +321,7 @@ def scatter_svg(xs, ys, title: str, xlabel: str, ylabel: str, name: str) -> str:
         return _empty(title, name)
     frame = _Frame((0.0, float(xs.max()) * 1.05), (0.0, float(ys.max()) * 1.05))
     dots = "".join(f"<circle cx=\"{float(x):.1f}\" cy=\"{float(y):.1f}\" r=\"2.5\" fill=\"{BAR_COLOR}\" "
-                   "fill-opacity=\"0.5\"/>" for x, y in zip(frame.px(xs), frame.py(ys)))
+                   "fill-opacity=\"0.5\"/>" for x, y in zip(frame.px(xs), frame.py(ys), strict=True))
     return _svg(title, frame.axes(xlabel, ylabel) + dots, name)
 
 

@@ -146,11 +146,11 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
         ap: dict[str, dict[str, float]] = {q: {} for q in gnd["qimlist"]}
         for protocol in ev.PROTOCOLS:
             _, aps, _, _ = ev.compute_map(rankings, ev.protocol_ground_truth(gnd["gnd"], protocol), kappas)
-            for q, value in zip(gnd["qimlist"], aps):
+            for q, value in zip(gnd["qimlist"], aps, strict=True):
                 ap[q][protocol] = float(value)
         lookup = {name: i for i, name in enumerate(gnd["imlist"])}
         sets = {q: {k: set(np.asarray(g[k]).tolist()) for k in ("easy", "hard", "junk")}
-                for q, g in zip(gnd["qimlist"], gnd["gnd"])}
+                for q, g in zip(gnd["qimlist"], gnd["gnd"], strict=True)}
 
         def label(query_id: str, image_id: str) -> tuple[str, str]:
             s = sets.get(query_id)
@@ -164,9 +164,9 @@ def load_ground_truth(path: str, results_table, order: str, kappas: Sequence[int
             return "negative", "" if i >= 0 else "distractor"
 
         ks = list(kappas)
-        rows = [(p, f"{100 * m['mAP']:.2f}") + tuple(f"{100 * m['mP@k'][k]:.2f}" for k in ks) + (str(m["num_queries"]),)
+        rows = [(p, f"{100 * m['mAP']:.2f}", *tuple(f"{100 * m['mP@k'][k]:.2f}" for k in ks), str(m["num_queries"]))
                 for p, m in metrics.items()]
-        headers = ("protocol", "mAP") + tuple(f"mP@{k}" for k in ks) + ("queries",)
+        headers = ("protocol", "mAP", *tuple(f"mP@{k}" for k in ks), "queries")
         return GroundTruth("revisitop", ev.PROTOCOLS, ev.format_revisitop(metrics), rows, headers, ap, label)
     if path.endswith(".csv"):
         solution = ev.read_gldv2_solution(path)
@@ -350,7 +350,8 @@ def _specs_from_results(table_) -> dict[str, dict[str, str]]:
     bboxes = (table_.column("query_bbox").to_pylist() if "query_bbox" in table_.column_names
               else [""] * table_.num_rows)
     specs: dict[str, dict[str, str]] = {}
-    for qid, path, bbox in zip(table_.column("query_id").to_pylist(), table_.column("query_path").to_pylist(), bboxes):
+    ids, paths = table_.column("query_id").to_pylist(), table_.column("query_path").to_pylist()
+    for qid, path, bbox in zip(ids, paths, bboxes, strict=True):
         if path and qid not in specs:
             specs[qid] = {"query_id": qid, "path": path, "bbox": bbox or ""}
     return specs
@@ -382,7 +383,7 @@ def write_retrieval_report(
     names = ("query_id", order, "rank", "image_id", "global_score", "inliers")
     cols = [table_.column(c).to_pylist() for c in names]
     cols.append(table_.column("path").to_pylist() if "path" in table_.column_names else [""] * table_.num_rows)
-    for qid, o, r, iid, score, inl, path in zip(*cols):
+    for qid, o, r, iid, score, inl, path in zip(*cols, strict=True):
         ranked.setdefault(qid, []).append((int(o), int(r), iid, float(score), int(inl), path or ""))
     query_ids = list(ranked)[: max_queries or None]
     specs = _specs_from_results(table_)
@@ -417,7 +418,7 @@ def write_retrieval_report(
                 it.problem = "not in the index"
         refs = [engine.index.ref(p) for p in positions if p is not None]
         records = iter(engine.reader.read(refs)) if refs else iter(())
-        for it, pos in zip(qp.items, positions):
+        for it, pos in zip(qp.items, positions, strict=True):
             if pos is None:
                 continue
             rec = next(records)

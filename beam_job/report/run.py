@@ -99,7 +99,7 @@ class ColumnReader:
             before[g] = offset
             offset += sizes[g]
         table = self.read(path, columns, chosen)
-        take = [before[g] + int(r - starts[g]) for r, g in zip(rows, groups)]
+        take = [before[g] + int(r - starts[g]) for r, g in zip(rows, groups, strict=True)]
         return table.take(pa.array(take, pa.int64()))
 
     def descriptor_requests(self) -> list[tuple[str, tuple[str, ...]]]:

@@ -278,7 +278,7 @@ def _cmd_revisitop_queries(args) -> int:
 
     gnd = load_revisitop_gnd(args.gnd)
     lines = ["query_id,path,bbox"]
-    for name, g in zip(gnd["qimlist"], gnd["gnd"]):
+    for name, g in zip(gnd["qimlist"], gnd["gnd"], strict=True):
         bbox = " ".join(f"{v:g}" for v in g["bbx"]) if g["bbx"] is not None else ""
         lines.append(f"{name},{args.images.rstrip('/')}/{name}.jpg,{bbox}")
     write_bytes(args.out, ("\n".join(lines) + "\n").encode())
@@ -316,7 +316,7 @@ def _cmd_contact_sheet(args) -> int:
     result = engine.search([query], k=args.k, num_to_rerank=args.rerank)[0]
     tiles, verified = [], []
     for rank, (pos, iid, score, inl) in enumerate(zip(result.positions, result.image_ids, result.global_scores,
-                                                      result.inliers), start=1):
+                                                      result.inliers, strict=True), start=1):
         record = engine.reader.read([engine.index.ref(int(pos))])[0]
         caption = f"#{rank} {display_name(record.path, iid)}\ng={score:.3f} inl={int(inl)}"
         tiles.append((load_image(record.path), caption))

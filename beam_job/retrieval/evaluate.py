@@ -126,7 +126,7 @@ def compute_map(
     nq = len(gt)
     aps = np.full(nq, np.nan)
     prs = np.full((nq, len(kappas)), np.nan)
-    for i, (ranking, g) in enumerate(zip(rankings, gt)):
+    for i, (ranking, g) in enumerate(zip(rankings, gt, strict=True)):
         ok = np.asarray(g["ok"], np.int64)
         junk = np.asarray(g.get("junk", []), np.int64)
         if len(ok) == 0:
@@ -171,7 +171,7 @@ def evaluate_revisitop(
         mean_ap, aps, mpr, _ = compute_map(ranks, gt, kappas)
         out[protocol] = {
             "mAP": mean_ap,
-            "mP@k": {int(k): float(v) for k, v in zip(kappas, mpr)},
+            "mP@k": {int(k): float(v) for k, v in zip(kappas, mpr, strict=True)},
             "num_queries": int(np.count_nonzero(~np.isnan(aps))),
         }
     return out
@@ -232,7 +232,7 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> di
     columns += ["verified"] if "verified" in names else []
     rows = table.select(columns).to_pydict()
     per_query: dict[str, list[tuple]] = {}
-    for values in zip(*(rows[c] for c in columns)):
+    for values in zip(*(rows[c] for c in columns), strict=True):
         per_query.setdefault(values[0], []).append(values[1:])
     missing = [q for q in qimlist if q not in per_query]
     if missing:
@@ -244,7 +244,7 @@ def protocol_rankings(table, revisitop: Mapping, num_to_rerank: int = 100) -> di
     for protocol in PROTOCOLS:
         gt = protocol_ground_truth(revisitop["gnd"], protocol)
         rankings = []
-        for qname, g in zip(qimlist, gt):
+        for qname, g in zip(qimlist, gt, strict=True):
             entries = sorted(per_query.get(qname, []))  # by global rank
             junk = set(g["junk"].tolist())
             kept = [e for e in entries if lookup.get(e[1], -1) not in junk]
@@ -269,7 +269,7 @@ def ranked_ids_from_table(table, order_column: str = "final_rank") -> dict[str, 
     iids = table.column("image_id").to_pylist()
     ranks = table.column(order_column).to_pylist()
     grouped: dict[str, list[tuple[int, str]]] = {}
-    for q, i, r in zip(qids, iids, ranks):
+    for q, i, r in zip(qids, iids, ranks, strict=True):
         grouped.setdefault(q, []).append((r, i))
     return {q: [i for _, i in sorted(v)] for q, v in grouped.items()}
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-ImageLike = Union[np.ndarray, Image.Image]
+ImageLike = np.ndarray | Image.Image
 
 KEYPOINT_COLOR = (255, 210, 0)  # yellow: every keypoint
 INLIER_COLOR = (0, 255, 0)  # green: RANSAC inlier correspondences
@@ -153,7 +152,7 @@ def contact_sheet(
     """
     tiles = [(query_image, query_caption, QUERY_BORDER)]
     verified = list(verified) if verified is not None else [False] * len(results)
-    for (img, cap), ok in zip(results, verified):
+    for (img, cap), ok in zip(results, verified, strict=True):
         tiles.append((img, cap, VERIFIED_BORDER if ok else UNVERIFIED_BORDER))
     cols = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // cols)

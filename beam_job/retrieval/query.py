@@ -233,7 +233,7 @@ class QueryEngine:
                     verified[[j for j, iid in enumerate(ids) if iid not in skip][:num_to_rerank]] = True
                 chosen = np.flatnonzero(verified)
                 records = self.reader.read([self.index.ref(p) for p in pos[chosen]])
-                for j, rec in zip(chosen, records):
+                for j, rec in zip(chosen, records, strict=True):
                     inliers[j] = verify_pair(query.local, rec.local, self.rerank_config).inliers
             order = final_order(inliers, sc)
             out.append(ResultList(query.query_id, pos[order], [ids[j] for j in order], sc[order], inliers[order],
@@ -402,7 +402,7 @@ def summary_json(results: Sequence[ResultList], top: int = 5, untrained_model: b
                 "results": [
                     {"image_id": i, "path": p, "global_score": round(float(s), 4), "inliers": int(n)}
                     for i, p, s, n in list(zip(r.image_ids, r.paths or [""] * len(r.image_ids), r.global_scores,
-                                               r.inliers))[:top]
+                                               r.inliers, strict=True))[:top]
                 ],
             }
             for r in results

@@ -300,7 +300,7 @@ class LocalFeatureReader:
     (columns image_id, path, sizes, global_descriptor, locations, descriptors).
     """
 
-    COLUMNS = ["image_id", "path", "original_height", "original_width", GLOBAL_COLUMN, "locations", "descriptors"]
+    COLUMNS = ("image_id", "path", "original_height", "original_width", GLOBAL_COLUMN, "locations", "descriptors")
 
     def __init__(self, max_workers: int = 4) -> None:
         self.max_workers = max_workers
