@@ -141,7 +141,8 @@ def exit_without_teardown(status: int) -> None:
     report is closed before `main` returns. The exit handlers registered with `atexit` (logging, temporary
     directories, weakref finalizers, coverage tools) still run first, then buffered output is flushed, then
     `os._exit`. It exits normally instead where a non-daemon thread is still running (the interpreter would
-    wait for it) or the interpreter has no `atexit._run_exitfuncs` (not CPython).
+    wait for it) or the interpreter has no `atexit._run_exitfuncs` (not CPython): that private hook is the
+    price of the saved second, and tests/test_cli.py runs both ways (with the hook, and with it deleted).
     """
     import atexit
     import os
