@@ -35,11 +35,9 @@ _LAZY = {"JobConfigError": "beam_job.pipeline.options", "JobFailedError": "beam_
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(__import__(_LAZY[name], fromlist=[name]), name)
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline=None) -> RunOutcome | None:
@@ -95,6 +93,16 @@ def _not_an_interrupt(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
+# Beam warnings that say nothing about a local run (each multi_processing worker has no staging directory).
+_HARMLESS_BEAM_WARNINGS = ("No semi_persistent_directory found",)
+
+
+def _not_harmless_noise(record: logging.LogRecord) -> bool:
+    """Logging filter: drop the Beam warnings of _HARMLESS_BEAM_WARNINGS (a clean run prints no warning)."""
+    return not (record.name.startswith("apache_beam") and record.levelno == logging.WARNING
+                and any(text in record.getMessage() for text in _HARMLESS_BEAM_WARNINGS))
+
+
 def _runner_traceback_as_one_line(record: logging.LogRecord) -> bool:
     """Logging filter (without --verbose): a Beam record's traceback shortened to its exception's first line.
 
@@ -120,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep the job's own lines readable
     for handler in logging.getLogger().handlers:  # a stopped run ends in one line, not a runner's traceback
         handler.addFilter(_not_an_interrupt)
+        handler.addFilter(_not_harmless_noise)
         if "--verbose" not in (sys.argv[1:] if argv is None else argv):
             handler.addFilter(_runner_traceback_as_one_line)
     try:

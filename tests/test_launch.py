@@ -221,3 +221,15 @@ def test_ctrl_c_at_any_moment_of_start_up_prints_one_line(images, tmp_path, dela
     own = [line for line in stderr.splitlines() if line.startswith("delg-extract: ")]
     assert own == [stderr.strip().splitlines()[-1]] and own[0].startswith("delg-extract: stopped by SIGINT: ")
     assert not os.path.exists(os.path.join(output, "_claim.json"))
+
+
+def test_a_clean_run_with_worker_processes_prints_no_warning(images, tmp_path):
+    """Beam's SDK workers (--direct_running_mode=multi_processing) each warned "No semi_persistent_directory
+    found"; a clean run prints no warning but the untrained model's."""
+    proc = subprocess.run([sys.executable, "-m", "beam_job", "--input", images, "--output", str(tmp_path / "out"),
+                           "--preset", "tiny", "--no_progress", "--direct_num_workers=2",
+                           "--direct_running_mode=multi_processing"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if " WARNING " in ln and "UNTRAINED" not in ln]
+    assert warnings == [], warnings
