@@ -25,7 +25,8 @@ Who may delete what (nothing else under `<output>` deletes anything; docs/pipeli
 * Beam's temp folders (`<kind>/beam-temp-*`) and the legacy `_tmp/`: Beam's own finalize removes its run's
   temp folder; `pipeline.resume.remove_temp_files` removes every leftover (of failed attempts and killed
   runs), called by `FinalizeRun` (`pipeline.summary.finalize_run`, after the commit) and by `clear_outputs`,
-  both while the run holds the claim.
+  both while the run holds the claim; the launcher (`launch.Launch`) removes its own run's temp folders
+  (`is_run_temp`) when the run failed, was stopped by a signal or lost its claim.
 * `_SUCCESS`: `pipeline.summary.finalize_run` writes it when the run succeeded and deletes it when the run
   failed; the launcher (`launch.Launch.run`) deletes it when the pipeline raised; `clear_outputs` deletes it.
 * `_output.json`: only `clear_outputs` deletes it (the launcher writes it, through `pipeline.resume`).
