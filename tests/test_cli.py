@@ -129,12 +129,16 @@ def test_python_dash_m_entry_point_exits_2_with_one_line(tmp_path):
     assert lines == ["delg-extract: error: no inputs: give --input 'images/*.jpg' and/or --manifest list.csv"]
 
 
-def test_console_exit_keeps_the_status_runs_exit_handlers_and_flushes(tmp_path):
-    """delg-extract ends with os._exit (no interpreter teardown): atexit handlers and buffered output must survive."""
+@pytest.mark.parametrize("private_hook", [True, False], ids=["fast-exit", "fallback-without-atexit-hook"])
+def test_console_exit_keeps_the_status_runs_exit_handlers_and_flushes(tmp_path, private_hook):
+    """delg-extract ends with os._exit (no interpreter teardown) through CPython's private atexit._run_exitfuncs:
+    atexit handlers and buffered output must survive. Where the hook is missing (another interpreter, or a
+    CPython that drops it) the process exits normally, with the same status, handlers and output."""
     marker = tmp_path / "atexit-ran"
     code = (
         "import atexit, sys\n"
-        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        + ("" if private_hook else "del atexit._run_exitfuncs\n")
+        + f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
         "print('buffered line')  # stdout is a pipe here, so block-buffered\n"
         "from beam_job.cli import exit_without_teardown\n"
         "exit_without_teardown(3)\n"
@@ -157,25 +161,6 @@ def test_console_exit_waits_for_a_running_non_daemon_thread(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 4
     assert marker.read_text() == "done"
-
-
-def test_console_exit_falls_back_to_a_normal_exit_without_cpythons_private_hook(tmp_path):
-    """exit_without_teardown uses CPython's private atexit._run_exitfuncs; where it is missing (another
-    interpreter, or a CPython that drops it) the process exits normally, with the same status and handlers."""
-    marker = tmp_path / "atexit-ran"
-    code = (
-        "import atexit, sys\n"
-        "del atexit._run_exitfuncs\n"
-        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
-        "print('buffered line')\n"
-        "from beam_job.cli import exit_without_teardown\n"
-        "exit_without_teardown(5)\n"
-        "print('not reached')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 5
-    assert proc.stdout == "buffered line\n"
-    assert marker.read_text() == "yes"
 
 
 def test_flags_are_beam_pipeline_options_and_beam_flags_pass_through():
