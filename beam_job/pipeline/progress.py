@@ -10,7 +10,7 @@ shows the same counts as Beam counters.
 `images_per_s` is the job's one definition of its rate, used by the progress line and bar, the summary's
 `images_per_s` (hence the done line and the run report): images this run processed (feature rows plus
 failure rows; images skipped as already extracted are not counted) per second since the run started
-(`JobConfig.started_at`, the launcher's clock when it began checking the inputs and the model).
+(`RunContext.started_at`, the launcher's clock when it began checking the inputs and the model).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def images_per_s(processed: int, elapsed_s: float | None) -> float | None:
 
 
 def seconds_since(started_at: str, now: datetime.datetime | None = None) -> float | None:
-    """Seconds from an ISO time with a zone (JobConfig.started_at) to `now`; None when `started_at` is empty or
+    """Seconds from an ISO time with a zone (RunContext.started_at) to `now`; None when `started_at` is empty or
     not an ISO time. `now` defaults to the current UTC time in the precision of `started_at` (whole seconds
     for the launcher's), as summary.json records `finished_at`: a run's last progress line then shows the
     rate its summary shows."""
@@ -138,7 +138,7 @@ class ProgressMonitor:
     are written above it), else a log line every `interval_s` seconds when the counts changed (and at least
     once a minute), and the last counts once at the end unless that line was just logged.
 
-    started_at: the run's JobConfig.started_at, from which the rate is measured (see `images_per_s`); without
+    started_at: the run's RunContext.started_at, from which the rate is measured (see `images_per_s`); without
     it, the time the monitor started. stream: where the bar goes (default sys.stderr).
     """
 
