@@ -75,9 +75,9 @@ def exit_status(exc: BaseException) -> tuple[int, str] | None:
     signal stopped it (130 for Ctrl-C, 143 for SIGTERM, which the launch handles as Ctrl-C: launch.Interrupted).
     """
     if isinstance(exc, KeyboardInterrupt):  # first, with no import: it may have interrupted the imports
-        signum = getattr(exc, "signum", signal.SIGINT)  # launch.Interrupted carries the signal
-        return 128 + signum, (f"{PROG}: stopped by {signal.Signals(signum).name}: the output's claim is released "
-                              "and committed shards are kept; run the same command with --skip_existing to finish")
+        signum = getattr(exc, "signum", signal.SIGINT)  # launch.Interrupted carries the signal and what became
+        detail = getattr(exc, "detail", "no output was claimed yet")  # of the output; before it, nothing did
+        return 128 + signum, f"{PROG}: stopped by {signal.Signals(signum).name}: {detail}"
     from beam_job.launch import JobFailedError
     from beam_job.pipeline.options import JobConfigError
 

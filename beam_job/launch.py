@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,12 +41,20 @@ class JobFailedError(RuntimeError):
     """The job ran and failed; the message is one line."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: `timeout`, `docker stop`, Kubernetes)."""
+STOPPED_DETAIL = ("the output's claim is released and committed shards are kept; run the same command with "
+                  "--skip_existing to finish")
 
-    def __init__(self, signum: int = signal.SIGINT):
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: `timeout`, `docker stop`, Kubernetes).
+
+    detail: what became of the output and the job, and what to do (the command line prints it).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, detail: str = STOPPED_DETAIL):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.detail = detail
 
 
 class _StopOnSignals:
@@ -227,6 +236,8 @@ class Launch:
         self._progress_dir: str | None = None
         self._signals = _StopOnSignals()
         self._lost_to: str | None = None  # who holds the output's claim now, when this run lost it
+        self._result: Any = None  # the runner's PipelineResult once submitted (remote runners: before the end)
+        self._keep_claim = False  # a remote job that could not be stopped may still write: the claim stays
         self.context: RunContext  # what the checks found out (model identity, start time, ...): set on entering
 
     # ------------------------------------------------------------------ checks and claim
@@ -262,6 +273,9 @@ class Launch:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if self._keep_claim:  # a remote job may still write: its temp files and the claim stay
+                _LOGGER.warning("keeping the claim on %s: the job on the runner may still be running", self.job.output)
+                self._claim = None
             if (isinstance(exc, KeyboardInterrupt) or self._lost_to) and self._claim is not None:
                 self._remove_own_temp_files()
             self._release()
@@ -414,19 +428,22 @@ class Launch:
             with ClaimKeeper(self._claim, self._claim_lost), _RunnerThreadErrors():
                 result = self._run_pipeline(job)
         except BaseException as exc:
+            interrupted = not isinstance(exc, Exception) or self._signals.signum is not None
+            stopped = self._stop_remote_job() if interrupted or self._lost_to else ""
             if self._lost_to is not None:  # the output is another run's now: touch nothing of it
                 raise JobFailedError(
                     f"the output's claim was taken by {self._lost_to} while this run was running: this run "
-                    f"stopped (its committed shards are kept); let that run finish, then resume with "
+                    f"stopped{stopped} (its committed shards are kept); let that run finish, then resume with "
                     "--skip_existing") from None
-            if not isinstance(exc, Exception):
-                raise
-            # Shards may have been committed before the failure: the output is not known to be complete.
+            if self._keep_claim:  # the remote job may still write: leave the output as it is
+                raise Interrupted(self._signals.signum or signal.SIGINT, stopped.lstrip("; ")) from None
+            # Shards may have been committed before the end: the output is not known to be complete.
             if storage.exists(job.success_path):
                 storage.delete([job.success_path])
             self._remove_own_temp_files()  # nothing in them was committed; a resume never reads them
-            if self._signals.signum is not None:  # the runner caught our KeyboardInterrupt and raised its own
-                raise Interrupted(self._signals.signum) from None
+            if interrupted:  # a signal, even where the runner caught our KeyboardInterrupt and raised its own
+                detail = (stopped.lstrip("; ") + "; " if stopped else "") + STOPPED_DETAIL
+                raise Interrupted(self._signals.signum or signal.SIGINT, detail) from None
             raise JobFailedError(f"the job failed: {job_error_line(exc)}") from exc
         lines = metrics_report(result)
         for line in lines:  # committed values, or attempted ones marked "(attempted)" (e.g. on Flink)
@@ -445,12 +462,44 @@ class Launch:
         from beam_job.pipeline.pipeline import run_pipeline
 
         if not self._progress_dir:
-            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
+            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline, self._submitted)
         from beam_job.pipeline.progress import ProgressMonitor
 
         with ProgressMonitor(self._progress_dir, self.total, self._progress_interval,
                              started_at=self.context.started_at):  # the rate since the run started, as the summary's
-            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline)
+            return run_pipeline(job, self.context, self.pipeline_args, self._test_pipeline, self._submitted)
+
+    def _submitted(self, result) -> None:
+        self._result = result
+
+    def _stop_remote_job(self, wait_s: float = 60.0) -> str:
+        """Cancel the job a remote runner (Dataflow, Flink, a portable job service) still runs for this launcher,
+        which is stopping; "" when there is none. Returns how it went, for the one line the user reads. When the
+        job cannot be cancelled, or has not stopped after `wait_s`, it may still write to the output: the claim
+        is kept (`_keep_claim`) and the way out named."""
+        from apache_beam.runners.runner import PipelineState
+
+        result = self._result
+        if self.local or result is None:
+            return ""
+        try:
+            if PipelineState.is_terminal(result.state):
+                return ""
+            result.cancel()
+            deadline = time.monotonic() + wait_s
+            while not PipelineState.is_terminal(result.state) and time.monotonic() < deadline:
+                time.sleep(1.0)
+            state = result.state
+        except Exception as exc:
+            state, why = None, first_line(exc)
+        else:
+            why = f"state {state} after {wait_s:.0f} s"
+        if state is not None and PipelineState.is_terminal(state):
+            return f"; the job on the runner was cancelled ({state})"
+        self._keep_claim = True
+        return (f"; the job on the runner could not be cancelled ({why}) and may still be running: the output "
+                f"stays claimed; stop the job on the runner, then run the same command with --skip_existing "
+                f"--take_over_claim {self.job.run_id}")
 
     def _finish(self) -> dict[str, Any]:
         """Read the run's summary, log the done line, write the run report; JobFailedError when it failed."""

@@ -233,3 +233,32 @@ def test_a_clean_run_with_worker_processes_prints_no_warning(images, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [ln for ln in proc.stderr.splitlines() if " WARNING " in ln and "UNTRAINED" not in ln]
     assert warnings == [], warnings
+
+
+class _UnstoppableJob:
+    """SIMULATED remote PipelineResult (no engine here refuses a cancel): running, and cancel() fails as a
+    runner's API does when the job service cannot be reached."""
+
+    state = "RUNNING"
+
+    def cancel(self):
+        raise ConnectionError("failed to connect to all addresses\ndetails...")
+
+
+def test_a_remote_job_that_cannot_be_cancelled_keeps_the_claim_and_names_the_way_out(images, tmp_path):
+    from beam_job.pipeline.options import job_config_from_args, parse_job_args
+
+    output = str(tmp_path / "out")
+    args, beam_args = parse_job_args(["--input", images, "--output", output, "--preset", "tiny", "--run_id", "r1",
+                                      "--runner=PortableRunner", "--job_endpoint=127.0.0.1:1"])
+    with pytest.raises(launch.Interrupted) as stopped:
+        with launch.Launch(job_config_from_args(args), beam_args) as running:
+            running._submitted(_UnstoppableJob())  # what run_pipeline hands over once the runner took the job
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                detail = running._stop_remote_job(wait_s=0)
+                raise launch.Interrupted(signal.SIGTERM, detail.lstrip("; ")) from None
+    assert "could not be cancelled (failed to connect to all addresses)" in stopped.value.detail
+    assert "--take_over_claim r1" in stopped.value.detail
+    assert json.load(open(os.path.join(output, "_claim.json")))["run_id"] == "r1"  # kept: the job may still write

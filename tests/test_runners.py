@@ -7,6 +7,7 @@ processes that `worker_pool_main` starts, as it would on a cluster's hosts.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metric import MetricResults
 from apache_beam.metrics.metricbase import MetricName
+from PIL import Image
 
 from beam_job.pipeline.options import JobConfigError, parse_job_args
 from beam_job.pipeline.pipeline import counter_value, metrics_report
@@ -31,8 +33,8 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _serve(args, log, port):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _serve(args, log, port, **extra_env):
+    env = dict(os.environ, PYTHONPATH=ROOT, **extra_env)
     # The worker pool starts each SDK worker as `python ...` from PATH: this interpreter's folder goes first,
     # or the workers start without the job's packages.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -74,6 +76,50 @@ def test_portable_runner_with_a_worker_pool_runs_the_odd_corpus_exactly_once(tmp
     assert (out / "_SUCCESS").exists()
     assert not [p for p in out.rglob("*") if "beam-temp" in str(p)]
     assert "metric: counter delg/images_extracted = " in proc.stderr  # the portable runner's metrics reach us
+
+
+def test_a_stopped_launcher_cancels_its_job_on_a_remote_runner(tmp_path):
+    """SIGTERM to the launcher of a portable-runner job (the job service and the SDK workers are other
+    processes, as on Dataflow or Flink): the launcher cancels the job before it releases the claim, so nothing
+    keeps writing to an output that another run may then claim. The worker waits at its first write
+    (failpoint), so the job is surely running when the signal comes."""
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (48 + i, 40), (10 * i, 200, 30)).save(images / f"{i}.jpg")
+    points = tmp_path / "points"
+    points.mkdir()
+    (points / "write").write_text("wait 300")
+    job_port, pool_port = _free_port(), _free_port()
+    services = [
+        _serve(["apache_beam.runners.portability.local_job_service_main", f"--port={job_port}"],
+               tmp_path / "job-service.log", job_port),
+        _serve(["apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
+               tmp_path / "worker-pool.log", pool_port, DELG_FAILPOINT_DIR=str(points)),
+    ]
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "beam_job", "--input", str(images / "*.jpg"), "--output", str(out),
+             "--preset", "tiny", "--rows_per_shard", "1", "--runner=PortableRunner",  # 1 row a group: 2 flushes
+             f"--job_endpoint=127.0.0.1:{job_port}", "--environment_type=EXTERNAL",
+             f"--environment_config=127.0.0.1:{pool_port}"],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        deadline = time.monotonic() + 300
+        while not (points / "write.reached").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        for service in services:
+            os.killpg(service.pid, 9)
+            service.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("delg-extract: stopped by SIGTERM: the job on the runner was cancelled (CANCELLED)"), last
+    assert "the output's claim is released" in last
+    assert not (out / "_claim.json").exists() and not (out / "_SUCCESS").exists()
 
 
 def test_runner_options_beam_knows_pass_the_unknown_flag_check():

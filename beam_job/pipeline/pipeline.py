@@ -9,7 +9,8 @@ Step labels (as in the Dataflow UI):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -182,13 +183,19 @@ def counter_value(result, name: str, namespace: str = METRICS_NAMESPACE) -> int:
 
 
 def run_pipeline(job: JobConfig, run: RunContext, beam_args: Sequence[str],
-                 test_pipeline: beam.Pipeline | None = None):
-    """Build and run the job; blocks until it finishes and returns the PipelineResult."""
+                 test_pipeline: beam.Pipeline | None = None, on_submit: Callable[[Any], None] | None = None):
+    """Build and run the job; blocks until it finishes and returns the PipelineResult.
+
+    on_submit: called with the PipelineResult as soon as the runner returns one, before the wait (a remote
+    runner's job can then be cancelled while the launcher waits; the local runners return it at the end).
+    """
     if test_pipeline is not None:
         p = test_pipeline
     else:
         p = beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
     build_pipeline(p, job, run)
     result = p.run()
+    if on_submit is not None:
+        on_submit(result)
     result.wait_until_finish()
     return result
