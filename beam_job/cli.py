@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from beam_job import __version__
+from beam_job.errors import first_line
 
 if TYPE_CHECKING:
     from beam_job.launch import JobFailedError, RunOutcome
@@ -111,8 +112,7 @@ def _runner_traceback_as_one_line(record: logging.LogRecord) -> bool:
     """
     if record.name.startswith("apache_beam") and record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {lines[0] if lines else ''}; --verbose shows more)"
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {first_line(exc)}; --verbose shows more)"
         record.args = None
         record.exc_info = record.exc_text = None
     return True

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from beam_job import layout, storage
+from beam_job.errors import first_line
 from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
 
 if TYPE_CHECKING:
@@ -60,8 +61,9 @@ class Interrupted(KeyboardInterrupt):
 class _StopOnSignals:
     """While a launch runs, SIGINT and SIGTERM raise Interrupted in the main thread and are remembered.
 
-    Ctrl-C and SIGTERM then end the same way: `Launch.__exit__` releases the claim, removes the progress
-    folder and this run's Beam temp folders, and the command line prints one line. A runner that catches
+    Ctrl-C and SIGTERM then end the same way: `Launch.run` removes this run's Beam temp folders (after
+    cancelling a remote runner's job), `Launch.__exit__` releases the claim and removes the progress folder,
+    and the command line prints one line. A runner that catches
     the KeyboardInterrupt inside a bundle and raises its own error instead is seen through: `Launch.run`
     raises Interrupted when a signal came. Outside the main thread (a launch from a worker thread) nothing
     is installed.
@@ -99,26 +101,20 @@ class RunOutcome:
     metrics: list[str]
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's text (its type name when it has none)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 # Texts of a runner's error that mean an SDK worker process died rather than raised (a SIGKILL, the kernel's
 # OOM killer, a segfault): FnApiRunner's multi-process mode reports a lost gRPC channel, the portable runners
 # a worker that stopped answering. Said as such, with the way out, instead of the transport's own words.
-_DEAD_WORKER_TEXTS = ("Channel closed prematurely", "Socket closed", "SDK harness", "sdk worker", "SDK worker",
+_DEAD_WORKER_TEXTS = ("Channel closed prematurely", "Socket closed", "SDK harness", "SDK worker",
                       "Connection reset by peer", "StatusCode.UNAVAILABLE")
 
 
 def job_error_line(exc: BaseException) -> str:
     """One line for a runner's (often multi-page) error: the last 'SomeError: ...' line, or a dead worker."""
     text = str(exc)
-    if any(marker in text for marker in _DEAD_WORKER_TEXTS):
-        detail = next((m for m in _DEAD_WORKER_TEXTS if m in text), "")
+    said = next((m for m in _DEAD_WORKER_TEXTS if m.lower() in text.lower()), None)
+    if said is not None:
         return (f"a worker process died during the run (killed, out of memory or crashed; the runner said "
-                f"{detail!r}): nothing committed is lost, run again with --skip_existing to finish")
+                f"{said!r}): nothing committed is lost, run again with --skip_existing to finish")
     candidates = [ln.strip() for ln in text.splitlines() if ln.strip() and ("Error" in ln or "Exception" in ln)]
     line = candidates[-1] if candidates else first_line(exc)
     return line[:500]
@@ -276,14 +272,13 @@ class Launch:
             if self._keep_claim:  # a remote job may still write: its temp files and the claim stay
                 _LOGGER.warning("keeping the claim on %s: the job on the runner may still be running", self.job.output)
                 self._claim = None
-            if (isinstance(exc, KeyboardInterrupt) or self._lost_to) and self._claim is not None:
-                self._remove_own_temp_files()
-            self._release()
+            self._release()  # this run's temp files were removed by run() when it did not end well
         finally:
             self._signals.__exit__()
 
     def _remove_own_temp_files(self) -> None:
-        """After an interrupt: this run's Beam temp folders (a resume never reads them; committed shards stay)."""
+        """After a run that did not end well: its Beam temp folders (a resume never reads them; committed shards
+        stay)."""
         from beam_job.pipeline.resume import delete_paths, temp_paths
 
         mine = [path for path in temp_paths(self.job.output) if layout.is_run_temp(path, self.job.run_id)]
@@ -430,7 +425,9 @@ class Launch:
         except BaseException as exc:
             interrupted = not isinstance(exc, Exception) or self._signals.signum is not None
             stopped = self._stop_remote_job() if interrupted or self._lost_to else ""
-            if self._lost_to is not None:  # the output is another run's now: touch nothing of it
+            if self._lost_to is not None:  # the output is another run's now: touch nothing of it but ours
+                if not self._keep_claim:
+                    self._remove_own_temp_files()
                 raise JobFailedError(
                     f"the output's claim was taken by {self._lost_to} while this run was running: this run "
                     f"stopped{stopped} (its committed shards are kept); let that run finish, then resume with "

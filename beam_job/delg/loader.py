@@ -42,6 +42,7 @@ import numpy as np
 
 from beam_job.config import EMBEDDED_MODEL_PREFIX
 from beam_job.delg.cache import SAVED_MODEL_FILE, build_once, default_cache_dir
+from beam_job.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -381,18 +382,13 @@ def _meta_graph(local_path: str, where: str):
         with open(os.path.join(local_path, SAVED_MODEL_FILE), "rb") as handle:
             proto.ParseFromString(handle.read())
     except Exception as err:  # DecodeError and friends: one line
-        raise ModelLoadError(f"{where}: {SAVED_MODEL_FILE} cannot be parsed ({_first_line(err)}); {_HINT}") from None
+        raise ModelLoadError(f"{where}: {SAVED_MODEL_FILE} cannot be parsed ({first_line(err)}); {_HINT}") from None
     if not proto.meta_graphs:
         raise ModelLoadError(f"{where}: {SAVED_MODEL_FILE} holds no MetaGraph; {_HINT}")
     # tf.saved_model.load's own rule: one MetaGraph with an object graph is a TF2 model, anything else TF1.
     is_tf2 = len(proto.meta_graphs) == 1 and proto.meta_graphs[0].HasField("object_graph_def")
     serving = [m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags]
     return (serving or list(proto.meta_graphs))[0], is_tf2
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _check_tf2(meta, where: str):
@@ -563,12 +559,12 @@ def load_delg_model(uri: str, *, cache_dir: str | None = None, precision: str = 
     try:
         obj = tf.saved_model.load(local_path)
     except Exception as err:
-        raise ModelLoadError(f"{uri}: TensorFlow cannot load this SavedModel ({_first_line(err)}); {_HINT}") from None
+        raise ModelLoadError(f"{uri}: TensorFlow cannot load this SavedModel ({first_line(err)}); {_HINT}") from None
     if info.format == "tf1":
         try:
             function = obj.prune([n + ":0" for n in info.feeds], [n + ":0" for n in info.fetches])
         except Exception as err:  # pragma: no cover - TF-internal failures are reported on one line
-            raise ModelLoadError(f"{uri}: cannot prune the graph to DELG inputs/outputs ({_first_line(err)})") from None
+            raise ModelLoadError(f"{uri}: cannot prune the graph to DELG inputs/outputs ({first_line(err)})") from None
         keep: Any = (obj, function)
     else:
         function = obj.signatures["serving_default"]

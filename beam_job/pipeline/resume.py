@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beam_job import layout, storage
+from beam_job.errors import first_line
 from beam_job.layout import FAILURES, FEATURES, KINDS, TEMP_DIR_PREFIX
 from beam_job.pipeline.options import JobConfig, JobConfigError
 from beam_job.schemas import delg_v1
@@ -205,11 +206,6 @@ class DamagedShardError(ValueError):
     and the way out."""
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def damaged_shard_message(path: str, problem: str) -> str:
     """`<path> <problem>: <the way out>`, one line."""
     folder = path.rsplit("/", 1)[0]
@@ -239,7 +235,7 @@ def _shard_problem(path: str, kind: str) -> str | None:
         with _open(path) as fh:
             schema = pq.ParquetFile(fh).schema_arrow
     except Exception as exc:  # pyarrow's own texts: "Parquet file size is 0 bytes", "magic bytes not found"
-        return f"is not a readable Parquet file ({_first_line(exc)})"
+        return f"is not a readable Parquet file ({first_line(exc, 300)})"
     return _schema_problem(schema, kind)
 
 
@@ -273,7 +269,7 @@ def read_columns(path: str, columns: list[str]) -> tuple[pa.Table, dict[bytes, b
             pf = pq.ParquetFile(fh, page_checksum_verification=True)
             return pf.read(columns=columns), dict(pf.schema_arrow.metadata or {})
     except Exception as exc:  # truncated, not Parquet, a damaged page, a missing column
-        raise DamagedShardError(damaged_shard_message(path, f"cannot be read ({_first_line(exc)})")) from None
+        raise DamagedShardError(damaged_shard_message(path, f"cannot be read ({first_line(exc, 300)})")) from None
 
 
 Key = tuple[str, str]  # (image_id, path): one listed input
