@@ -40,18 +40,24 @@ def test_progress_line_has_total_rate_and_eta():
     assert "of ? images" in format_progress({}, None, 1.0)
 
 
-def test_monitor_logs_on_change_and_at_the_end(tmp_path, caplog):
-    """Deterministic: the interval is far longer than the test, so only the explicit polls log."""
+def _progress_lines(caplog, tmp_path, total, steps):
+    """The progress lines a monitor logs (interval far longer than the test: only explicit polls and the end)
+    while `steps` run: "add N" (a worker reports N more done) or "poll"."""
     caplog.set_level(logging.INFO, logger="beam_job.pipeline.progress")
     reporter = ProgressReporter(str(tmp_path))
-    with ProgressMonitor(str(tmp_path), total=4, interval_s=3600) as monitor:
-        reporter.add("done", 2)
-        reporter.flush()
-        monitor.poll()
-        monitor.poll()  # unchanged counts: no second line
-        reporter.add("done", 2)
-        reporter.flush()
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    with ProgressMonitor(str(tmp_path), total=total, interval_s=3600) as monitor:
+        for step in steps:
+            if step == "poll":
+                monitor.poll()
+            else:
+                reporter.add("done", int(step.split()[1]))
+                reporter.flush()
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+
+
+def test_monitor_logs_on_change_and_at_the_end(tmp_path, caplog):
+    """Deterministic: the interval is far longer than the test, so only the explicit polls log."""
+    lines = _progress_lines(caplog, tmp_path, 4, ["add 2", "poll", "poll", "add 2"])  # 2nd poll: no change
     assert len(lines) == 2, lines
     assert lines[0].startswith("progress: 2 of 4 images; 2 ok, 0 failed")
     assert lines[1].startswith("progress: 4 of 4 images; 4 ok, 0 failed")
@@ -59,13 +65,7 @@ def test_monitor_logs_on_change_and_at_the_end(tmp_path, caplog):
 
 def test_the_last_line_is_not_repeated_at_the_end(tmp_path, caplog):
     """The thread already logged the final counts: leaving the monitor adds no second copy of that line."""
-    caplog.set_level(logging.INFO, logger="beam_job.pipeline.progress")
-    reporter = ProgressReporter(str(tmp_path))
-    with ProgressMonitor(str(tmp_path), total=2, interval_s=3600) as monitor:
-        reporter.add("done", 2)
-        reporter.flush()
-        monitor.poll()
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    lines = _progress_lines(caplog, tmp_path, 2, ["add 2", "poll"])
     assert len(lines) == 1 and lines[0].startswith("progress: 2 of 2 images"), lines
 
 
