@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from beam_job import layout, storage
 from beam_job.errors import first_line
 from beam_job.pipeline.options import JobConfig, JobConfigError, RunContext
+from beam_job.processes import process_alive
 
 if TYPE_CHECKING:
     from beam_job.pipeline.claim import Claim
@@ -159,8 +160,6 @@ def _pid_of_progress_dir(name: str) -> int | None:
 
 def remove_stale_progress_dirs(parent: str | None = None) -> int:
     """Remove the progress folders of launchers on this machine that are gone (SIGKILLed); the count removed."""
-    from beam_job.pipeline.claim import process_alive
-
     parent = parent or tempfile.gettempdir()
     removed = 0
     try:

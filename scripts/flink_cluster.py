@@ -20,7 +20,8 @@ SDK workers are Beam's PROCESS environment: each TaskManager starts its own Pyth
 through `<dir>/sdk-worker`, a two-line script written here that runs `beam_job.pipeline.worker_boot` with
 this Python (so with the job's packages). Why not one EXTERNAL worker pool: docs/flink.md.
 
-Standard library only: the script runs before any of the project's requirements are imported.
+Standard library only (and `beam_job.processes`, which is too): the script runs before any of the project's
+requirements are imported.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from beam_job.processes import process_alive  # noqa: E402  (standard library only, like this script)
+
 POM = os.path.join(ROOT, "flink", "pom.xml")
 
 # The Flink minor version is the one the job-server build targets (flink/pom.xml: beam-runners-flink-1.19);
@@ -239,7 +243,7 @@ def start(workdir: str = DEFAULT_DIR, taskmanagers: int = 2, slots: int = 2, res
     workdir = os.path.abspath(workdir)
     if os.path.exists(os.path.join(workdir, "cluster.json")):
         state = load(workdir)
-        if any(_alive(pid) for pid in _pids(state)):
+        if any(process_alive(pid) for pid in _pids(state)):
             raise ClusterError(f"a cluster from {workdir} is running: stop it first (flink_cluster.py stop)")
     home, jar = flink_home(), job_server_jar()
     for sub in ("conf", "log", "tmp"):
@@ -312,7 +316,7 @@ def wait_ready(state: dict, taskmanagers: int, timeout: float) -> None:
     url = f"http://{state['host']}:{state['rest_port']}/taskmanagers"
     while True:
         dead = [name for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items()]
-                if not _alive(pid)]
+                if not process_alive(pid)]
         if dead:
             raise ClusterError(f"{dead[0]} exited at start: see {os.path.join(state['workdir'], 'log')}")
         try:
@@ -364,22 +368,6 @@ def _pids(state: dict) -> list[int]:
     return [p for p in [*state.get("taskmanagers", {}).values(), state.get("jobmanager")] if p]
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def stop(workdir: str = DEFAULT_DIR, quiet: bool = False, grace: float = 10.0) -> None:
     """Stop every process of the cluster (their whole process groups: SDK workers too)."""
     try:
@@ -396,9 +384,9 @@ def stop(workdir: str = DEFAULT_DIR, quiet: bool = False, grace: float = 10.0) -
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + grace
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
+        if not any(process_alive(p) for p in pids):
             break
     if state.get("network") and state.get("owns_network"):  # hosts made by the caller are the caller's to remove
         remove_hosts(state["network"])
@@ -485,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             state = load(args.dir)
             for name, pid in [("jobmanager", state["jobmanager"]), *state["taskmanagers"].items()]:
-                print(f"{name:16} pid {pid:<8} {'running' if _alive(pid) else 'gone'}")
+                print(f"{name:16} pid {pid:<8} {'running' if process_alive(pid) else 'gone'}")
         else:
             stop(args.dir)
     except ClusterError as exc:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 PACKAGE = "beam_job"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("beam_job", "beam_job.storage", "beam_job.layout", "beam_job.config", "beam_job.features",
-              "beam_job.imaging", "beam_job.schemas", "beam_job.errors")),
+              "beam_job.imaging", "beam_job.schemas", "beam_job.errors", "beam_job.processes")),
     ("delg", ("beam_job.delg",)),
     ("pipeline", ("beam_job.pipeline",)),
     ("retrieval", ("beam_job.retrieval",)),

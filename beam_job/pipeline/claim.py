@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from beam_job import layout
+from beam_job.processes import process_alive
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -71,17 +72,6 @@ def _describe(holder: dict[str, Any]) -> str:
         if not process_alive(holder["pid"]):
             text += " whose process is gone"
     return text
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _live_here(holder: dict[str, Any]) -> bool:
