@@ -353,6 +353,7 @@ class ClaimKeeper:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="delg-claim-keeper", daemon=True)
+        self._token = (_parse(claim.body) or {}).get("token")
         self.restored = 0
 
     def __enter__(self) -> ClaimKeeper:
@@ -362,10 +363,6 @@ class ClaimKeeper:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-
-    def _token(self) -> str | None:
-        parsed = _parse(self._claim.body)
-        return parsed.get("token") if parsed else None
 
     def check(self) -> bool:
         """One look at the claim; False once it is lost (on_lost called)."""
@@ -381,9 +378,9 @@ class ClaimKeeper:
                 _LOGGER.warning("the claim file %s was deleted while run %s holds the output: put it back",
                                 self._claim.path, self._claim.run_id)
                 return True
-            return self.check()  # someone else created it meanwhile: look at whose it is
+            return True  # someone else created it meanwhile: the next look says whose it is
         holder = _parse(data) or {}
-        if holder.get("token") == self._token():
+        if holder.get("token") == self._token:
             return True
         self._on_lost(_describe(holder) if holder else f"an unreadable claim file {self._claim.path}")
         return False
